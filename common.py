@@ -1,0 +1,195 @@
+"""
+The small bottom layer every script may import: where artifacts live, the download mirror,
+distributed ranks, atomic file writes, pretraining shard iteration and the report writer.
+Imports nothing else of ours.
+"""
+import os
+import json
+import datetime
+import contextlib
+import urllib.parse
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# where things live
+
+def get_base_dir():
+    """$NANOCHAT_BASE_DIR, else ~/.cache/nanochat; created on demand."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    base = os.path.abspath(base)
+    os.makedirs(base, exist_ok=True)
+    return base
+
+# training stage -> checkpoint folder name under the base dir
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+def checkpoint_dir(stage, tag=None):
+    root = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage])
+    return root if tag is None else os.path.join(root, tag)
+
+# -----------------------------------------------------------------------------
+# the download mirror: https://HOST/PATH  ->  MIRROR/HOST/<PATH url-decoded>
+
+_mirror = None  # resolved once; a local directory (absolute) or an http(s) base URL
+
+def set_mirror(value):
+    """Resolve a mirror (directory or http(s) base URL) once, so later chdirs do not change it."""
+    global _mirror
+    if not value:
+        _mirror = None
+    elif value.startswith(("http://", "https://")):
+        _mirror = value.rstrip("/")
+    else:
+        _mirror = os.path.abspath(os.path.expanduser(value))
+    os.environ["NANOCHAT_MIRROR"] = _mirror or ""  # child processes (torchrun workers) see the resolved value
+    return _mirror
+
+def get_mirror():
+    return _mirror
+
+set_mirror(os.environ.get("NANOCHAT_MIRROR"))
+
+def resolve_url(url):
+    """Where to fetch `url` from: the URL itself, a local file path in a mirror directory, or the mirror's http URL."""
+    if _mirror is None:
+        return url
+    u = urllib.parse.urlsplit(url)
+    if _mirror.startswith(("http://", "https://")):
+        return f"{_mirror}/{u.netloc}{u.path}"
+    return os.path.join(_mirror, u.netloc, urllib.parse.unquote(u.path).lstrip("/"))
+
+# -----------------------------------------------------------------------------
+# ranks and devices
+
+def dist_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+def get_rank():
+    return dist_info()[1]
+
+def get_world_size():
+    return dist_info()[3]
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+def autodetect_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def init_runtime(device=None, seed=42):
+    """Pick the device, join the process group under torchrun (NCCL on GPU, gloo on CPU), seed. -> (ddp, rank, local_rank, world, device)"""
+    ddp, rank, local_rank, world = dist_info()
+    device = device or autodetect_device()
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    torch.manual_seed(seed)
+    return ddp, rank, local_rank, world, device
+
+def cleanup_runtime():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+def autocast_ctx(device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    if str(device).startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+# -----------------------------------------------------------------------------
+# atomic writes: write a temp file beside the target, flush + fsync, rename over it
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+# -----------------------------------------------------------------------------
+# pretraining shards: base_data/shard_NNNNN.parquet; shard 1822 (the dataset's last) is always validation
+
+VAL_SHARD_INDEX = 1822
+
+def shard_path(index):
+    return os.path.join(get_base_dir(), "base_data", f"shard_{index:05d}.parquet")
+
+def list_shards(split):
+    """Sorted shard paths of a split: 'val' = the fixed validation shard, 'train' = every other shard on disk."""
+    data_dir = os.path.join(get_base_dir(), "base_data")
+    names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".parquet")) if os.path.isdir(data_dir) else []
+    val_name = os.path.basename(shard_path(VAL_SHARD_INDEX))
+    paths = [os.path.join(data_dir, n) for n in names if (n == val_name) == (split == "val")]
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards in {data_dir}: run `python data.py download -n 8` first")
+    return paths
+
+def iter_row_groups(split, start=0, step=1, paths=None):
+    """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
+    import pyarrow.parquet as pq
+    for fi, path in enumerate(paths or list_shards(split)):
+        pf = pq.ParquetFile(path)
+        for rg in range(start, pf.num_row_groups, step):
+            yield fi, rg, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+def iter_documents(split, start=0, step=1):
+    """Every document of a split, in order (row groups strided by start/step)."""
+    for _, _, texts in iter_row_groups(split, start, step):
+        yield from texts
+
+# -----------------------------------------------------------------------------
+# the report: report/<slug>.md per section, report/<stage>_log.jsonl per stage (rank 0 writes)
+
+def report_dir():
+    path = os.path.join(get_base_dir(), "report")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+def _format_value(v):
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+def write_report_section(title, data):
+    """report/<slug>.md: '## Title', 'timestamp: ...', then '- key: value' lines; a str item in a list is written verbatim."""
+    if get_rank() != 0:
+        return
+    lines = [f"## {title}", f"timestamp: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
+    for item in (data if isinstance(data, list) else [data]):
+        if isinstance(item, str):
+            lines.append(item)
+        else:
+            lines.extend(f"- {k}: {_format_value(v)}" for k, v in item.items())
+    slug = title.lower().replace(" ", "-")
+    atomic_write_text(os.path.join(report_dir(), f"{slug}.md"), "\n".join(lines) + "\n")
+
+def append_log(stage, record):
+    """Append one JSON line to report/<stage>_log.jsonl (the source of the loss curves)."""
+    if get_rank() != 0:
+        return
+    with open(os.path.join(report_dir(), f"{stage}_log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
