@@ -9,9 +9,6 @@ import datetime
 import contextlib
 import urllib.parse
 
-import torch
-import torch.distributed as dist
-
 # -----------------------------------------------------------------------------
 # where things live
 
@@ -80,10 +77,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 def autodetect_device():
+    import torch  # torch is imported lazily: the tokenizer's forked workers should not carry it
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 def init_runtime(device=None, seed=42):
     """Pick the device, join the process group under torchrun (NCCL on GPU, gloo on CPU), seed. -> (ddp, rank, local_rank, world, device)"""
+    import torch
+    import torch.distributed as dist
     ddp, rank, local_rank, world = dist_info()
     device = device or autodetect_device()
     if device == "cuda":
@@ -97,12 +97,14 @@ def init_runtime(device=None, seed=42):
     return ddp, rank, local_rank, world, device
 
 def cleanup_runtime():
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 
 def autocast_ctx(device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
     if str(device).startswith("cuda"):
+        import torch
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
