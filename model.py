@@ -1,0 +1,549 @@
+"""
+The one GPT definition (nanochat release architecture, SPEC 2.1-2.2), its KV cache and generation Engine with the
+calculator tool (SPEC 10.1-10.4), and checkpoint save/load (SPEC 4.7). Imports only torch and common.py.
+
+    python model.py bench      # prefill / decode tok/s and time to first token of random-init models
+"""
+import os
+import re
+import ast
+import json
+import math
+import time
+import argparse
+from collections import deque
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+ROPE_BASE = 10_000      # rotary base theta of the release
+ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
+SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
+MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
+
+# -----------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10
+    n_kv_head: int = 10
+    n_embd: int = 1280
+
+def config_from_depth(depth, vocab_size, sequence_len=2048):
+    """The single depth dial: d = 64*depth, heads of 128 dims (fewer when needed to divide d), plain multi-head attention."""
+    assert depth >= 1, "depth must be >= 1"
+    n_embd = 64 * depth
+    n_head = max(1, math.ceil(n_embd / 128))  # the release rule; when it does not divide d (depth 5, 9, ...),
+    while n_embd % n_head or (n_embd // n_head) % 2:  # take the next head count that does (even head_dim for rotary)
+        n_head += 1
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+# -----------------------------------------------------------------------------
+# the model
+
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm
+
+def apply_rotary(x, cos, sin):
+    """x (B, T, H, hd); half-split rotation by -angle: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
+        q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, H, T, hd); one dtype for SDPA and the cache
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        Tk = k.size(2)
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        if T == Tk:      # no prefix: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        elif T == 1:     # one new token sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v, **gqa)
+        else:            # a chunk after a prefix: full access to the prefix, causal inside the chunk
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        half = config.n_embd // config.n_head // 2
+        shape = (1, ROPE_SPAN * config.sequence_len, 1, half)  # broadcasts over (B, T, H, hd/2)
+        self.register_buffer("cos", torch.empty(shape), persistent=False)
+        self.register_buffer("sin", torch.empty(shape), persistent=False)
+
+    @torch.no_grad()
+    def init_rotary(self):
+        """cos/sin tables for ROPE_SPAN*T positions (not saved in checkpoints; recomputed after to_empty)."""
+        device = self.transformer.wte.weight.device
+        hd = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        angles = torch.outer(torch.arange(self.cos.size(1), dtype=torch.float32, device=device), inv_freq)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 compute on CUDA
+        self.cos = angles.cos()[None, :, None, :].to(dtype)
+        self.sin = angles.sin()[None, :, None, :].to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """wte ~ N(0,1); Linear ~ N(0, min(1, sqrt(fan_out/fan_in))/sqrt(fan_in)); lm_head and both c_proj zero (first loss = ln V)."""
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                if name == "lm_head" or name.endswith("c_proj"):
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+        self.init_rotary()
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def param_counts(self):
+        """Parameter counts: wte, lm_head, transformer blocks (matrices), total."""
+        wte = self.transformer.wte.weight.numel()
+        lm_head = self.lm_head.weight.numel()
+        blocks = sum(p.numel() for p in self.transformer.h.parameters())
+        return {"wte": wte, "lm_head": lm_head, "blocks": blocks, "total": sum(p.numel() for p in self.parameters())}
+
+    def estimate_flops(self):
+        """FLOPs per token, release formula: 6*(N - N_wte) + 12*L*H*hd*T (lm_head counted, embedding not)."""
+        c = self.config
+        n = self.param_counts()
+        return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
+
+    def trunk(self, idx, kv_cache=None):
+        """Token ids (B, T) -> final normalised hidden states (B, T, d); rotary positions start at the cache length."""
+        T = idx.size(1)
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        assert t0 + T <= self.cos.size(1), f"sequence position {t0 + T} exceeds the rotary table ({self.cos.size(1)})"
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        return norm(x)
+
+    def head(self, x):
+        """Hidden states -> fp32 softcapped logits."""
+        return softcap(self.lm_head(x).float())  # softcap in fp32
+
+    def inference_head(self, batch_size):
+        """The head the Engine decodes with. On CPU it picks the fp32 matmul layout MKL runs fastest on this 2-core AMD machine
+        (~2-3x faster than F.linear, measured): (W @ x^T)^T for several rows; for one row x @ W^T against a transposed copy
+        of lm_head, made per call (never cached, so weights trained in between, as in RL, are never stale)."""
+        if self.get_device().type != "cpu":
+            return self.head
+        w = self.lm_head.weight
+        if batch_size == 1:
+            w_t = w.t().contiguous()
+            matmul = lambda x: x @ w_t
+        else:
+            matmul = lambda x: (w @ x.t()).t()
+        return lambda x: matmul(x).div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # softcap, in place (no autograd here)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean', (B, T) for 'none'."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 compute on CUDA, callers do nothing
+            logits = self.head(self.trunk(idx, kv_cache))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive reference sampler: batch 1, no cache, re-forward the whole sequence each step. Yields token ids."""
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            next_id = sample_next_token(self(ids)[:, -1, :], rng, temperature, top_k)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
+
+def build_model(model_config, device):
+    """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+# -----------------------------------------------------------------------------
+# inference: KV cache, sampling, Engine with the calculator tool
+
+class KVCache:
+    """Keys/values (L, B, Hkv, capacity, hd), allocated at the first insert; pos advances after the last layer inserts."""
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+        self.shape = [num_layers, batch_size, num_heads, seq_len, head_dim]
+        self.k = self.v = None
+        self.pos = 0
+
+    def _allocate(self, like):
+        self.k = torch.empty(self.shape, dtype=like.dtype, device=like.device)
+        self.v = torch.empty_like(self.k)
+
+    def _grow(self, needed):
+        """Allocate a larger buffer and copy the stored entries over (never an in-place resize)."""
+        cap = (needed + 1024 + 1023) // 1024 * 1024
+        k, v = self.k, self.v
+        self.shape[3] = cap
+        self._allocate(k)
+        self.k[:, :, :, :self.pos] = k[:, :, :, :self.pos]
+        self.v[:, :, :, :self.pos] = v[:, :, :, :self.pos]
+
+    def insert(self, layer, k, v):
+        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer; return views of all keys/values so far."""
+        if self.k is None:
+            self._allocate(k)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.shape[3]:
+            self._grow(t1)
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        if layer == self.shape[0] - 1:
+            self.pos = t1
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def prefill(self, other):
+        """Copy a batch-1 cache into this (larger-batch) cache, broadcasting over the batch."""
+        assert self.k is None, "prefill needs an empty cache"
+        L, B, H, cap, hd = self.shape
+        oL, oB, oH, _, ohd = other.shape
+        assert (L, H, hd) == (oL, oH, ohd) and oB == 1 and cap >= other.pos, "incompatible caches"
+        self._allocate(other.k)
+        self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]
+        self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
+        self.pos = other.pos
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """logits (B, V) -> ids (B, 1). Temperature 0 = argmax; top_k keeps the k largest; every row sampled independently."""
+    assert temperature >= 0.0, "temperature must be non-negative"
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None and top_k > 0:
+        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = F.softmax(vals / temperature, dim=-1)
+        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+
+_CALC_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+def _num(value):
+    if type(value) not in (int, float):  # bool and str excluded: no 'ab' * 3, no True + 1
+        raise ValueError("arithmetic on a non-number")
+    return value
+
+def _calc(node):
+    """Evaluate a whitelisted AST node; raise ValueError on anything else."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _CALC_OPS:
+        return _CALC_OPS[type(node.op)](_num(_calc(node.left)), _num(_calc(node.right)))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _num(_calc(node.operand))
+        return -value if isinstance(node.op, ast.USub) else value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and isinstance(node.func.value, ast.Constant) and type(node.func.value.value) is str
+            and len(node.args) == 1 and not node.keywords
+            and isinstance(node.args[0], ast.Constant) and type(node.args[0].value) is str):
+        return node.func.value.value.count(node.args[0].value)  # 'literal'.count('literal')
+    raise ValueError("not allowed")
+
+def use_calculator(expr):
+    """The calculator tool: + - * / on numbers (commas dropped), parentheses, unary minus, 'text'.count('x').
+    Walks the AST (never eval), input capped at MAX_CALC_CHARS, so it cannot hang or escape. Anything else -> None."""
+    if not isinstance(expr, str) or len(expr) > MAX_CALC_CHARS:
+        return None
+    expr = expr.replace(",", "").strip()
+    if "**" in expr:
+        return None
+    try:
+        value = _calc(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+class RowState:
+    """Per-row tool-use state (SPEC 10.3)."""
+
+    def __init__(self):
+        self.forced = deque()          # tokens to emit instead of samples (mask 0)
+        self.in_python_block = False
+        self.python_expr_tokens = []
+        self.completed = False
+
+class Engine:
+    """Batch-1 prefill, then num_samples rows decoded together through a KV cache, with the calculator tool."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Yield (token_column, mask_column): python lists of length num_samples (mask 1 sampled, 0 forced)."""
+        assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), "tokens must be a non-empty list of ints"
+        model, tok, c = self.model, self.tokenizer, self.model.config
+        device = model.get_device()
+        special = {n: tok.encode_special(f"<|{n}|>") for n in ("python_start", "python_end", "output_start", "output_end", "assistant_end", "bos")}
+        stop_ids = {special["assistant_end"], special["bos"]}
+        rng = torch.Generator(device=device).manual_seed(seed)
+        shape = (c.n_kv_head, c.n_embd // c.n_head, c.n_layer)
+        # 1) prefill the prompt once at batch 1; only the last position's logits are needed
+        kv1 = KVCache(1, shape[0], len(tokens), shape[1], shape[2])
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+            logits = model.head(model.trunk(ids, kv1)[:, -1, :])
+        # 2) the decode cache: num_samples rows, room for the whole completion
+        kv = KVCache(num_samples, shape[0], len(tokens) + max_tokens if max_tokens is not None else max(c.sequence_len, len(tokens)), shape[1], shape[2])
+        kv.prefill(kv1)
+        del kv1
+        logits = logits.expand(num_samples, -1)
+        rows = [RowState() for _ in range(num_samples)]
+        column = torch.empty(num_samples, 1, dtype=torch.long, device=device)
+        limit = max_tokens if max_tokens is not None else ROPE_SPAN * c.sequence_len - len(tokens)  # rotary table end
+        generated = 0
+        while generated < limit and not all(r.completed for r in rows):
+            sampled = sample_next_token(logits, rng, temperature, top_k)
+            token_column, mask_column = [], []
+            for row, s in zip(rows, sampled.view(-1).tolist()):
+                forced = bool(row.forced)
+                t = row.forced.popleft() if forced else s
+                token_column.append(t)
+                mask_column.append(0 if forced else 1)
+                if t in stop_ids:
+                    row.completed = True
+                if t == special["python_start"]:
+                    row.in_python_block, row.python_expr_tokens = True, []
+                elif t == special["python_end"] and row.in_python_block:
+                    row.in_python_block = False
+                    result = use_calculator(tok.decode(row.python_expr_tokens))
+                    if result is not None:
+                        row.forced.extend([special["output_start"], *tok.encode(str(result)), special["output_end"]])
+                elif row.in_python_block:
+                    row.python_expr_tokens.append(t)
+            yield token_column, mask_column
+            generated += 1
+            if generated >= limit:
+                break  # no forward for a token nobody will read
+            if generated == 1:
+                head = model.inference_head(num_samples)  # made after the first token, so it does not delay it
+            column.copy_(torch.tensor(token_column).view(-1, 1))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=column.is_cuda):
+                logits = head(model.trunk(column, kv)[:, -1, :])
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """-> (rows of prompt + completion, rows of masks); a row ends at <|assistant_end|> or <|bos|>, which is not included."""
+        stop_ids = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.encode_special("<|bos|>")}
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (t, m) in enumerate(zip(token_column, mask_column)):
+                if done[i]:
+                    continue
+                if t in stop_ids:
+                    done[i] = True
+                else:
+                    results[i].append(t)
+                    masks[i].append(m)
+            if all(done):
+                break
+        return results, masks
+
+class TextStreamer:
+    """Turns a stream of token ids into text, releasing it only at whole UTF-8 characters (emoji, CJK)."""
+
+    def __init__(self, tokenizer, max_pending=8):
+        self.tokenizer, self.max_pending = tokenizer, max_pending
+        self.pending = []
+
+    def push(self, token_id):
+        """-> the newly completed text ("" while in the middle of a character)."""
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.max_pending:
+            return ""  # a character split across tokens: wait for the rest
+        self.pending = []
+        return text
+
+    def flush(self):
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+# -----------------------------------------------------------------------------
+# checkpoints: <dir>/model_NNNNNN.pt, meta_NNNNNN.json, optim_NNNNNN_rankR.pt; every write atomic
+
+def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, rank=0):
+    """Rank 0 writes the model and meta; every rank writes its own optimizer shard when given."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if rank == 0:
+        common.atomic_write(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_state, f))
+        common.atomic_write_text(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), json.dumps(meta, indent=2))
+    if optimizer_state is not None:
+        common.atomic_write(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"), lambda f: torch.save(optimizer_state, f))
+
+def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
+    """-> (model_state, optimizer_state or None, meta)."""
+    model_state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device, weights_only=True)
+    with open(os.path.join(ckpt_dir, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    optimizer_state = None
+    if load_optimizer:
+        path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no optimizer state {path} (was the checkpoint saved with a different world size?)")
+        optimizer_state = torch.load(path, map_location=device, weights_only=False)  # our own file
+    return model_state, optimizer_state, meta
+
+def last_step(ckpt_dir):
+    """The largest step with both model and meta files (half-written temp files are ignored), or None."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    names = set(os.listdir(ckpt_dir))
+    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"model_(\d{6,})\.pt", n)) and f"meta_{m.group(1)}.json" in names]
+    return max(steps) if steps else None
+
+def _default_tag(root):
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))]
+    if not tags:
+        return None
+    depth_tags = [t for t in tags if re.fullmatch(r"d\d+", t)]
+    if depth_tags:
+        return max(depth_tags, key=lambda t: int(t[1:]))
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+
+def load_model(stage, device, tag=None, step=None, tokenizer=None):
+    """-> (model in eval mode, meta) from <stage> checkpoints: largest d<N> tag and latest step by default."""
+    if stage not in common.CHECKPOINT_DIRS:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(common.CHECKPOINT_DIRS)}")
+    make = f"run `python train.py --stage={stage}` first"
+    root = common.checkpoint_dir(stage)
+    tag = tag or (_default_tag(root) if os.path.isdir(root) else None)
+    if tag is None:
+        raise FileNotFoundError(f"no {stage} checkpoints in {root}: {make}")
+    ckpt_dir = os.path.join(root, tag)
+    step = last_step(ckpt_dir) if step is None else step
+    if step is None or not os.path.exists(os.path.join(ckpt_dir, f"model_{step:06d}.pt")):
+        raise FileNotFoundError(f"no {stage} checkpoint{'' if step is None else f' at step {step}'} in {ckpt_dir}: {make}")
+    state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    if "model_config" not in meta:
+        raise ValueError(f"meta_{step:06d}.json in {ckpt_dir} has no model_config")
+    config = GPTConfig(**meta["model_config"])
+    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config.vocab_size} ({ckpt_dir}): "
+                         "the checkpoint was trained with a different tokenizer")
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_rotary()
+    model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (bf16 tensors are upcast)
+    model.eval()
+    return model, meta
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+class _BenchTokenizer:
+    """The benchmark needs no text: special tokens sit at the top ids (python_* never sampled in practice)."""
+    NAMES = ["bos", "user_start", "user_end", "assistant_start", "assistant_end", "python_start", "python_end", "output_start", "output_end"]
+
+    def __init__(self, vocab_size):
+        self.encode_special = lambda name: vocab_size - len(self.NAMES) + self.NAMES.index(name.strip("<|>"))
+        self.encode, self.decode = (lambda text: [ord(ch) % 256 for ch in text]), (lambda ids: "".join(chr(i % 256) for i in ids))
+
+def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
+    """Prefill tok/s, time to first token and decode tok/s (best of `repeats` each) of random-init models, top-k 50 sampling."""
+    common.print0(f"device {device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} (a shared machine skews this)")
+    torch.manual_seed(0)
+    for depth in depths:
+        model = build_model(asdict(config_from_depth(depth, vocab_size)), device).eval()
+        engine = Engine(model, _BenchTokenizer(vocab_size))
+        prompt = torch.randint(0, vocab_size - 9, (prompt_len,)).tolist()
+        for num_samples in batches:
+            ttft, decode = float("inf"), 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gen = engine.generate(prompt, num_samples=num_samples, max_tokens=new_tokens, temperature=1.0, top_k=50)
+                next(gen)
+                t1 = time.perf_counter()
+                n = sum(1 for _ in gen)
+                ttft, decode = min(ttft, t1 - t0), max(decode, n * num_samples / (time.perf_counter() - t1))
+            common.print0(f"depth {depth:2d} | params {model.param_counts()['total'] / 1e6:7.1f}M | num_samples {num_samples} | "
+                          f"prefill {prompt_len / ttft:8.1f} tok/s | TTFT {ttft * 1000:7.1f} ms | decode {decode:7.1f} tok/s")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init models")
+    parser.add_argument("command", choices=["bench"])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
+    parser.add_argument("--vocab-size", type=int, default=65536)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="num_samples values")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None, help="cpu|cuda (default: autodetect)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench(args.depths, args.vocab_size, args.prompt_len, args.new_tokens, args.batches, args.device or common.autodetect_device(), args.repeats)
