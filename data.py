@@ -1,0 +1,787 @@
+"""
+Everything the training stages read: downloads through the mirror (resume, retry, validate), the pretraining shards,
+the BOS-aligned best-fit pretraining loader with exact cheap resume, the padded best-fit chat loader, and the task
+datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtures.
+
+    python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
+    python data.py bench                                          loader throughput and resume time
+"""
+import os, re, sys, json, time, queue, random, shutil, socket, zipfile, argparse, functools, threading, contextlib
+import concurrent.futures as cf
+
+import numpy as np
+import requests
+import torch
+import pyarrow.parquet as pq
+
+import common
+
+SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+HF_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/{subset}/{split}/{index:04d}.parquet"
+ATTEMPTS = 5       # tries per file
+BACKOFF = 2.0      # seconds before the second try, doubled after each failure
+TIMEOUT = 30       # seconds a connection may stay silent
+CHUNK = 1 << 20    # bytes per write
+
+# =============================================================================
+# downloads
+
+class NotFound(FileNotFoundError):
+    """The server (or mirror) has no such file. Never retried."""
+
+class _Retryable(Exception):
+    pass
+
+def _lock_is_stale(path):
+    """A lock whose owner process is gone (same host), or older than an hour (another host), is stale."""
+    try:
+        host, pid = open(path).read().split(":")
+        if host != socket.gethostname():
+            return time.time() - os.path.getmtime(path) > 3600
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False  # just created, owner still writing it
+
+@contextlib.contextmanager
+def _file_lock(path, poll=0.1):
+    """Cross-process lock: whoever creates `path` first (O_EXCL) works; the others wait for it to go away."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_is_stale(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            else:
+                time.sleep(poll)
+            continue
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+def _is_valid(path, kind):
+    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; other files: non-empty."""
+    try:
+        if kind == "parquet":
+            return pq.ParquetFile(path).metadata.num_rows >= 0
+        if kind == "zip":
+            with zipfile.ZipFile(path) as z:
+                return z.testzip() is None
+        return kind is None or os.path.getsize(path) > 0
+    except Exception:
+        return False
+
+def _fetch_http(src, url, tmp, progress):
+    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
+    have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(src, headers=headers, stream=True, timeout=TIMEOUT) as r:
+        if r.status_code == 404:
+            raise NotFound(f"404 Not Found: {url}" + (f" (fetched from {src})" if src != url else ""))
+        if r.status_code == 416:
+            os.remove(tmp)
+            raise _Retryable("416 Range Not Satisfiable: the partial file is discarded")
+        if r.status_code >= 500 or r.status_code == 429:
+            raise _Retryable(f"HTTP {r.status_code}")
+        if r.status_code not in (200, 206):
+            raise RuntimeError(f"HTTP {r.status_code} for {url} (fetched from {src})")
+        append = r.status_code == 206
+        if append and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            os.remove(tmp)
+            raise _Retryable(f"server resumed at the wrong offset ({r.headers.get('Content-Range')})")
+        expected = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        got = 0
+        with open(tmp, "ab" if append else "wb") as f:
+            for chunk in r.iter_content(CHUNK):
+                f.write(chunk)
+                got += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        if expected is not None and got < expected:
+            raise _Retryable(f"connection closed after {got} of {expected} bytes")
+
+def download_file(url, dest_path, validate="auto", progress=None):
+    """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
+    validation (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several processes
+    ask for the same file at once. -> dest_path"""
+    dest_path = os.path.abspath(dest_path)
+    kind = {".parquet": "parquet", ".zip": "zip"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
+    if os.path.exists(dest_path) and _is_valid(dest_path, kind):
+        return dest_path
+    os.makedirs(os.path.dirname(dest_path), exist_ok=True)
+    with _file_lock(dest_path + ".lock"):
+        if os.path.exists(dest_path) and _is_valid(dest_path, kind):
+            return dest_path  # another process fetched it while we waited
+        src, tmp = common.resolve_url(url), dest_path + ".part"
+        for attempt in range(ATTEMPTS):
+            try:
+                if src.startswith(("http://", "https://")):
+                    _fetch_http(src, url, tmp, progress)
+                elif not os.path.isfile(src):
+                    raise NotFound(f"not in the mirror: {url} (no file {src})")
+                else:
+                    shutil.copyfile(src, tmp)
+                    if progress:
+                        progress(os.path.getsize(tmp))
+                if _is_valid(tmp, kind):
+                    os.replace(tmp, dest_path)
+                    return dest_path
+                os.remove(tmp)
+                reason = f"the downloaded file is not a valid {kind} file (truncated or corrupt)"
+            except (requests.RequestException, _Retryable) as e:
+                reason = f"{type(e).__name__}: {e}"
+            if attempt + 1 < ATTEMPTS:
+                delay = BACKOFF * 2 ** attempt
+                print(f"download {url}: {reason}; try {attempt + 2}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr, flush=True)
+                time.sleep(delay)
+        raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
+
+def download_shards(n, workers=4):
+    """Train shards 0..n-1 (n < 0: all) plus the validation shard into base_data/, in parallel, with a progress line."""
+    indices = list(range(common.VAL_SHARD_INDEX if n < 0 else min(n, common.VAL_SHARD_INDEX))) + [common.VAL_SHARD_INDEX]
+    todo = [i for i in indices if not os.path.exists(common.shard_path(i))]
+    done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
+
+    def count(k, file_done=False):
+        with lock:
+            nbytes[0] += k
+            done[0] += file_done
+
+    def one(i):
+        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count)
+        count(0, file_done=True)
+
+    def line(end=""):
+        mb, dt = nbytes[0] / 1e6, max(time.time() - t0, 1e-9)
+        print(f"\rshards {done[0]}/{len(todo)} | {mb:.1f} MB | {mb / dt:.1f} MB/s", end=end, flush=True)
+
+    with cf.ThreadPoolExecutor(max(1, workers)) as ex:
+        futures = [ex.submit(one, i) for i in todo]
+        while cf.wait(futures, timeout=0.5).not_done:
+            line()
+    line("\n")
+    errors = [f.exception() for f in futures if f.exception()]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(todo)} shards failed; first: {errors[0]}")
+    print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
+    return [common.shard_path(i) for i in indices]
+
+def download_eval_bundle():
+    """The CORE bundle, unzipped once into $BASE/eval_bundle (one process unzips; the others wait). -> its directory"""
+    base = common.get_base_dir()
+    out = os.path.join(base, "eval_bundle")
+    if os.path.exists(os.path.join(out, "core.yaml")):
+        return out
+    with _file_lock(out + ".lock"):
+        if not os.path.exists(os.path.join(out, "core.yaml")):
+            zpath = download_file(EVAL_BUNDLE_URL, os.path.join(base, "eval_bundle.zip"))
+            tmp = f"{out}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with zipfile.ZipFile(zpath) as z:
+                z.extractall(tmp)
+            inner = os.path.join(tmp, "eval_bundle")
+            shutil.rmtree(out, ignore_errors=True)  # leftovers of an interrupted earlier attempt
+            os.replace(inner if os.path.isdir(inner) else tmp, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+def task_parquets(repo, subset, split):
+    """Every parquet file of a Hugging Face dataset split (0000, 0001, ... until the first 404) under task_data/."""
+    folder = os.path.join(common.get_base_dir(), "task_data", repo.replace("/", "__"), subset, split)
+    manifest = os.path.join(folder, "manifest.json")
+    if os.path.exists(manifest):  # fetched before: no need to probe the network again
+        paths = [os.path.join(folder, name) for name in json.load(open(manifest))["files"]]
+        if all(os.path.exists(p) for p in paths):
+            return paths
+    paths = []
+    while True:
+        url = HF_PARQUET_URL.format(repo=repo, subset=subset, split=split, index=len(paths))
+        try:
+            paths.append(download_file(url, os.path.join(folder, f"{len(paths):04d}.parquet")))
+        except NotFound:
+            if not paths:
+                raise
+            break
+    common.atomic_write_text(manifest, json.dumps({"repo": repo, "subset": subset, "split": split,
+                                                   "files": [os.path.basename(p) for p in paths]}))
+    return paths
+
+def task_parquet(repo, subset, split):
+    """The first parquet file of a dataset split (downloading the whole split). -> local path"""
+    return task_parquets(repo, subset, split)[0]
+
+def _task_rows(repo, subset, split):
+    return [row for p in task_parquets(repo, subset, split) for row in pq.read_table(p).to_pylist()]
+
+# =============================================================================
+# pretraining loader: BOS-aligned best fit; cropped remainders go back into the buffer as BOS-prefixed pieces
+
+class PretrainLoader:
+    """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
+    when none fits, the shortest is cropped to fill the row and (crop="keep") its rest stays buffered as a piece that
+    starts with BOS, or (crop="drop", SPEC 5.5) is discarded. Every row starts with BOS, no padding.
+    A piece is BOS + doc[start:], named by (epoch, unit, doc, start): that is all state_dict() stores, so resume is
+    exact (same batches as an uninterrupted run) and cheap (re-tokenizes only the buffered documents)."""
+
+    def __init__(self, tokenizer, B, T, split="train", device="cpu", rank=0, world_size=1, crop="keep", threads=2,
+                 buffer_docs=1000, prefetch=4):
+        if crop not in ("keep", "drop"):
+            raise ValueError(f"crop must be 'keep' or 'drop', not {crop!r}")
+        self.tok, self.B, self.T, self.split, self.device = tokenizer, B, T, split, str(device)
+        self.rank, self.world_size, self.crop, self.threads = rank, world_size, crop, threads
+        self.prefetch = prefetch
+        self.bos = tokenizer.get_bos_token_id()
+        self.paths = common.list_shards(split)
+        metas = [pq.ParquetFile(p).metadata for p in self.paths]
+        units = [(fi, rg) for fi, md in enumerate(metas) for rg in range(md.num_row_groups)]
+        self.units = units[rank::world_size]  # ranks stride over all row groups of the split: disjoint documents
+        if not self.units:
+            raise ValueError(f"rank {rank} of {world_size} gets no row group: the {split} split has {len(units)} row groups "
+                             f"in {len(self.paths)} shards; download more shards or run fewer ranks")
+        docs = sum(metas[fi].row_group(rg).num_rows for fi, rg in self.units)
+        self.buffer_docs = min(buffer_docs, docs)  # a small split (val) is buffered once, not several epochs over
+        self.buffer = []      # pieces [tokens (np.int32, without BOS), start, epoch, unit, doc]: BOS + tokens[start:]
+        self.next = (0, 0)    # (epoch, unit) of the next row group to pull into the buffer
+        self.epoch = 0        # epoch of the latest row group pulled in
+        self.stats = {"tokens_read": 0, "tokens_used": 0, "tokens_dropped": 0}
+        self._thread = None
+
+    # --- background tokenization: a thread walks the fixed unit sequence ahead; the consumer takes it in order
+    def _read_texts(self, unit):
+        fi, rg = self.units[unit]
+        return pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+    def _encode(self, texts):
+        return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]
+
+    def _produce(self, epoch, unit, q, stop):
+        def put(item):
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    return q.put(item, timeout=0.1)
+        try:
+            while not stop.is_set():
+                put((epoch, unit, self._encode(self._read_texts(unit))))
+                unit += 1
+                if unit == len(self.units):
+                    epoch, unit = epoch + 1, 0
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    def _start(self):
+        self._stop, self._q = threading.Event(), queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(*self.next, self._q, self._stop), daemon=True)
+        self._thread.start()
+
+    def close(self):
+        """Stop the background thread (prefetched row groups are dropped; the state is unaffected)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _refill(self):
+        while len(self.buffer) < self.buffer_docs:
+            if self._thread is None:
+                self._start()
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            epoch, unit, docs = item
+            assert (epoch, unit) == self.next, "producer out of step"
+            self.buffer.extend([d, 0, epoch, unit, j] for j, d in enumerate(docs) if len(d))
+            self.stats["tokens_read"] += sum(len(d) for d in docs)
+            self.epoch = epoch
+            self.next = (epoch + 1, 0) if unit + 1 == len(self.units) else (epoch, unit + 1)
+
+    def _rows(self):
+        T1, st = self.T + 1, self.stats
+        rows = np.empty((self.B, T1), dtype=np.int64)
+        for b in range(self.B):
+            pos = 0
+            while pos < T1:
+                self._refill()
+                lens = np.fromiter((1 + len(p[0]) - p[1] for p in self.buffer), dtype=np.int64, count=len(self.buffer))
+                room = T1 - pos
+                fits = np.where(lens <= room, lens, 0)
+                j = int(fits.argmax())  # longest that fits whole (first one on ties)
+                if fits[j] == 0:
+                    j = int(lens.argmin())  # none fits: crop the shortest
+                take = min(int(lens[j]), room)
+                piece = self.buffer[j]
+                rows[b, pos] = self.bos
+                rows[b, pos + 1:pos + take] = piece[0][piece[1]:piece[1] + take - 1]
+                pos += take
+                st["tokens_used"] += take - 1
+                if take == lens[j]:
+                    self.buffer.pop(j)
+                elif self.crop == "keep":
+                    piece[1] += take - 1  # the rest stays, as BOS + tokens[start:]
+                else:
+                    st["tokens_dropped"] += int(lens[j]) - take
+                    self.buffer.pop(j)
+        return rows
+
+    def used_fraction(self):
+        """Share of the data tokens placed into batches that were not thrown away by cropping (1.0 with crop="keep")."""
+        used, dropped = self.stats["tokens_used"], self.stats["tokens_dropped"]
+        return used / max(1, used + dropped)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = self._rows()
+        cuda = self.device.startswith("cuda")
+        buf = torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=cuda)  # pinned: async host->GPU copy
+        buf[0].copy_(torch.from_numpy(rows[:, :-1]))
+        buf[1].copy_(torch.from_numpy(rows[:, 1:]))
+        if cuda:
+            buf = buf.to(self.device, non_blocking=True)
+        return buf[0], buf[1]
+
+    def state_dict(self):
+        """Small and JSON-serializable: position in the row-group sequence, buffer as piece names, counters."""
+        return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "crop": self.crop,
+                "shards": [os.path.basename(p) for p in self.paths], "next": list(self.next), "epoch": self.epoch,
+                "buffer": [[p[2], p[3], p[4], p[1]] for p in self.buffer], "stats": dict(self.stats)}
+
+    def load_state_dict(self, sd):
+        mine = self.state_dict()
+        for key in ("split", "rank", "world_size", "shards"):
+            if sd[key] != mine[key]:
+                raise ValueError(f"loader state was saved with {key}={sd[key]!r}, this loader has {mine[key]!r}")
+        self.close()
+        wanted = sorted({(u, j) for _, u, j, _ in sd["buffer"]})
+        texts = {u: self._read_texts(u) for u in sorted({u for u, _ in wanted})}  # only the row groups still buffered
+        docs = dict(zip(wanted, self._encode([texts[u][j] for u, j in wanted])))
+        self.buffer = [[docs[(u, j)], start, e, u, j] for e, u, j, start in sd["buffer"]]
+        self.next, self.epoch, self.stats = tuple(sd["next"]), sd["epoch"], dict(sd["stats"])
+
+# =============================================================================
+# chat loader: best fit with padding, never cropping a conversation
+
+class ChatLoader:
+    """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole rendered conversations (longest that fits first),
+    the rest padded with BOS whose targets are -1. completion_only=True (SFT) also sets -1 wherever the render mask is 0;
+    False (mid) trains every real token. Rank r takes conversations r, r+W, ...; after its share of one epoch is placed,
+    last_step is True (the loader keeps cycling if asked for more).
+    A batch may hold no supervised target at all (e.g. conversations without assistant tokens): callers must not take a
+    plain mean then; compute loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed over ranks under DDP),
+    which is 0 with zero gradient instead of NaN."""
+
+    def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100):
+        self.task, self.tok, self.B, self.T, self.device = task, tokenizer, B, T, str(device)
+        self.rank, self.world_size, self.completion_only, self.buffer_size = rank, world_size, completion_only, buffer
+        self.share = len(range(rank, len(task), world_size))  # conversations of this rank per epoch
+        if self.share == 0:
+            raise ValueError(f"rank {rank} of {world_size} gets no conversation: the task has only {len(task)}")
+        self.bos = tokenizer.get_bos_token_id()
+        self.cursor, self.placed, self.buffer = rank, 0, []  # buffer: [index, ids, mask]
+
+    @property
+    def progress(self):
+        return min(1.0, self.placed / self.share)
+
+    @property
+    def last_step(self):
+        return self.placed >= self.share
+
+    def _render(self, i):
+        ids, mask = self.tok.render_conversation(self.task[i], max_tokens=self.T + 1)
+        return [i, np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)]
+
+    def _refill(self):
+        while len(self.buffer) < self.buffer_size:
+            self.buffer.append(self._render(self.cursor))
+            self.cursor += self.world_size
+            if self.cursor >= len(self.task):
+                self.cursor -= len(self.task)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        T1 = self.T + 1
+        ids = np.full((self.B, T1), self.bos, dtype=np.int64)
+        train = np.zeros((self.B, T1), dtype=np.int8)  # 1 = this token is a target
+        for b in range(self.B):
+            pos = 0
+            while True:
+                self._refill()
+                lens = np.array([len(c[1]) for c in self.buffer])
+                fits = np.where(lens <= T1 - pos, lens, 0)
+                j = int(fits.argmax())
+                if fits[j] == 0:
+                    break  # nothing fits: the rest of the row is padding
+                _, cids, cmask = self.buffer.pop(j)
+                ids[b, pos:pos + len(cids)] = cids
+                train[b, pos:pos + len(cids)] = cmask if self.completion_only else 1
+                pos += len(cids)
+                self.placed += 1
+        x = torch.from_numpy(ids[:, :-1].copy())
+        y = torch.from_numpy(np.where(train[:, 1:] == 1, ids[:, 1:], -1))
+        if self.device.startswith("cuda"):
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def state_dict(self):
+        return {"rank": self.rank, "world_size": self.world_size, "cursor": self.cursor, "placed": self.placed,
+                "buffer": [c[0] for c in self.buffer]}
+
+    def load_state_dict(self, sd):
+        if (sd["rank"], sd["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"chat loader state is for rank {sd['rank']} of {sd['world_size']}, not {self.rank} of {self.world_size}")
+        self.cursor, self.placed = sd["cursor"], sd["placed"]
+        self.buffer = [self._render(i) for i in sd["buffer"]]
+
+# =============================================================================
+# tasks: len(task), task[i] -> {"messages": [...], ...}, task.eval_type, task.evaluate(conversation, completion) -> bool
+
+def render_mc(question, letters, choices):
+    """SPEC 9.2 multiple choice prompt: the letter comes after its choice with no space before it."""
+    lines = "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
+
+def extract_answer(text):
+    """The number after '####' (commas removed), or None."""
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    return m.group(1).strip().replace(",", "") if m else None
+
+class Task:
+    """Rows in the order datasets.shuffle(seed=42) gives (numpy default_rng(42) permutation), cut to `size`."""
+    eval_type = "generative"
+
+    def __init__(self, rows, size=None, shuffle=True):
+        if shuffle:
+            rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))]
+        self.rows = rows if size is None else rows[:size]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.conversation(self.rows[i])
+
+class _Categorical(Task):
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+class SmolTalk(Task):
+    def __init__(self, split, size=None):
+        super().__init__(_task_rows("HuggingFaceTB/smol-smoltalk", "default", split), size)
+
+    def conversation(self, row):
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+
+class MMLU(_Categorical):
+    def __init__(self, subset, split, size=None):
+        super().__init__(_task_rows("cais/mmlu", subset, split), size)
+
+    def conversation(self, row):
+        row = row.get("train", row)  # auxiliary_train wraps each row in a struct named `train`
+        letters = "ABCDEFGHIJ"[:len(row["choices"])]
+        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
+                             {"role": "assistant", "content": letters[row["answer"]]}],
+                "subject": row["subject"], "letters": list(letters)}
+
+class ARC(_Categorical):
+    def __init__(self, subset, split, size=None):
+        super().__init__(_task_rows("allenai/ai2_arc", subset, split), size)
+
+    def conversation(self, row):
+        letters, choices = list(row["choices"]["label"]), list(row["choices"]["text"])  # "A"-"E" or "1"-"5"
+        if row["answerKey"] not in letters:
+            raise ValueError(f"ARC row {row.get('id')}: answerKey {row['answerKey']!r} not among labels {letters}")
+        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, choices)},
+                             {"role": "assistant", "content": row["answerKey"]}], "letters": letters}
+
+class GSM8K(Task):
+    def __init__(self, split, size=None):
+        super().__init__(_task_rows("openai/gsm8k", "main", split), size)
+
+    def conversation(self, row):
+        parts = []
+        for chunk in re.split(r"(<<[^>]*>>)", row["answer"]):
+            if chunk.startswith("<<") and chunk.endswith(">>") and "=" in chunk:
+                expr, result = chunk[2:-2].rsplit("=", 1)  # calculator call, and the value it returns
+                parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+            elif chunk:
+                parts.append({"type": "text", "text": chunk})
+        return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation, completion):
+        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return ref is not None and extract_answer(completion) == ref
+
+class HumanEval(Task):
+    def __init__(self, size=None):
+        super().__init__(_task_rows("openai/openai_humaneval", "openai_humaneval", "test"), size)
+
+    def conversation(self, row):
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]}],
+                "entry_point": row["entry_point"], "test": row["test"]}
+
+    def evaluate(self, conversation, completion, execute=None):
+        """execute(program) -> dict with "success" (eval.execute_code, the sandbox) or bool; required."""
+        if execute is None:
+            raise ValueError("HumanEval.evaluate needs execute=eval.execute_code (programs run only in the sandbox)")
+        result = execute(build_program(conversation, completion))
+        return bool(result["success"] if isinstance(result, dict) else result)
+
+def build_program(conversation, completion):
+    """SPEC 9.2: the prompt's leading imports + the first fenced code block (else the whole completion) + tests + check()."""
+    imports = []
+    for line in conversation["messages"][0]["content"].split("\n"):
+        s = line.strip()
+        if s.startswith(("import ", "from ")):
+            imports.append(s)
+        elif s and not s.startswith("#"):
+            break
+    m = re.search(r"```(?:python)?\s*\n(.*?)\n```", completion, re.DOTALL)
+    code = (m.group(1) if m else completion).strip()
+    return "\n".join(imports) + "\n\n" + code + "\n\n" + conversation["test"] + "\n" + f"check({conversation['entry_point']})"
+
+# --- spelling (SPEC 14)
+
+@functools.lru_cache(maxsize=1)
+def _words():
+    path = download_file(WORDS_URL, os.path.join(common.get_base_dir(), "words_alpha.txt"))
+    with open(path, encoding="utf-8") as f:
+        return [w.strip() for w in f if w.strip()]  # the file has CRLF line endings
+
+def _example_rng(split, i):
+    return random.Random(i if split == "train" else 10_000_000 + i)
+
+class SimpleSpelling(Task):
+    def __init__(self, size=1000, split="train"):
+        words = list(_words())
+        random.Random(42).shuffle(words)
+        self.words, self.split, self.rows = words, split, range(size)
+
+    def conversation(self, i):
+        w = _example_rng(self.split, i).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {w}"},
+                             {"role": "assistant", "content": f"{w}:{','.join(w)}"}]}
+
+    def evaluate(self, conversation, completion):
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+SPELL_TEMPLATES = [
+    "How many {letter} are in the word {word}", "How many {letter}s are in {word}",
+    "Count the number of {letter} in {word}", "How many times does the letter {letter} appear in {word}",
+    "In the word {word}, how many {letter} are there", "Count how many times {letter} occurs in {word}",
+    "What is the count of {letter} in {word}", "Tell me how many {letter} the word {word} has",
+    "Number of {letter} in {word}", "How often does {letter} show up in {word}", "Can you count the {letter} in {word}",
+    "I need the number of {letter} letters in {word}", "Please count the occurrences of {letter} in the word {word}",
+    "How many letter {letter} does {word} contain", "Does {word} have many {letter}? Count them",
+    "Spell {word} and count the {letter}", "¿Cuántas {letter} hay en la palabra {word}",
+    "¿Cuántas veces aparece la letra {letter} en {word}", "Combien de {letter} y a-t-il dans le mot {word}",
+    "Combien de fois la lettre {letter} apparaît-elle dans {word}", "Wie viele {letter} sind im Wort {word}",
+    "Wie oft kommt der Buchstabe {letter} in {word} vor", "单词 {word} 中有几个 {letter}", "{word} 这个词里有多少个字母 {letter}",
+    "{word}에 {letter}가 몇 개 있나요", "단어 {word}에서 글자 {letter}는 몇 번 나오나요", "{word} に {letter} はいくつありますか",
+    "単語 {word} の中に文字 {letter} は何回出てきますか",
+]
+
+class SpellingBee(Task):
+    def __init__(self, size=1000, split="train"):
+        self.split, self.rows = split, range(size)
+
+    def conversation(self, i):
+        rng = _example_rng(self.split, i)
+        word = rng.choice(_words())
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        count = word.count(letter)
+        template = rng.choice(SPELL_TEMPLATES)
+        template = template.lower() if rng.random() < 0.3 else template
+        lq, wq = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        user = template.format(letter=f"{lq}{letter}{lq}", word=f"{wq}{word}{wq}") + ("?" if rng.random() < 0.5 else "")
+        lines, running = [], 0
+        for k, c in enumerate(word, 1):
+            running += c == letter
+            lines.append(f"{k}:{c}" + (f" <- {letter} #{running}" if c == letter else ""))
+        manual = (f"We are asked how many '{letter}' are in '{word}'. Spelling it out:\n{word}:{','.join(word)}\n\n"
+                  + "\n".join(lines) + f"\n\nCounting by hand, '{letter}' appears {count} times.\n\n")
+        parts = [{"type": "text", "text": manual}, {"type": "text", "text": "Let me double-check with Python.\n\n"},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"}, {"type": "python_output", "text": str(count)},
+                 {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"}]
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation, completion):
+        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return extract_answer(completion) == ref
+
+# --- identity: who the assistant is, generated from our own templates
+
+IDENTITY_TOPICS = [  # (questions, answers)
+    (["Who are you?", "What are you?", "Introduce yourself.", "Tell me about yourself.", "What should I call you?"],
+     ["I'm nanochat, a small chat model from a from-scratch Python reimplementation of Andrej Karpathy's nanochat project.",
+      "I'm a tiny assistant called nanochat. Everything that made me, from the tokenizer to the training loop, was rewritten from scratch in plain Python and PyTorch.",
+      "My name is nanochat. I'm a small language model built by a from-scratch reimplementation of the nanochat pipeline."]),
+    (["How big are you?", "How many parameters do you have?", "Are you a large model?", "What size is your network?"],
+     ["I'm small: a transformer with only a few layers and a few million to a few hundred million parameters, depending on the run. Big commercial models are thousands of times larger.",
+      "Very small. The CPU run that makes me uses about four transformer layers; the largest recipe (depth 20) has about 560 million parameters.",
+      "I'm a tiny model, so expect mistakes: I have far fewer parameters than the assistants you may know."]),
+    (["How were you trained?", "How did you learn to chat?", "What training did you go through?", "Explain your training."],
+     ["In four stages: pretraining on educational web text, midtraining on conversations, supervised finetuning on chats, and a little reinforcement learning on math problems.",
+      "First a BPE tokenizer was trained, then I learned to predict the next token on plain text, then I was taught the chat format with special tokens, and finally I was finetuned on example conversations.",
+      "I was pretrained on a small pile of text, then finetuned on conversations, multiple-choice questions, math word problems and spelling drills."]),
+    (["How much did it cost to train you?", "What was your training budget?", "How long did your training take?", "Were you expensive to train?"],
+     ["Very little: the small version trains in well under an hour on a laptop-class CPU, and the bigger recipe takes a few hours on one GPU node.",
+      "My budget was tiny. The whole pipeline is designed to run end to end for a few dollars of compute, or for free on a CPU at a very small size.",
+      "Only minutes to hours of compute. That's why I'm much weaker than big models trained for months on thousands of GPUs."]),
+    (["Who made you?", "Who created you?", "Who built you?", "Are you made by OpenAI?"],
+     ["I come from a team of engineers who rewrote the nanochat project from scratch. The original nanochat is by Andrej Karpathy.",
+      "I'm not from OpenAI, Google or Anthropic. I'm a small open reimplementation of Andrej Karpathy's nanochat."]),
+    (["Are you ChatGPT?", "Are you GPT-4?", "Are you Claude?", "Are you a human?"],
+     ["No. I'm nanochat, a small model from a from-scratch reimplementation of nanochat. I'm not ChatGPT, Claude or a person.",
+      "No, I'm a small language model called nanochat, trained on a tiny budget. I can make mistakes, so please double-check what I say."]),
+    (["What can you do?", "What are you good at?", "What are your limitations?", "Can I trust your answers?"],
+     ["I can chat, answer simple questions, spell words, count letters and do arithmetic with a small calculator tool. I'm small, so I often get facts wrong.",
+      "Simple conversation, easy questions and small math with my Python calculator. I'm a tiny model: please verify anything important."]),
+    (["What language were you written in?", "What is your code like?", "Is your code open?"],
+     ["My pipeline is plain Python with PyTorch, numpy, regex, tiktoken and pyarrow: a tokenizer, a GPT model, data loaders, a training script, evaluation and a chat server, one file each.",
+      "I'm built from a handful of readable Python files, written from scratch in the spirit of nanoGPT."]),
+]
+GREETINGS = ["", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Good morning! "]
+
+class Identity(Task):
+    """Short conversations (1-2 exchanges) about what the assistant is; example i is fixed by Random(i)."""
+
+    def __init__(self, size=None):
+        self.rows = range(500 if size is None else size)
+
+    def conversation(self, i):
+        rng, messages = random.Random(f"identity:{i}"), []
+        for turn, (questions, answers) in enumerate(rng.sample(IDENTITY_TOPICS, rng.choice([1, 1, 2]))):
+            q = rng.choice(questions)
+            q = (rng.choice(GREETINGS) if turn == 0 else "") + (q.lower() if rng.random() < 0.2 else q)
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(answers)}]
+        return {"messages": messages}
+
+    def evaluate(self, conversation, completion):
+        return "nanochat" in completion.lower()
+
+# --- mixtures
+
+class TaskMixture:
+    """All (task, index) pairs of the given tasks, shuffled once with random.Random(seed). List a task twice for 2 epochs."""
+
+    def __init__(self, tasks, seed=42):
+        self.tasks = tasks
+        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(seed).shuffle(self.index)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        t, j = self.index[i]
+        return self.tasks[t][j]
+
+class TaskSequence:
+    """The given tasks one after another, unshuffled."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.starts = np.cumsum([0] + [len(t) for t in tasks])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        t = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.tasks[t][i - int(self.starts[t])]
+
+TASKS = {  # the chat evals (SPEC 9.2): name -> constructor taking size=
+    "ARC-Easy": functools.partial(ARC, "ARC-Easy", "test"),
+    "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
+    "MMLU": functools.partial(MMLU, "all", "test"),
+    "GSM8K": functools.partial(GSM8K, "test"),
+    "HumanEval": HumanEval,
+    "SpellingBee": functools.partial(SpellingBee, split="test", size=256),
+}
+
+# =============================================================================
+# CLI
+
+def bench(args):
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    download_shards(args.shards, workers=4)
+    print(f"load average before: {os.getloadavg()} ({os.cpu_count()} cores; shared machine)")
+    for threads in (1, 2):
+        t0 = time.time()
+        loader = PretrainLoader(tok, args.B, args.T, threads=threads)
+        next(loader)
+        t1 = time.time()
+        for _ in range(args.batches):
+            next(loader)
+        dt = time.time() - t1
+        print(f"threads={threads}: first batch (buffer of {loader.buffer_docs} docs) {t1 - t0:.2f} s, then "
+              f"{args.batches * args.B * args.T / dt:,.0f} tok/s into batches (B={args.B}, T={args.T})")
+        loader.close()
+    drop = PretrainLoader(tok, args.B, args.T, crop="drop")
+    while drop.epoch == 0:
+        next(drop)
+    seen = drop.stats["tokens_read"] - sum(len(p[0]) for p in drop.buffer)
+    print(f"one epoch with crop=drop trains on {drop.stats['tokens_used'] / seen:.1%} of the data's tokens (crop=keep: 100%)")
+    drop.close()
+    loader = PretrainLoader(tok, args.B, args.T, threads=2)
+    while loader.next[0] == 0 and loader.next[1] < 0.8 * len(loader.units):
+        next(loader)  # late in the first epoch
+    sd = json.loads(json.dumps(loader.state_dict()))
+    expected = next(loader)[0]
+    loader.close()
+    t0 = time.time()
+    fresh = PretrainLoader(tok, args.B, args.T, threads=2)
+    fresh.load_state_dict(sd)
+    got = next(fresh)[0]
+    print(f"restore at row group {sd['next'][1]}/{len(loader.units)} ({len(sd['buffer'])} buffered pieces, "
+          f"{len(json.dumps(sd)) / 1e3:.1f} kB state): {time.time() - t0:.2f} s to the first batch; identical: {torch.equal(expected, got)}")
+    fresh.close()
+    print(f"load average after: {os.getloadavg()}")
+
+def main():
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--mirror", help="directory or http(s) base URL holding upstream files at HOST/PATH (env NANOCHAT_MIRROR)")
+    ap = argparse.ArgumentParser(description="nanochat data: shard downloads and loader benchmark")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 plus validation shard 1822 into base_data/")
+    d.add_argument("-n", "--num-shards", type=int, default=8, help="number of train shards (-1: all)")
+    d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    b = sub.add_parser("bench", parents=[shared], help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
+    b.add_argument("--shards", type=int, default=11, help="train shards to use")
+    b.add_argument("-B", type=int, default=8)
+    b.add_argument("-T", type=int, default=512)
+    b.add_argument("--batches", type=int, default=50)
+    args = ap.parse_args()
+    if args.mirror:
+        common.set_mirror(args.mirror)
+    try:
+        if args.cmd == "download":
+            download_shards(args.num_shards, args.workers)
+        else:
+            bench(args)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+if __name__ == "__main__":
+    main()
