@@ -1,0 +1,704 @@
+"""
+Evaluation and the report card: bits per byte, CORE (base models), the chat evaluations with a small code sandbox,
+and the assembly of report/report.md.
+
+    python eval.py --stage base bpb                   train/val bits per byte + greedy samples
+    python eval.py --stage base core [--max-per-task N]
+    python eval.py --stage sft chat [-a ARC-Easy|GSM8K] [--max-problems N]
+    python eval.py report reset                       start a run's report (header)
+    python eval.py report                             assemble report/report.md (+ loss.svg), copy report.md here
+
+Multi-GPU: torchrun --nproc_per_node=K eval.py ...  (ranks stride over examples; results are all-reduced).
+"""
+import os
+import re
+import sys
+import csv
+import json
+import math
+import time
+import random
+import signal
+import argparse
+import platform
+import datetime
+import tempfile
+import subprocess
+
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+
+import common
+from common import print0
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# small distributed helper
+
+def _all_reduce_sum(values, device):
+    """Sum a list of numbers over ranks (no-op without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+# -----------------------------------------------------------------------------
+# bits per byte (SPEC 4.6)
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Nats over bytes of the targets, in bits. Special-token targets (0 bytes) and ignored targets (-1) count for nothing.
+    token_bytes: (V,) int tensor on the model's device (NCCL all-reduces CUDA tensors)."""
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    it = iter(batches)
+    for _ in range(steps):
+        x, y = next(it)
+        loss = model(x, y, loss_reduction="none").reshape(-1).double()  # nats per position
+        y = y.reshape(-1).to(device)
+        nb = torch.where(y < 0, torch.zeros_like(y), token_bytes[y.clamp(min=0)].to(y.dtype))
+        total_nats += (loss.to(device) * (nb > 0)).sum()
+        total_bytes += nb.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())
+
+# -----------------------------------------------------------------------------
+# the YAML subset the CORE bundle uses: block mappings/sequences by indentation, "- key: v" items,
+# [a, b] flow lists, double/single-quoted strings with escapes, ints/floats/bools, # comments
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "/": "/", " ": " ", "a": "\a", "b": "\b", "e": "\x1b"}
+
+def _unescape(body):
+    def repl(m):
+        s = m.group(1)
+        if s[0] in "xuU":
+            return chr(int(s[1:], 16))
+        return _ESCAPES[s]
+    return re.sub(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[ntr0\\"/ abe])', repl, body)
+
+def _scalar(s):
+    s = s.strip()
+    if s.startswith('"') and s.endswith('"') and len(s) >= 2:
+        return _unescape(s[1:-1])
+    if s.startswith("'") and s.endswith("'") and len(s) >= 2:
+        return s[1:-1].replace("''", "'")
+    if s.startswith("[") and s.endswith("]"):
+        inner = s[1:-1].strip()
+        return [_scalar(p) for p in inner.split(",")] if inner else []
+    if s in ("", "~", "null", "true", "false"):
+        return {"true": True, "false": False}.get(s)
+    if re.fullmatch(r"[-+]?\d+", s):
+        return int(s)
+    return float(s) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s) else s
+
+# a line up to its comment: quoted strings kept whole, '#' starts a comment only after whitespace or at the start
+_UNCOMMENTED = re.compile(r"""(?:"(?:\\.|[^"\\])*"|'[^']*'|[^'"#]|(?<=\S)#)*""")
+
+_KEY = re.compile(r"^([A-Za-z_][\w\-. ]*):(\s|$)")
+
+def _parse_block(lines, i, indent):
+    if lines[i][1] == "-" or lines[i][1].startswith("- "):  # a sequence
+        out = []
+        while i < len(lines) and lines[i][0] == indent and (lines[i][1] == "-" or lines[i][1].startswith("- ")):
+            rest = lines[i][1][1:].strip()
+            if not rest:
+                i += 1
+                if i < len(lines) and lines[i][0] > indent:
+                    val, i = _parse_block(lines, i, lines[i][0])
+                else:
+                    val = None
+            elif _KEY.match(rest):  # "- key: value" opens a mapping indented under the dash
+                lines[i] = (indent + 2, rest)
+                val, i = _parse_block(lines, i, indent + 2)
+            else:
+                val, i = _scalar(rest), i + 1
+            out.append(val)
+        return out, i
+    out = {}
+    while i < len(lines) and lines[i][0] == indent:
+        m = _KEY.match(lines[i][1])
+        if not m:
+            raise ValueError(f"unsupported YAML line: {lines[i][1]!r}")
+        key, rest = m.group(1).strip(), lines[i][1][m.end():].strip()
+        i += 1
+        if rest:
+            out[key] = _scalar(rest)
+        elif i < len(lines) and (lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("-"))):
+            out[key], i = _parse_block(lines, i, lines[i][0])
+        else:
+            out[key] = None
+    return out, i
+
+def parse_yaml(text):
+    lines = []
+    for raw in text.splitlines():
+        line = _UNCOMMENTED.match(raw).group(0).rstrip()
+        if line.strip():
+            lines.append((len(line) - len(line.lstrip(" ")), line.strip()))
+    return _parse_block(lines, 0, lines[0][0])[0] if lines else {}
+
+# -----------------------------------------------------------------------------
+# CORE (SPEC 9.1)
+
+def load_core_tasks(bundle_dir):
+    """[(label, dataset_uri, num_fewshot, task_type, delimiter, random_baseline_percent)] from core.yaml + eval_meta_data.csv."""
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        config = parse_yaml(f.read())
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    tasks = []
+    for t in config["icl_tasks"]:
+        shots = t["num_fewshot"]
+        shots = shots[0] if isinstance(shots, list) else shots
+        if t["label"] not in baselines:
+            raise ValueError(f"task {t['label']} has no random baseline in eval_meta_data.csv")
+        delim = t.get("continuation_delimiter")
+        tasks.append(dict(label=t["label"], uri=t["dataset_uri"], shots=int(shots), type=t["icl_task_type"],
+                          delim=" " if delim is None else delim, baseline=baselines[t["label"]]))
+    return tasks
+
+def _fewshot(rows, idx, k):
+    """k other rows of the (cropped) list, drawn with the fixed per-example seed; k is capped at what exists."""
+    others = [j for j in range(len(rows)) if j != idx]
+    return [rows[j] for j in random.Random(1234 + idx).sample(others, min(k, len(others)))]
+
+def build_prompts(row, shots, task_type, delim):
+    """The prompt strings of one example: one per choice (MC / schema) or [without, with] (LM)."""
+    if task_type == "multiple_choice":
+        prefix = "".join(f"{r['query']}{delim}{r['choices'][r['gold']]}\n\n" for r in shots)
+        return [f"{prefix}{row['query']}{delim}{c}" for c in row["choices"]]
+    if task_type == "schema":
+        prefix = "".join(f"{r['context_options'][r['gold']]}{delim}{r['continuation']}\n\n" for r in shots)
+        return [f"{prefix}{opt}{delim}{row['continuation']}" for opt in row["context_options"]]
+    if task_type == "language_modeling":
+        prefix = "".join(f"{r['context'].strip()}{delim}{r['continuation']}\n\n" for r in shots)
+        ctx = prefix + row["context"].strip()
+        return [(ctx + delim).strip(), ctx + delim + row["continuation"]]
+    raise ValueError(f"unknown icl_task_type {task_type!r}")
+
+def _common_prefix(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+def scored_spans(token_lists, task_type):
+    """(sequences to forward, [(s, e)] spans whose tokens are scored) per SPEC 9.1 step 5."""
+    if task_type == "multiple_choice":
+        s = _common_prefix(token_lists)
+        return token_lists, [(s, len(t)) for t in token_lists]
+    if task_type == "schema":
+        c = _common_prefix([t[::-1] for t in token_lists])  # common suffix
+        return token_lists, [(len(t) - c, len(t)) for t in token_lists]
+    without, with_ = token_lists
+    if with_[:len(without)] != without:
+        raise AssertionError("LM prompt: the tokens without the continuation are not a prefix of those with it")
+    return [with_], [(len(without), len(with_))]
+
+def _crop(seqs, spans, max_len):
+    """Keep the last max_len tokens of each sequence and shift its span (models with a maximum length)."""
+    out_s, out_sp = [], []
+    for t, (s, e) in zip(seqs, spans):
+        cut = max(0, len(t) - max_len)
+        out_s.append(t[cut:])
+        out_sp.append((max(1, s - cut), e - cut))
+    return out_s, out_sp
+
+def right_pad(seqs, pad_id):
+    """Token lists -> (B, T) int64 tensor, right-padded (causal attention: padding never affects real positions)."""
+    ids = torch.full((len(seqs), max(len(t) for t in seqs)), pad_id, dtype=torch.long)
+    for i, t in enumerate(seqs):
+        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    return ids
+
+@torch.no_grad()
+def score_example(model, seqs, spans, task_type, pad_id, device):
+    """Forward the right-padded batch once; -> index of the chosen option (MC/schema) or whether the LM span is exact."""
+    ids = right_pad(seqs, pad_id).to(device)
+    logits = model(ids).float()  # (B, T, V)
+    targets = ids[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # position p predicts token p+1
+    if task_type == "language_modeling":
+        s, e = spans[0]
+        return bool((logits[0, s - 1:e - 1].argmax(-1) == targets[0, s - 1:e - 1]).all().item())
+    means = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    return min(range(len(means)), key=means.__getitem__)
+
+def evaluate_task(model, tokenizer, rows, task, device, max_len=None):
+    """Accuracy of one CORE task; ranks stride over examples, the correctness vector is summed over ranks."""
+    rank, world = common.get_rank(), common.get_world_size()
+    bos = tokenizer.get_bos_token_id()
+    correct = [0.0] * len(rows)
+    for idx in range(rank, len(rows), world):
+        row = rows[idx]
+        prompts = build_prompts(row, _fewshot(rows, idx, task["shots"]), task["type"], task["delim"])
+        seqs, spans = scored_spans(tokenizer.encode(prompts, prepend=bos), task["type"])
+        if max_len is not None and max(len(t) for t in seqs) > max_len:
+            seqs, spans = _crop(seqs, spans, max_len)
+        result = score_example(model, seqs, spans, task["type"], bos, device)
+        correct[idx] = float(result if task["type"] == "language_modeling" else result == row["gold"])
+    correct = _all_reduce_sum(correct, device)
+    return sum(correct) / max(1, len(rows))
+
+def _model_max_len(model):
+    """Longest sequence the model's rotary tables cover (None: unknown, no cropping)."""
+    cos = getattr(model, "cos", None)
+    return int(cos.shape[1]) if torch.is_tensor(cos) and cos.dim() >= 2 else None
+
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
+    """CORE = mean centered accuracy over the tasks of the bundle's core.yaml. -> dict(core, results, centered)."""
+    if bundle_dir is None:
+        import data
+        bundle_dir = data.download_eval_bundle()
+    results, centered = {}, {}
+    max_len = _model_max_len(model)
+    was_training = model.training
+    model.eval()
+    for task in load_core_tasks(bundle_dir):
+        t0 = time.time()
+        with open(os.path.join(bundle_dir, "eval_data", task["uri"]), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        random.Random(1337).shuffle(rows)
+        if max_per_task > 0:
+            rows = rows[:max_per_task]
+        acc = evaluate_task(model, tokenizer, rows, task, device, max_len)
+        rb = 0.01 * task["baseline"]
+        results[task["label"]], centered[task["label"]] = acc, (acc - rb) / (1.0 - rb)
+        print0(f"{task['label']:<35} {task['shots']:>2}-shot {task['type']:<18} n={len(rows):<5} "
+               f"acc {acc:.4f} centered {centered[task['label']]:+.4f} ({time.time() - t0:.1f}s)")
+    model.train(was_training)
+    core = sum(centered.values()) / max(1, len(centered))
+    return dict(core=core, results=results, centered=centered)
+
+def core_csv(out):
+    """The per-task table: fixed-width columns, header 'Task, Accuracy, Centered', last row CORE."""
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    lines += [f"{k:<35}, {out['results'][k]:<10.6f}, {out['centered'][k]:<10.6f}" for k in out["results"]]
+    lines.append(f"{'CORE':<35}, {'':<10}, {out['core']:<10.6f}")
+    return "\n".join(lines) + "\n"
+
+# -----------------------------------------------------------------------------
+# sandboxed execution (SPEC 9.3, the newer design). NOT a security boundary: there is no network, filesystem
+# or kernel isolation, and running as root ignores RLIMIT_NPROC. It only stops honest mistakes of generated code.
+
+_GUARD = r'''
+import builtins, faulthandler, os, shutil, subprocess, sys
+faulthandler.disable()
+builtins.exit = builtins.quit = builtins.help = None
+os.environ["OMP_NUM_THREADS"] = "1"
+for _n in ("kill system putenv remove removedirs rmdir fchdir setuid fork forkpty killpg rename renames truncate replace "
+           "unlink fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir execv execve execvp execvpe "
+           "spawnv spawnve spawnvp posix_spawn posix_spawnp popen").split():
+    setattr(os, _n, None)
+shutil.rmtree = shutil.move = shutil.chown = None
+subprocess.Popen = None
+for _n in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
+    sys.modules[_n] = None
+class _NoStdin:
+    def _fail(self, *a, **k):
+        raise IOError("reading stdin is not allowed in the sandbox")
+    read = readline = readlines = __iter__ = fileno = _fail
+sys.stdin = _NoStdin()
+del _n
+'''
+
+def _set_limits(memory_mb, cpu_s, fsize_mb):
+    import resource
+    def apply():
+        mem = memory_mb * 1024 * 1024
+        for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
+                            ("RLIMIT_FSIZE", fsize_mb * 1024 * 1024), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
+            if hasattr(resource, name):
+                try:
+                    resource.setrlimit(getattr(resource, name), (value, value))
+                except (ValueError, OSError):
+                    pass  # the platform refuses this limit (e.g. RLIMIT_AS on macOS): go on without it
+    return apply
+
+def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
+    """Run `code` in a fresh isolated python in a temp dir. -> dict(success, stdout, stderr, error, timeout, memory_exceeded)."""
+    result = dict(success=False, stdout="", stderr="", error=None, timeout=False, memory_exceeded=False)
+    with tempfile.TemporaryDirectory(prefix="sandbox_") as tmp:
+        path, out_path, err_path = (os.path.join(tmp, n) for n in ("program.py", "stdout.txt", "stderr.txt"))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_GUARD + "\n" + code + "\n")
+        limits = _set_limits(memory_mb, int(math.ceil(timeout)) + 1, fsize_mb) if sys.platform.startswith("linux") else None
+        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:  # files, so RLIMIT_FSIZE also caps the output
+            proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, preexec_fn=limits, start_new_session=True)  # own process group
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                result["timeout"] = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        for key, p in (("stdout", out_path), ("stderr", err_path)):
+            with open(p, "rb") as f:
+                result[key] = f.read().decode("utf-8", "replace")
+    result["timeout"] |= proc.returncode == -signal.SIGXCPU  # the CPU-time limit
+    result["memory_exceeded"] = "MemoryError" in result["stderr"]
+    result["success"] = proc.returncode == 0 and not result["timeout"]
+    if result["timeout"]:
+        result["error"] = f"timed out after {timeout}s"
+    elif not result["success"]:
+        tail = result["stderr"].strip().splitlines()
+        result["error"] = tail[-1] if tail else f"exit code {proc.returncode}"
+    return result
+
+# -----------------------------------------------------------------------------
+# chat evaluations (SPEC 9.2)
+
+CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+def chatcore(results):
+    """Mean over tasks of (acc - baseline) / (1 - baseline)."""
+    if not results:
+        return float("nan")
+    return sum((acc - CHAT_BASELINES[k]) / (1.0 - CHAT_BASELINES[k]) for k, acc in results.items()) / len(results)
+
+def letter_ids(tokenizer, letters):
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(t) != 1 for t in ids):
+        raise ValueError(f"every answer letter must be a single token: {dict(zip(letters, ids))}")
+    return [t[0] for t in ids]
+
+@torch.no_grad()
+def predict_letters(model, tokenizer, prompts, letter_lists, device):
+    """Right-pad the prompts with BOS, forward once, argmax over the allowed letters at each last real position."""
+    logits = model(right_pad(prompts, tokenizer.get_bos_token_id()).to(device))
+    out = []
+    for i, (p, letters) in enumerate(zip(prompts, letter_lists)):
+        allowed = logits[i, len(p) - 1, letter_ids(tokenizer, letters)]
+        out.append(letters[int(allowed.argmax().item())])
+    return out
+
+def _task_evaluator(task):
+    """HumanEval's programs run in this file's sandbox; the other tasks check the text themselves."""
+    if type(task).__name__ == "HumanEval":
+        return lambda conv, text: task.evaluate(conv, text, execute=execute_code)
+    return task.evaluate
+
+def run_categorical(task, model, tokenizer, device, n, batch_size=8):
+    rank, world, max_len = common.get_rank(), common.get_world_size(), _model_max_len(model)
+    mine = list(range(rank, n, world))
+    passed = 0
+    for b in range(0, len(mine), batch_size):
+        convs = [task[i] for i in mine[b:b + batch_size]]
+        prompts = [tokenizer.render_for_completion(c)[-(max_len or 0):] for c in convs]  # over-long: keep the end
+        preds = predict_letters(model, tokenizer, prompts, [c["letters"] for c in convs], device)
+        passed += sum(bool(task.evaluate(c, p)) for c, p in zip(convs, preds))
+    return passed
+
+def run_generative(task, engine, tokenizer, device, n, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50):
+    rank, world, max_len = common.get_rank(), common.get_world_size(), _model_max_len(getattr(engine, "model", None))
+    evaluate = _task_evaluator(task)
+    passed = 0
+    for k, i in enumerate(range(rank, n, world)):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        budget = max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(prompt))  # stay inside the rotary table
+        if budget <= 0:
+            continue  # the prompt alone is longer than the model can read: counted as failed
+        seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget, temperature=temperature, top_k=top_k)
+        texts = [tokenizer.decode(s[len(prompt):]) for s in seqs]
+        passed += any(evaluate(conv, t) for t in texts)
+        if rank == 0 and (k + 1) % 10 == 0:
+            print(f"\r  {k + 1}/{len(range(rank, n, world))} passed {passed}", end="", flush=True)
+    return passed
+
+def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_size=8, num_samples=1,
+                  max_new_tokens=512, temperature=0.0, top_k=50, task=None):
+    """Accuracy of one chat task (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)."""
+    if task is None:
+        import data
+        if task_name not in data.TASKS:
+            raise ValueError(f"unknown task {task_name!r}; choose from {sorted(data.TASKS)}")
+        task = data.TASKS[task_name]()
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    was_training = model.training
+    model.eval()
+    if task.eval_type == "categorical":
+        passed = run_categorical(task, model, tokenizer, device, n, batch_size)
+    else:
+        from model import Engine
+        passed = run_generative(task, Engine(model, tokenizer), tokenizer, device, n, num_samples, max_new_tokens, temperature, top_k)
+    model.train(was_training)
+    passed = _all_reduce_sum([passed], device)[0]
+    acc = passed / max(1, n)
+    print0(f"\r{task_name}: {int(passed)}/{n} = {acc:.4f}")
+    return acc
+
+# -----------------------------------------------------------------------------
+# the report card (SPEC 11)
+
+SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
+                 "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
+                 "chat-rl", "chat-evaluation-rl"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft", "RL": "chat-evaluation-rl"}
+GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
+
+def _run(cmd):
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+def bloat():
+    """Characters, lines, files and approx tokens of the repo's py/md/sh/html files."""
+    listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"]).splitlines()
+    if not listed:  # not a git checkout: top-level files only
+        listed = [n for n in os.listdir(REPO) if os.path.isfile(os.path.join(REPO, n))]
+    chars = lines = files = 0
+    for rel in sorted(set(listed)):
+        if rel.endswith((".py", ".md", ".sh", ".html")) and os.path.isfile(os.path.join(REPO, rel)):
+            text = open(os.path.join(REPO, rel), encoding="utf-8", errors="replace").read()
+            chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
+    return dict(chars=chars, lines=lines, files=files, tokens=chars // 4)
+
+def report_header():
+    now = datetime.datetime.now()
+    git = dict(branch=_run(["git", "rev-parse", "--abbrev-ref", "HEAD"]) or "unknown",
+               commit=_run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+               dirty="dirty" if _run(["git", "status", "--porcelain", "--untracked-files=no"]) else "clean",
+               message=_run(["git", "log", "-1", "--pretty=%s"])[:80])
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3 if hasattr(os, "sysconf") else 0.0
+    gpus, vram, rate = "none", 0.0, 0.0
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        name = torch.cuda.get_device_name(0)
+        gpus = f"{n}x {name}"
+        vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 1024 ** 3
+        rate = n * next((p for k, p in GPU_PRICES.items() if k in name), 2.00)
+    b = bloat()
+    lines = ["# nanochat training report", "", f"Generated: {now.isoformat(timespec='seconds')}", "",
+             "## Environment", "", "### Git", f"- Branch: {git['branch']}", f"- Commit: {git['commit']} ({git['dirty']})",
+             f"- Message: {git['message']}", "", "### Hardware", f"- Platform: {platform.platform()}",
+             f"- CPUs: {os.cpu_count()} logical", f"- Memory: {mem_gb:.1f} GB", f"- GPUs: {gpus}",
+             f"- GPU memory: {vram:.1f} GB", f"- CUDA: {torch.version.cuda or 'none'}", f"- Hourly rate: ${rate:.2f}/hour", "",
+             "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
+             "### Bloat", f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}", f"- Files: {b['files']:,}",
+             f"- Tokens (approx): {b['tokens']:,}", "", f"Run started: {now.isoformat(timespec='seconds')}", ""]
+    return "\n".join(lines)
+
+def report_reset():
+    """Delete the previous run's sections, logs and report; write header.md."""
+    rdir = common.report_dir()
+    for name in os.listdir(rdir):
+        if name.endswith((".md", "_log.jsonl", ".svg")):
+            os.remove(os.path.join(rdir, name))
+    common.atomic_write_text(os.path.join(rdir, "header.md"), report_header())
+    print0(f"report reset: {os.path.join(rdir, 'header.md')}")
+
+def _section_values(text):
+    """'- key: value' lines of a section -> {key: value string}."""
+    return {m.group(1).strip(): m.group(2).strip() for m in re.finditer(r"^- ([^:\n]+): (.*)$", text, re.M)}
+
+def _timestamps(text):
+    return [datetime.datetime.fromisoformat(t) for t in re.findall(r"^timestamp: (\S+)", text, re.M)]
+
+def read_logs(rdir):
+    logs = {}
+    for stage in ("base", "mid", "sft", "rl"):
+        path = os.path.join(rdir, f"{stage}_log.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                logs[stage] = [json.loads(line) for line in f if line.strip()]
+    return logs
+
+STAGE_COLORS = {"base": "#1f77b4", "mid": "#ff7f0e", "sft": "#2ca02c", "rl": "#d62728"}
+
+def loss_svg(logs, width=720, panel_h=220):
+    """Two panels (train loss, val bpb) with the stages side by side along x; plain SVG, no dependencies."""
+    pad_l, pad_r, pad_t, gap = 60, 20, 30, 50
+    height = pad_t + 2 * panel_h + gap + 40
+    stages = [s for s in logs if logs[s]]
+    offsets, total = {}, 0
+    for s in stages:  # each stage gets an x range proportional to its number of logged records
+        offsets[s] = total
+        total += max(1, len(logs[s]))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for p, (key, title) in enumerate((("train_loss", "train loss"), ("val_bpb", "val bpb"))):
+        y0 = pad_t + p * (panel_h + gap)
+        pts = {s: [(offsets[s] + i, r[key]) for i, r in enumerate(logs[s])
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])] for s in stages}
+        vals = [v for s in stages for _, v in pts[s]]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        X = lambda i: pad_l + (width - pad_l - pad_r) * i / max(1, total - 1)
+        Y = lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)
+        out.append(f'<rect x="{pad_l}" y="{y0}" width="{width - pad_l - pad_r}" height="{panel_h}" fill="none" stroke="#888"/>')
+        out.append(f'<text x="{pad_l}" y="{y0 - 8}" font-weight="bold">{title}</text>')
+        for v in (lo, (lo + hi) / 2, hi):
+            out.append(f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
+        for s in stages:
+            if len(pts[s]) == 1:
+                (i, v), = pts[s]
+                out.append(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="3" fill="{STAGE_COLORS[s]}"/>')
+            elif pts[s]:
+                line = " ".join(f"{X(i):.1f},{Y(v):.1f}" for i, v in pts[s])
+                out.append(f'<polyline fill="none" stroke="{STAGE_COLORS[s]}" stroke-width="1.5" points="{line}"/>')
+                if len(pts[s]) <= 40:  # sparse series (val bpb): mark the measured points
+                    out.extend(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.5" fill="{STAGE_COLORS[s]}"/>' for i, v in pts[s])
+            out.append(f'<text x="{X(offsets[s]) + 4:.1f}" y="{y0 + 14}" fill="{STAGE_COLORS[s]}">{s}</text>')
+        if not vals:
+            out.append(f'<text x="{width / 2}" y="{y0 + panel_h / 2}" text-anchor="middle" fill="#888">no data</text>')
+    out.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">logged step (stages in order)</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+def report_generate(copy_to=None):
+    """Assemble report/report.md: header, every section in stage order, the summary table, wall clock, loss curve."""
+    rdir = common.report_dir()
+    texts = {n[:-3]: open(os.path.join(rdir, n), encoding="utf-8").read() for n in os.listdir(rdir)
+             if n.endswith(".md") and n != "report.md"}
+    order = [s for s in SECTION_ORDER if s in texts]
+    extra = sorted((s for s in texts if s not in SECTION_ORDER), key=lambda s: (_timestamps(texts[s]) or [datetime.datetime.max])[0])
+    parts = [texts[s].rstrip() + "\n" for s in order + extra]
+    if "header" not in texts:
+        parts.insert(0, "# nanochat training report\n\n(no header: run `python eval.py report reset` at the start of a run)\n")
+    # summary table
+    values = {col: _section_values(texts.get(slug, "")) for col, slug in SUMMARY_COLUMNS.items()}
+    rows = ["| Metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
+    for m in SUMMARY_METRICS:
+        cells = [values[c].get(m, "-") if (m == "CORE") == (c == "BASE") else "-" for c in SUMMARY_COLUMNS]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    summary = ["## Summary", ""] + [l for l in texts.get("header", "").splitlines() if l.startswith(("- Characters", "- Lines", "- Files", "- Tokens"))]
+    summary += ["", *rows, ""]
+    started = re.search(r"^Run started: (\S+)", texts.get("header", ""), re.M)
+    stamps = [t for s in texts for t in _timestamps(texts[s])]
+    if started and stamps:
+        secs = (max(stamps) - datetime.datetime.fromisoformat(started.group(1))).total_seconds()
+        summary.append(f"Total wall clock time: {int(secs // 3600)}h{int(secs % 3600 // 60)}m")
+    else:
+        summary.append("Total wall clock time: unknown")
+    logs = read_logs(rdir)
+    common.atomic_write_text(os.path.join(rdir, "loss.svg"), loss_svg(logs))
+    summary += ["", "## Loss curves", "", "![loss curves](loss.svg)", ""]
+    report = "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
+    path = os.path.join(rdir, "report.md")
+    common.atomic_write_text(path, report)
+    if copy_to:  # the copy points at the picture where it lies
+        common.atomic_write_text(os.path.join(copy_to, "report.md"), report.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})"))
+    print0(f"report written: {path}" + (f" (copied to {os.path.join(copy_to, 'report.md')})" if copy_to else ""))
+    return report
+
+# -----------------------------------------------------------------------------
+# command line
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+def cmd_core(args, model, meta, tokenizer, device):
+    t0 = time.time()
+    out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
+    dt = time.time() - t0
+    print0(f"CORE: {out['core']:.4f} ({len(out['results'])} tasks, {dt:.1f}s)")
+    if common.get_rank() == 0:
+        name = f"{args.stage}_{meta.get('_tag', 'model')}_{int(meta.get('step') or 0):06d}.csv"
+        path = os.path.join(common.get_base_dir(), "base_eval", name)
+        common.atomic_write_text(path, core_csv(out))
+        print0(f"per-task results: {path}")
+    common.write_report_section("Base model evaluation", [{"Model": f"{args.stage} step {meta.get('step')}", "CORE": out["core"],
+                                                           "tasks": len(out["results"]), "max per task": args.max_per_task},
+                                                          {k: v for k, v in out["centered"].items()}])
+
+def cmd_bpb(args, model, meta, tokenizer, device):
+    import data
+    from tokenizer import get_token_bytes
+    from model import Engine
+    T = model.config.sequence_len
+    world = common.get_world_size()
+    steps = max(1, args.eval_tokens // (args.device_batch_size * T * world))
+    token_bytes = get_token_bytes(device=device)
+    model.eval()
+    bpb = {}
+    for split in ("train", "val"):
+        loader = data.PretrainLoader(tokenizer, args.device_batch_size, T, split=split, device=device,
+                                     rank=common.get_rank(), world_size=world)
+        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        loader.close()  # stop its tokenizing thread
+        print0(f"{split} bpb: {bpb[split]:.4f}")
+    samples = []
+    if common.get_rank() == 0:
+        engine = Engine(model, tokenizer)
+        for prompt in SAMPLE_PROMPTS:
+            toks = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            seqs, _ = engine.generate_batch(toks, num_samples=1, max_tokens=16, temperature=0.0)
+            samples.append(tokenizer.decode(seqs[0][1:]))
+            print0(samples[-1])
+    common.write_report_section("Base model loss", [{"train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": steps * args.device_batch_size * T * world},
+                                                    "", "Samples:", *[f"- {json.dumps(s, ensure_ascii=False)}" for s in samples]])
+
+def cmd_chat(args, model, meta, tokenizer, device):
+    names = args.task_name.split("|") if args.task_name else list(CHAT_BASELINES)
+    unknown = [n for n in names if n not in CHAT_BASELINES]
+    if unknown:
+        raise SystemExit(f"unknown chat task(s) {unknown}; choose from {'|'.join(CHAT_BASELINES)}")
+    results = {}
+    for name in names:
+        t0 = time.time()
+        results[name] = run_chat_eval(name, model, tokenizer, device, args.max_problems, args.batch_size, args.num_samples,
+                                      args.max_new_tokens, args.temperature, args.top_k)
+        print0(f"{name} took {time.time() - t0:.1f}s")
+    section = dict(results)
+    if set(results) == set(CHAT_BASELINES):
+        section["ChatCORE"] = chatcore(results)
+        print0(f"ChatCORE: {section['ChatCORE']:.4f}")
+    common.write_report_section(f"Chat evaluation {args.stage}", [{"source": args.stage, "max problems": args.max_problems or "all"}, section])
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="CORE, bits per byte, chat evaluations and the report card")
+    p.add_argument("command", choices=["core", "bpb", "chat", "report"])
+    p.add_argument("action", nargs="?", choices=["reset", "generate"], help="report only: reset starts a run, default assembles report.md")
+    p.add_argument("--stage", "-i", "--source", dest="stage", choices=list(common.CHECKPOINT_DIRS), default=None, help="checkpoint stage (core/bpb: base, chat: sft)")
+    p.add_argument("--tag", "-g", default=None, help="checkpoint tag (default: largest d<N>)")
+    p.add_argument("--step", "-s", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--device", default=None, help="cuda|cpu (default: autodetect)")
+    p.add_argument("--max-per-task", type=int, default=-1, help="core: examples per task (-1 = all)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per forward")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="bpb: tokens per split")
+    p.add_argument("-a", "--task-name", default=None, help="chat: tasks separated by | (default: all six)")
+    p.add_argument("--max-problems", type=int, default=None, help="chat: problems per task")
+    p.add_argument("--batch-size", type=int, default=8, help="chat: categorical batch size")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", "-t", type=float, default=0.0)
+    p.add_argument("--top-k", "-k", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.command == "report":
+        report_reset() if args.action == "reset" else report_generate(copy_to=os.getcwd())
+        return
+    if args.action:
+        p.error(f"'{args.action}' only goes with the report command")
+    args.stage = args.stage or ("sft" if args.command == "chat" else "base")
+    from tokenizer import get_tokenizer
+    from model import load_model
+    ddp, rank, local_rank, world, device = common.init_runtime(args.device)
+    try:
+        tokenizer = get_tokenizer()
+        model, meta = load_model(args.stage, device, tag=args.tag, step=args.step, tokenizer=tokenizer)
+        meta = dict(meta or {})
+        meta["_tag"] = args.tag or meta.get("tag") or f"d{meta.get('model_config', {}).get('n_layer', model.config.n_layer)}"
+        {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat}[args.command](args, model, meta, tokenizer, device)
+    except (FileNotFoundError, ValueError) as e:  # missing checkpoint/tokenizer/data, vocab mismatch: one clear line
+        raise SystemExit(f"error: {e}")
+    finally:
+        common.cleanup_runtime()
+
+if __name__ == "__main__":
+    main()
