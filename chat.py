@@ -1,0 +1,513 @@
+"""
+Talk to a trained model: a streamed command-line chat, and (--web) one small standard-library HTTP server that serves
+a self-contained web page, the SSE endpoint of SPEC 10.6 and an OpenAI-compatible API.
+
+    python chat.py                               interactive chat (quit/exit end, clear starts over, EOF ends)
+    python chat.py -p "Why is the sky blue?"     answer once and exit
+    python chat.py --web [--port 8000]           GET / (ui.html), POST /chat/completions (SSE), POST /v1/chat/completions,
+                                                 GET /v1/models, GET /health, GET /stats
+    python chat.py --bench                       time to first token and tokens/s, 1 and 8 concurrent streams, over HTTP
+"""
+import os
+import sys
+import json
+import time
+import uuid
+import queue
+import random
+import argparse
+import threading
+import traceback
+import http.client
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+import torch
+
+import common
+from tokenizer import get_tokenizer
+from model import Engine, TextStreamer, load_model
+
+# abuse limits of SPEC 10.6 (HTTP 400 beyond them)
+MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
+TEMPERATURE_RANGE, TOP_K_RANGE, MAX_TOKENS_RANGE = (0.0, 2.0), (0, 200), (1, 4096)
+MAX_BODY_BYTES = 1 << 20     # 32,000 characters of content fit many times over; larger bodies get 413
+QUEUE_WAIT_S = 120           # a request that waits this long for a free worker gets 503
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
+# tool calls are shown readably instead of as raw special tokens
+TOOL_MARKERS = {"<|python_start|>": "[python: ", "<|python_end|>": "]", "<|output_start|>": " [output: ", "<|output_end|>": "] "}
+
+# -----------------------------------------------------------------------------
+# generation shared by the CLI and the server
+
+class Reply:
+    """One assistant reply: streams display text (UTF-8 safe, tool calls bracketed) and keeps the generated ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.markers = {tokenizer.encode_special(name): text for name, text in TOOL_MARKERS.items()}
+        self.streamer = TextStreamer(tokenizer)
+        self.ids, self.finish = [], "length"
+
+    def push(self, token):
+        """The display text that `token` completes ("" while in the middle of a UTF-8 character)."""
+        if token in self.markers:
+            self.streamer = TextStreamer(self.tokenizer)  # a special token closes the current run of text
+            return self.markers[token]
+        return self.streamer.push(token)
+
+    def stream(self, engine, prompt, max_tokens, temperature, top_k, seed):
+        """Yield text pieces until an end token (finish 'stop') or max_tokens (finish 'length'); the end token is not kept."""
+        for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
+                                         top_k=top_k or None, seed=seed):
+            token = column[0]
+            if token in self.stops:
+                self.finish = "stop"
+                return
+            self.ids.append(token)
+            piece = self.push(token)
+            if piece:
+                yield piece
+
+def special_ids(tokenizer):
+    names = ["<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
+    return [tokenizer.get_bos_token_id()] + [tokenizer.encode_special(n) for n in names]
+
+def render_prompt(tokenizer, messages):
+    """SPEC 10.6: <|bos|>, then each (role, text) wrapped in its start/end tokens, then <|assistant_start|> to prime the reply."""
+    bos, us, ue, ast, aend = special_ids(tokenizer)
+    ids = [bos]
+    for role, text in messages:
+        ids += ([us] + tokenizer.encode(text) + [ue]) if role == "user" else ([ast] + tokenizer.encode(text) + [aend])
+    return ids + [ast]
+
+def fit_context(tokens, limit, user_start):
+    """Drop the oldest whole turns (keeping <|bos|>) until the history fits in `limit` tokens."""
+    while len(tokens) > limit:
+        later = [i for i, t in enumerate(tokens) if t == user_start and i > 1]
+        if not later:
+            return tokens[:1] + tokens[len(tokens) - limit + 1:]
+        tokens = tokens[:1] + tokens[later[0]:]
+    return tokens
+
+# -----------------------------------------------------------------------------
+# command-line chat (SPEC 10.5)
+
+def chat_cli(args, tokenizer, engine, context):
+    bos, us, ue, ast, aend = special_ids(tokenizer)
+    max_tokens = args.max_tokens or 256
+    history = [bos]  # the conversation is kept as tokens
+    if args.prompt is None:
+        print(f"nanochat ({args.source}) - type 'quit' or 'exit' to leave, 'clear' to start a new conversation")
+    while True:
+        if args.prompt is not None:
+            text = args.prompt
+        else:
+            try:
+                text = input("\nUser: ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                break
+        command = text.strip().lower()
+        if command in ("quit", "exit"):
+            break
+        if command == "clear":
+            history = [bos]
+            print("(conversation cleared)")
+            continue
+        if not text.strip():
+            continue
+        history = fit_context(history + [us] + tokenizer.encode(text) + [ue, ast], context - min(max_tokens, context // 2), us)
+        reply = Reply(tokenizer)
+        if args.prompt is None:
+            print("\nAssistant: ", end="", flush=True)
+        try:
+            for piece in reply.stream(engine, history, min(max_tokens, context - len(history)), args.temperature,
+                                      args.top_k, random.randint(0, 2**31 - 1)):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" (interrupted)", end="")
+        print(flush=True)
+        history += reply.ids + [aend]  # every reply in the history is closed, even when cut
+        if args.prompt is not None:
+            break
+
+# -----------------------------------------------------------------------------
+# request parsing and validation: every problem becomes an ApiError with a clear reason
+
+class ApiError(Exception):
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+def error_json(status, message):  # OpenAI's error shape, for every endpoint
+    return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "code": status}}
+
+def read_json_body(handler):
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
+    try:
+        length = int(handler.headers.get("Content-Length", ""))
+    except ValueError:
+        raise ApiError(411, "a Content-Length header is required")
+    if length < 0:
+        raise ApiError(400, "negative Content-Length")
+    if length > MAX_BODY_BYTES:
+        if length <= 16 * MAX_BODY_BYTES:  # read and drop it, so the client sees our answer rather than a reset connection
+            for start in range(0, length, 65536):
+                if not handler.rfile.read(min(65536, length - start)):
+                    break
+        handler.close_connection = True
+        raise ApiError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(handler.rfile.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}")
+    if not isinstance(data, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    return data
+
+def parse_content(i, content):
+    if isinstance(content, list):  # OpenAI style: a list of text parts, joined
+        is_text = lambda p: isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str))
+        if not all(is_text(p) for p in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported")
+        content = "\n".join(p if isinstance(p, str) else p["text"] for p in content)
+    if not isinstance(content, str) or not content.strip():
+        raise ApiError(400, f"messages[{i}].content must be a non-empty string or list of text parts")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise ApiError(400, f"messages[{i}].content is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}")
+    return content
+
+def parse_messages(data):
+    """-> [(role, text)] of user/assistant messages, a leading system message merged into the first user message (SPEC 1.7)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"{len(messages)} messages; the limit is {MAX_MESSAGES}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ("user", "assistant") and not (role == "system" and i == 0):
+            raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant' (or 'system' first), not {role!r}")
+        out.append((role, parse_content(i, m.get("content"))))
+    total = sum(len(text) for _, text in out)
+    if total > MAX_TOTAL_CHARS:
+        raise ApiError(400, f"the messages hold {total} characters; the limit is {MAX_TOTAL_CHARS}")
+    if out[0][0] == "system":
+        if len(out) < 2 or out[1][0] != "user":
+            raise ApiError(400, "a system message must be followed by a user message")
+        out = [("user", out[0][1] + "\n\n" + out[1][1])] + out[2:]
+    return out
+
+def parse_number(data, key, bounds, default, integer):
+    value = data.get(key)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]
+    if not ok or (integer and value != int(value)):
+        raise ApiError(400, f"'{key}' must be {kind} in [{bounds[0]}, {bounds[1]}], got {json.dumps(value)}")
+    return int(value) if integer else float(value)
+
+def parse_sampling(data, defaults):
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise ApiError(400, f"'n' = {json.dumps(n)} is not supported: this server returns exactly one choice (n = 1)")
+    max_key = "max_tokens" if data.get("max_tokens") is not None else "max_completion_tokens"
+    seed = data.get("seed")
+    return dict(temperature=parse_number(data, "temperature", TEMPERATURE_RANGE, defaults["temperature"], False),
+                top_k=parse_number(data, "top_k", TOP_K_RANGE, defaults["top_k"], True),
+                max_tokens=parse_number(data, max_key, MAX_TOKENS_RANGE, defaults["max_tokens"], True),
+                seed=seed % 2**63 if isinstance(seed, int) and not isinstance(seed, bool) else random.randint(0, 2**31 - 1))
+
+# -----------------------------------------------------------------------------
+# the worker pool: one model replica + Engine per GPU (one on CPU); a bounded queue of waiting requests
+
+class WorkerPool:
+    def __init__(self, workers, max_queue):
+        self.workers, self.max_queue, self.waiting = workers, max_queue, 0
+        self.free = queue.Queue()
+        for w in workers:
+            self.free.put(w)
+        self.lock = threading.Lock()
+
+    def acquire(self):
+        """A free worker, or None when the queue is full or the wait too long (the caller answers 503)."""
+        with self.lock:
+            if self.free.empty() and self.waiting >= self.max_queue:
+                return None
+            self.waiting += 1
+        try:
+            return self.free.get(timeout=QUEUE_WAIT_S)
+        except queue.Empty:
+            return None
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def release(self, worker):
+        self.free.put(worker)
+
+# -----------------------------------------------------------------------------
+# HTTP: one handler for the page, the SSE endpoint, the OpenAI API, health and stats
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"         # keep-alive for sized answers; a stream ends by closing its connection
+    default_request_version = "HTTP/1.0"  # so even answers to garbage request lines carry a status line
+    timeout = 60                          # a client that stalls (or idles on keep-alive) for a minute is dropped
+
+    def log_message(self, format, *args):  # one line per request is written by `_logged` instead
+        pass
+
+    def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON too
+        self.close_connection = True
+        self.send_json(code, error_json(code, message or self.responses.get(code, ("error",))[0]))
+        self.server.app["log"](f"{self.client_address[0]} {code} {message or ''}")
+
+    def send_headers(self, status, content_type, extra=None, length=None):
+        self.status = status
+        self.send_response(status)
+        sized = {"Connection": "close"} if length is None else {"Content-Length": str(length)}
+        self.close_connection = self.close_connection or length is None
+        for k, v in {"Content-Type": content_type, "Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache", **sized, **(extra or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def send_json(self, status, obj, extra=None):
+        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_headers(status, "application/json; charset=utf-8", extra, len(body))
+        self.wfile.write(body)
+
+    def send_event(self, obj):
+        self.wfile.write(("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode("utf-8"))
+        self.wfile.flush()
+
+    def _logged(self, route):
+        app, t0 = self.server.app, time.time()
+        self.status, self.note = None, ""
+        try:
+            route()
+        except ApiError as e:
+            self.note += e.message
+            self.close_connection = True  # the body may be unread: never parse it as a next request
+            self.send_json(e.status, error_json(e.status, e.message), e.headers)
+        except (ConnectionError, TimeoutError):  # broken pipe, reset: the client went away
+            self.note += " client disconnected"
+        except Exception as e:  # a bug: log it here, answer 500 (or an error event mid-stream) with no trace, keep serving
+            traceback.print_exc()
+            self.note += f" internal error: {type(e).__name__}"
+            self.close_connection = True
+            try:
+                if self.status is None:
+                    self.send_json(500, error_json(500, "internal server error"))
+                else:
+                    self.send_event({"error": "internal server error"})
+            except OSError:
+                pass
+        finally:
+            app["log"](f"{self.client_address[0]} {self.command} {self.path} {self.status} {time.time() - t0:.2f}s {' '.join(self.note.split())}")
+
+    def do_GET(self):
+        self._logged(self.route_get)
+
+    def do_POST(self):
+        self._logged(self.route_post)
+
+    def do_OPTIONS(self):  # CORS preflight
+        self._logged(lambda: self.send_headers(204, "text/plain", {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                                                                   "Access-Control-Allow-Headers": "Content-Type, Authorization"}, 0))
+
+    def route_get(self):
+        app, pool, path = self.server.app, self.server.app["pool"], self.path.split("?")[0]
+        free = pool.free.qsize()
+        if path in ("/", "/index.html"):
+            with open(UI_PATH, "rb") as f:
+                body = f.read()
+            self.send_headers(200, "text/html; charset=utf-8", length=len(body))
+            self.wfile.write(body)
+        elif path == "/health":
+            self.send_json(200, {"status": "ok", "ready": True, "num_gpus": app["num_gpus"], "available_workers": free,
+                                 "model": app["model_id"], "defaults": app["defaults"]})
+        elif path == "/stats":
+            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": len(pool.workers) - free,
+                                 "waiting_requests": pool.waiting, "max_queue": pool.max_queue,
+                                 "workers": [{"gpu_id": w["id"], "device": w["device"]} for w in pool.workers]})
+        elif path == "/v1/models" or path.startswith("/v1/models/"):  # one model; any id asked for is this one
+            card = {"id": app["model_id"], "object": "model", "created": app["created"], "owned_by": "nanochat"}
+            self.send_json(200, card if path.startswith("/v1/models/") else {"object": "list", "data": [card]})
+        else:
+            raise ApiError(404, f"no such endpoint: GET {path}")
+
+    def route_post(self):
+        path = self.path.split("?")[0]
+        if path not in ("/chat/completions", "/v1/chat/completions"):
+            raise ApiError(404, f"no such endpoint: POST {path}")
+        app = self.server.app
+        data = read_json_body(self)
+        messages = parse_messages(data)
+        params = parse_sampling(data, app["defaults"])
+        prompt = render_prompt(app["tokenizer"], messages)
+        room = app["context"] - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {app['context']} tokens")
+        params["max_tokens"] = min(params["max_tokens"], room)
+        worker = app["pool"].acquire()
+        if worker is None:
+            raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
+        reply = Reply(app["tokenizer"])
+        pieces = reply.stream(worker["engine"], prompt, **params)
+        try:
+            if path == "/chat/completions":
+                self.send_headers(200, "text/event-stream; charset=utf-8")
+                for piece in pieces:
+                    self.send_event({"token": piece, "gpu": worker["id"]})
+                self.send_event({"done": True})
+            else:
+                self.openai_response(data, pieces, reply, len(prompt))
+        finally:
+            pieces.close()  # stops generation at once when the client went away
+            app["pool"].release(worker)
+            self.note = f"worker={worker['id']} prompt={len(prompt)} completion={len(reply.ids)} finish={reply.finish} {self.note}"
+
+    def openai_response(self, data, pieces, reply, n_prompt):
+        app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": len(reply.ids), "total_tokens": n_prompt + len(reply.ids)}
+        if not data.get("stream"):
+            text = "".join(pieces)
+            self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": app["model_id"],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish}],
+                                 "usage": usage()})
+            return
+        chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created, "model": app["model_id"], "choices": choices, **kw}
+        self.send_headers(200, "text/event-stream; charset=utf-8")
+        self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+        for piece in pieces:
+            self.send_event(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
+        self.send_event(chunk([{"index": 0, "delta": {}, "finish_reason": reply.finish}]))
+        if isinstance(data.get("stream_options"), dict) and data["stream_options"].get("include_usage"):
+            self.send_event(chunk([], usage=usage()))
+        self.send_event("[DONE]")
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # listen backlog, so bursts of connections are queued rather than refused
+
+    def handle_error(self, request, client_address):  # a broken connection is one log line, not a traceback
+        self.app["log"](f"{client_address[0]} connection error: {sys.exc_info()[1]!r}")
+
+def make_server(app, host, port):
+    server = Server((host, port), Handler)
+    server.app = app
+    return server
+
+# -----------------------------------------------------------------------------
+# loading and the benchmark
+
+_log_lock = threading.Lock()
+
+def log_line(line):
+    with _log_lock:  # whole lines, even from many request threads
+        sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
+        sys.stderr.flush()
+
+def worker_devices(device, num_gpus):
+    """One worker per GPU when the device is plain 'cuda', else exactly one worker."""
+    if device == "cuda":
+        return [f"cuda:{i}" for i in range(num_gpus or torch.cuda.device_count())]
+    return [device]
+
+def build_app(args):
+    tokenizer = get_tokenizer()
+    workers = []
+    for i, device in enumerate(worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1)):
+        model, _ = load_model(args.source, device, tag=args.tag, step=args.step, tokenizer=tokenizer)  # in eval mode
+        workers.append({"id": i, "device": device, "model": model, "engine": Engine(model, tokenizer)})
+    config = workers[0]["model"].config
+    return {"tokenizer": tokenizer, "pool": WorkerPool(workers, args.max_queue), "context": config.sequence_len,
+            "model_id": f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", "created": int(time.time()),
+            "num_gpus": sum(w["device"].startswith("cuda") for w in workers), "log": log_line,
+            "defaults": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512}}
+
+def bench_stream(port, max_tokens, out):
+    """One streamed /v1 request; appends (time to first token, completion tokens, decode time after the first token)."""
+    body = {"messages": [{"role": "user", "content": "Tell me a long story about the sea."}], "stream": True, "max_tokens": max_tokens,
+            "temperature": 1.0, "stream_options": {"include_usage": True}}
+    conn, t0, first, tokens = http.client.HTTPConnection("127.0.0.1", port, timeout=600), time.time(), None, 0
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    for line in conn.getresponse():
+        event = json.loads(line[6:]) if line.startswith(b"data: {") else {}
+        if first is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
+            first = time.time() - t0
+        tokens = event["usage"]["completion_tokens"] if event.get("usage") else tokens
+    out.append((first or 0.0, tokens, time.time() - t0 - (first or 0.0)))
+
+def bench(app, max_tokens=128):
+    """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 concurrent ones."""
+    server, app["log"] = make_server(app, "127.0.0.1", 0), lambda line: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bench_stream(server.server_address[1], 8, [])  # warm-up
+    print(f"{app['model_id']} on {app['pool'].workers[0]['device']}, {len(app['pool'].workers)} worker(s), {torch.get_num_threads()} torch "
+          f"threads, load average {os.getloadavg()[0]:.2f} before (a shared machine: figures move with the load)")
+    for n in (1, 8):
+        results, t0 = [], time.time()
+        threads = [threading.Thread(target=bench_stream, args=(server.server_address[1], max_tokens, results)) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall, ttft, tokens = time.time() - t0, sorted(r[0] for r in results), sum(r[1] for r in results)
+        print(f"{n} stream(s): time to first token median {ttft[n // 2] * 1000:.0f} ms (max {ttft[-1] * 1000:.0f} ms); {tokens} tokens "
+              f"in {wall:.2f} s = {tokens / wall:.1f} tok/s overall, {sum(r[1] / max(r[2], 1e-9) for r in results) / n:.1f} tok/s per stream once started")
+    server.shutdown()
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Chat with a nanochat model: CLI, web UI, OpenAI-compatible API.")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    parser.add_argument("-g", "--tag", default=None, help="checkpoint tag such as d20 (default: the largest d<N>)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=None, help="reply length limit (default 256 in the CLI, 512 on the web)")
+    parser.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--web", action="store_true", help="serve the web UI and the APIs instead of the CLI")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    parser.add_argument("-n", "--num-gpus", type=int, default=0, help="web: GPUs to serve from, one worker each (0 = all visible)")
+    parser.add_argument("--max-queue", type=int, default=32, help="web: requests that may wait for a worker before 503")
+    parser.add_argument("--bench", action="store_true", help="time to first token and tokens/s for 1 and 8 concurrent streams")
+    args = parser.parse_args()
+    if not 0.0 <= args.temperature <= 2.0 or not 0 <= args.top_k <= 200 or (args.max_tokens is not None and not 1 <= args.max_tokens <= 4096):
+        parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
+    try:
+        app = build_app(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if args.bench:
+        bench(app)
+    elif args.web:
+        try:
+            server = make_server(app, args.host, args.port)
+        except OSError as e:
+            sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
+        host, port = server.server_address[:2]
+        print(f"serving {app['model_id']} with {len(app['pool'].workers)} worker(s) on http://{host}:{port}/ "
+              f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        server.server_close()
+    else:
+        worker = app["pool"].workers[0]
+        chat_cli(args, app["tokenizer"], worker["engine"], app["context"])
+
+if __name__ == "__main__":
+    main()
