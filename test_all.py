@@ -11,6 +11,29 @@ import subprocess
 
 import pytest
 import torch
+from collections import Counter
+from dataclasses import asdict
+import concurrent.futures
+import dataclasses
+import http.client
+import http.server
+import itertools
+import math
+import multiprocessing
+import pyarrow as pa
+import pyarrow.parquet as pq
+import random
+import re
+import regex
+import signal
+import socket
+import tempfile
+import threading
+import time
+import torch.nn.functional as F
+import urllib.parse
+import xml.etree.ElementTree as ET
+import zipfile
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
@@ -21,6 +44,8 @@ TEST_VOCAB = 1024  # small trained vocabulary for the fixtures (256 bytes + 759 
 
 import common  # noqa: E402
 common.set_mirror(MIRROR)
+import data
+import eval as ev
 
 
 def run_script(args, env=None, timeout=600, check=True, cwd=REPO, input=None):
@@ -117,3 +142,2135 @@ def test_common_shards_and_report(base_dir):
     assert text.startswith("## Some Stage\ntimestamp: ") and "- loss: 1.2346" in text and "- tokens: 123,456" in text and "free text" in text
     common.append_log("teststage", {"step": 1, "train_loss": 2.0})
     assert json.loads(open(os.path.join(base_dir, "report", "teststage_log.jsonl")).read().splitlines()[-1])["step"] == 1
+
+
+# =============================================================================
+# tokenizer.py
+# =============================================================================
+
+def _reference_bpe(texts, vocab_size, pattern):
+    """Slow, obviously-correct BPE: recount every adjacent pair from scratch before each merge."""
+    words = Counter(tuple(chunk.encode("utf-8")) for t in texts for chunk in regex.findall(pattern, t))
+    token = {i: bytes([i]) for i in range(256)}
+    for new in range(256, vocab_size - 9):
+        pairs = Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))  # highest count, then the smallest pair
+        merged = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words, token[new] = merged, token[best[0]] + token[best[1]]
+    return {b: i for i, b in token.items()}
+
+
+def _tie_corpus():
+    """Few letters (many equal counts), runs like 'aaaa' (overlapping pairs), digits, CJK, emoji, contractions."""
+    rng = random.Random(0)
+    parts = ["ab", "ba", "aab", "bba", "abab", "aaaa", "cab", "abc", "1234", "99", "日本", "🙂🙂", "don't", "we'll", "  ", "\n"]
+    texts = ["".join(rng.choice(parts) + rng.choice(["", " "]) for _ in range(rng.randint(20, 80))) for _ in range(300)]
+    return texts + ["aaaaaaa abababab bbbb", "x" * 50, "xy" * 40]
+
+
+def test_tokenizer_train_matches_reference_bpe(monkeypatch):
+    import tokenizer as T
+    texts = _tie_corpus()
+    want = _reference_bpe(texts, 700, T.SPLIT_PATTERN)
+    assert len(want) > 256 + 200, "the corpus should allow a few hundred merges"
+    assert T.train_bpe(texts, 700, num_workers=1) == want
+    monkeypatch.setattr(T, "BATCH_CHARS", 2000)  # many small batches through 2 worker processes
+    assert T.train_bpe(texts, 700, num_workers=2) == want
+    assert not multiprocessing.active_children()
+
+
+def test_tokenizer_train_bad_input():
+    import tokenizer as T
+    with pytest.raises(ValueError):
+        T.train_bpe(["hello world"], 265)
+    with pytest.raises(ValueError, match="empty"):
+        T.train_bpe([], 1000)
+    with pytest.raises(ValueError, match="empty"):
+        T.train_bpe(["", ""], 1000)
+    T.BATCH_CHARS, old = 5, T.BATCH_CHARS
+    try:
+        with pytest.raises(TypeError):
+            T.train_bpe(["some text here"] * 10 + [None], 300, num_workers=2)
+    finally:
+        T.BATCH_CHARS = old
+    assert not multiprocessing.active_children()  # the workers were stopped, nothing left running
+
+
+def test_tokenizer_matches_rustbpe():
+    try:
+        import rustbpe
+    except ImportError:
+        print("rustbpe not installed (pip install rustbpe): comparison skipped")
+        pytest.skip("rustbpe not installed")
+    import tokenizer as T
+    texts = _tie_corpus() + [d[:3000] for d in common_docs(100)]
+    for texts, vocab in ((texts, 2000), (common_docs(200, shards=3), 80_000)):
+        # the second case runs out of pairs past id 65,535 (token ids cross the UTF-16 surrogate range on the way)
+        tok = rustbpe.Tokenizer()
+        tok.train_from_iterator(texts, vocab - 9, pattern=T.SPLIT_PATTERN)
+        want = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
+        assert T.train_bpe(texts, vocab) == want
+    assert 65_536 < len(want) < 80_000 - 9
+
+
+def common_docs(n, shards=1):
+    """The first n documents of each of the mirror's first train shards, capped at 10,000 characters."""
+    import pyarrow.parquet as pq
+    return [d[:10_000] for i in range(shards)
+            for d in pq.read_table(os.path.join(SHARD_DIR, f"shard_{i:05d}.parquet"), columns=["text"]).column("text").to_pylist()[:n]]
+
+
+HARD_TEXTS = [
+    "", " ", "a", "Hello, world!", "don't won't we'll I'M You'RE they've", "1234567890 3.14159 2,000,000 ١٢٣",
+    "中文测试，日本語のテキスト、한국어 문장입니다.", "emoji 🙂👍🏽👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵", "tabs\tand\n\n\nnewlines\r\n  \n",
+    " " * 100 + "x" + "\n" * 30, "mixed Ελληνικά кириллица עברית العربية हिन्दी", "<|bos|> <|assistant_end|> <|endoftext|>",
+    "\u200b\u00ad\ufeff zero-width", "naïve café Ångström", "a" * 1000, "e\u0301 combining",
+]
+
+
+def test_tokenizer_round_trip_hard_text(tokenizer):
+    for text in HARD_TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text, repr(text)
+    batch = tokenizer.encode(HARD_TEXTS, num_threads=4)
+    assert batch == [tokenizer.encode(t) for t in HARD_TEXTS]
+    bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    assert tokenizer.encode("hi", prepend="<|bos|>", append=end) == [bos] + tokenizer.encode("hi") + [end]
+    assert tokenizer.encode(["hi", "yo"], prepend=bos) == [[bos] + tokenizer.encode("hi"), [bos] + tokenizer.encode("yo")]
+    assert tokenizer("hi") == tokenizer.encode("hi")
+
+
+def test_tokenizer_special_tokens(tokenizer):
+    import tokenizer as T
+    V = tokenizer.get_vocab_size()
+    assert V == TEST_VOCAB
+    assert [tokenizer.encode_special(s) for s in T.SPECIAL_TOKENS] == list(range(V - 9, V))
+    assert tokenizer.get_special_tokens() == T.SPECIAL_TOKENS and tokenizer.get_bos_token_id() == V - 9
+    assert tokenizer.id_to_token(V - 9) == "<|bos|>" and tokenizer.id_to_token(ord("a")) == "a"
+    for name in T.SPECIAL_TOKENS:  # a special token's string in text is ordinary text
+        ids = tokenizer.encode(f"say {name} now")
+        assert max(ids) < V - 9 and tokenizer.decode(ids) == f"say {name} now"
+    conv = {"messages": [{"role": "user", "content": "<|assistant_end|><|bos|>"},
+                         {"role": "assistant", "content": "<|user_start|> ok <|python_start|>"}]}
+    ids, mask = tokenizer.render_conversation(conv)
+    specials = [i for i in ids if i >= V - 9]
+    names = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
+    assert specials == [tokenizer.encode_special(n) for n in names]
+
+
+def test_tokenizer_render_conversation_masks(tokenizer):
+    t, S = tokenizer, tokenizer.encode_special
+    conv = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
+                                          {"type": "python", "text": "2+3"},
+                                          {"type": "python_output", "text": "5"},
+                                          {"type": "text", "text": "It is 5."}]},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]}
+    snapshot = json.dumps(conv)
+    ids, mask = t.render_conversation(conv)
+    assert json.dumps(conv) == snapshot  # the caller's conversation is untouched
+    want = [(S("<|bos|>"), 0), (S("<|user_start|>"), 0)] + [(i, 0) for i in t.encode("Be brief.\n\nWhat is 2+3?")]
+    want += [(S("<|user_end|>"), 0), (S("<|assistant_start|>"), 0)] + [(i, 1) for i in t.encode("Let me compute. ")]
+    want += [(S("<|python_start|>"), 1)] + [(i, 1) for i in t.encode("2+3")] + [(S("<|python_end|>"), 1)]
+    want += [(S("<|output_start|>"), 0)] + [(i, 0) for i in t.encode("5")] + [(S("<|output_end|>"), 0)]
+    want += [(i, 1) for i in t.encode("It is 5.")] + [(S("<|assistant_end|>"), 1)]
+    want += [(S("<|user_start|>"), 0)] + [(i, 0) for i in t.encode("Thanks")] + [(S("<|user_end|>"), 0)]
+    want += [(S("<|assistant_start|>"), 0)] + [(i, 1) for i in t.encode("You're welcome.")] + [(S("<|assistant_end|>"), 1)]
+    assert list(zip(ids, mask)) == want
+    short_ids, short_mask = t.render_conversation(conv, max_tokens=10)
+    assert short_ids == ids[:10] and short_mask == mask[:10]
+    with pytest.raises(AssertionError):
+        t.render_conversation({"messages": [{"role": "assistant", "content": "hi"}]})
+    with pytest.raises(ValueError):
+        t.render_conversation({"messages": [{"role": "user", "content": "x"},
+                                            {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]})
+
+
+def test_tokenizer_render_for_completion(tokenizer):
+    conv = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Hi there"},
+                         {"role": "assistant", "content": "Hello!"}]}
+    ids = tokenizer.render_for_completion(conv)
+    prefix, _ = tokenizer.render_conversation({"messages": conv["messages"][:2]})
+    assert ids == prefix + [tokenizer.encode_special("<|assistant_start|>")]
+    assert len(conv["messages"]) == 3
+    with pytest.raises(AssertionError):
+        tokenizer.render_for_completion({"messages": [{"role": "user", "content": "x"}]})
+
+
+def test_tokenizer_save_load(tokenizer, base_dir, tmp_path, monkeypatch):
+    import tokenizer as T
+    loaded = T.Tokenizer.load(os.path.join(base_dir, "tokenizer"))
+    for text in HARD_TEXTS:
+        assert loaded.encode(text) == tokenizer.encode(text)
+    loaded.save(str(tmp_path))
+    again = T.Tokenizer.load(str(tmp_path))
+    assert again.encode(HARD_TEXTS) == tokenizer.encode(HARD_TEXTS)
+    tb = T.get_token_bytes()
+    assert tb.dtype == torch.int32 and tb.shape == (TEST_VOCAB,)
+    assert tb[:256].tolist() == [1] * 256 and tb[-9:].tolist() == [0] * 9
+    assert all(tb[i] == len(tokenizer.decode_single_token_bytes(i)) for i in range(256, TEST_VOCAB - 9))
+    assert torch.equal(torch.load(os.path.join(str(tmp_path), "token_bytes.pt")), tb)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="python tokenizer.py train"):
+        T.get_tokenizer()
+
+
+def test_tokenizer_cli_train_eval_and_bad_input(tmp_path):
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}  # never the fixture's base dir: train would overwrite its tokenizer
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in _tie_corpus()) + "\n")
+    p = run_script(["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", "400", "--doc-cap", "500"], env=env)
+    assert "vocab 400" in p.stdout
+    assert os.path.exists(tmp_path / "base" / "tokenizer" / "tokenizer.pkl")
+    assert "## Tokenizer training" in (tmp_path / "base" / "report" / "tokenizer-training.md").read_text()
+    p = run_script(["tokenizer.py", "eval"], env=env)  # no shards, maybe offline: says so, no crash
+    assert "news" in p.stdout and "korean" in p.stdout and "skipping fwe-train" in p.stdout
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    bad = [(["--vocab-size", "265", "--input", str(corpus)], "vocab-size"),
+           (["--input", str(tmp_path / "missing.parquet")], "not found"),
+           (["--input", str(empty)], "empty"),
+           (["--input", str(corpus), "--max-chars", "0"], "positive")]
+    for args, words in bad:
+        p = run_script(["tokenizer.py", "train", *args], env=env, check=False)
+        assert p.returncode != 0 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    p = run_script(["tokenizer.py", "eval"], env={"NANOCHAT_BASE_DIR": str(tmp_path / "none")}, check=False)
+    assert p.returncode != 0 and "python tokenizer.py train" in p.stderr
+
+
+def test_tokenizer_training_documents(tmp_path, base_dir):
+    import tokenizer as T
+    txt = tmp_path / "a.txt"
+    txt.write_text("first para\nline two\n\n\nsecond para\n")
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text(json.dumps({"text": "x" * 50}) + "\n\n" + json.dumps("plain string doc") + "\n")
+    stats = {"docs": 0, "chars": 0}
+    docs = list(T.training_documents([str(txt), str(jsonl)], 10**9, 20, stats))
+    assert docs == ["first para\nline two", "second para", "x" * 20, "plain string doc"]
+    assert stats == {"docs": 4, "chars": sum(map(len, docs))}
+    # the cap: stop right after the running count exceeds max_chars (overshoot < 1 doc); default input = train shards only
+    stats = {"docs": 0, "chars": 0}
+    docs = list(T.training_documents([], 25_000, 10_000, stats))
+    assert stats["chars"] > 25_000 and stats["chars"] - len(docs[-1]) <= 25_000 and max(map(len, docs)) <= 10_000
+    val = set(next(common.iter_row_groups("val"))[2])
+    assert not val & set(d for d in T.training_documents([], 2_000_000, 10**9, {"docs": 0, "chars": 0}))
+    parquet = os.path.join(SHARD_DIR, "shard_00000.parquet")
+    first = next(T.read_input_file(parquet))
+    assert first == next(common.iter_documents("train"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "no text field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        list(T.read_input_file(str(bad)))
+
+
+# =============================================================================
+# model.py
+# =============================================================================
+
+from model import (GPT, GPTConfig, KVCache, Engine, TextStreamer, use_calculator, config_from_depth, build_model,
+                   save_checkpoint, load_checkpoint, last_step, load_model)
+
+# =============================================================================
+# model.py
+# =============================================================================
+
+SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+class ByteTokenizer:
+    """Private stand-in tokenizer: ids 0-255 are bytes, the 9 specials follow (same duck type as tokenizer.Tokenizer)."""
+
+    def get_vocab_size(self):
+        return 256 + len(SPECIALS)
+
+    def encode_special(self, name):
+        return 256 + SPECIALS.index(name)
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def small_model(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, vocab=265, seq=64, seed=0, zero=False):
+    """A random-init model; with zero=False the zero-initialised matrices get small noise so the logits are not flat."""
+    torch.manual_seed(seed)
+    model = build_model(dict(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd), "cpu")
+    if not zero:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name == "lm_head.weight" or name.endswith("c_proj.weight"):
+                    p.normal_(0, 0.1 if name == "lm_head.weight" else 0.02)
+    return model.eval()
+
+
+def naive_greedy(model, tokens, n):
+    ids = list(tokens)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(tokens):]
+
+
+def test_model_param_counts_release_sizes():
+    for depth, total in ((20, 560_988_160), (26, 1_081_999_360)):
+        with torch.device("meta"):
+            model = GPT(config_from_depth(depth, 65536))
+        assert model.param_counts()["total"] == total
+        assert model.lm_head.weight.is_meta
+    with torch.device("meta"):
+        d20 = GPT(config_from_depth(20, 65536))
+    assert d20.param_counts()["blocks"] == 393_216_000
+    assert abs(d20.estimate_flops() - 3.4918e9) / 3.4918e9 < 1e-4
+    names = set(dict(d20.named_parameters()))
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.19.attn.c_q.weight", "transformer.h.0.attn.c_k.weight",
+            "transformer.h.0.attn.c_v.weight", "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+            "transformer.h.0.mlp.c_proj.weight"} <= names
+    assert len(names) == 2 + 6 * 20 and not any("cos" in k or "sin" in k for k in d20.state_dict())
+
+
+def test_model_depth_sizing_odd_depths():
+    for depth in range(1, 33):
+        c = config_from_depth(depth, 1000)
+        hd = c.n_embd // c.n_head
+        assert c.n_embd == 64 * depth and c.n_embd % c.n_head == 0 and hd % 2 == 0 and c.n_kv_head == c.n_head
+        if depth % 2 == 0:
+            assert hd == 128
+    for depth in (3, 5):
+        c = config_from_depth(depth, 300, sequence_len=32)
+        model = build_model(asdict(c), "cpu")
+        loss = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
+        assert torch.isfinite(loss)
+
+
+def test_model_gqa_shapes_and_cache_consistency():
+    model = small_model(n_head=4, n_kv_head=2, n_embd=64)
+    attn = model.transformer.h[0].attn
+    assert attn.c_q.weight.shape == (64, 64) and attn.c_k.weight.shape == (32, 64) and attn.c_v.weight.shape == (32, 64)
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        full = model(x)
+        assert full.shape == (2, 20, 265) and full.dtype == torch.float32 and full.abs().max() <= 15.0
+        # the same logits through the cache: a 12-token chunk, a 5-token chunk (prefix + causal), then single tokens
+        kv = KVCache(2, 2, 4, 16, 2)
+        parts = [model(x[:, :12], kv_cache=kv), model(x[:, 12:17], kv_cache=kv)] + [model(x[:, t:t + 1], kv_cache=kv) for t in range(17, 20)]
+    assert kv.pos == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_model_first_loss_is_ln_vocab():
+    model = small_model(zero=True, vocab=1000)
+    x = torch.randint(0, 1000, (2, 32))
+    y = x.clone()
+    y[0, :5] = -1
+    loss = model(x, y)
+    assert abs(loss.item() - math.log(1000)) < 1e-4
+    per_token = model(x, y, loss_reduction="none")
+    assert per_token.shape == (2, 32) and (per_token[0, :5] == 0).all()
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_model_rotary_convention():
+    model = small_model(n_head=1, n_kv_head=1, n_embd=8)
+    hd = 8
+    assert torch.allclose(model.cos[0, 3, 0], torch.cos(3 * 10000 ** (-torch.arange(0, hd, 2) / hd)))
+    from model import apply_rotary
+    x = torch.arange(8.0).view(1, 1, 1, 8)
+    cos, sin = torch.full((1, 1, 1, 4), 0.6), torch.full((1, 1, 1, 4), 0.8)
+    y = apply_rotary(x, cos, sin)[0, 0, 0]
+    x1, x2 = x[0, 0, 0, :4], x[0, 0, 0, 4:]
+    torch.testing.assert_close(y, torch.cat((x1 * 0.6 + x2 * 0.8, -x1 * 0.8 + x2 * 0.6)))
+
+
+def test_model_engine_greedy_matches_naive():
+    model = small_model(n_layer=2, n_head=2, n_embd=64)
+    engine = Engine(model, ByteTokenizer())
+    prompt = [10, 20, 30, 40, 50, 60, 70]
+    expected = naive_greedy(model, prompt, 20)
+    assert list(model.generate(prompt, 20, temperature=0.0)) == expected
+    cols = list(engine.generate(prompt, num_samples=1, max_tokens=20, temperature=0.0))
+    assert [c[0][0] for c in cols] == expected and all(c[1] == [1] for c in cols)
+    cols = list(engine.generate(prompt, num_samples=3, max_tokens=20, temperature=0.0))
+    assert all(col == [t] * 3 for (col, _), t in zip(cols, expected))
+
+
+def test_model_engine_sampling_rows_and_seed():
+    model = small_model(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.01)  # near-flat distribution: rows must differ
+    engine = Engine(model, ByteTokenizer())
+    prompt = [1, 2, 3]
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=7)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=7)
+    c, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=8)
+    assert a == b and a != c
+    assert len({tuple(r) for r in a}) == 4 and len({r[3] for r in a}) > 1  # first tokens sampled per row too
+    k1, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=1)
+    assert all(r[3:] == naive_greedy(model, prompt, 12)[:len(r) - 3] for r in k1)  # top_k=1 is greedy
+
+
+def test_model_kv_cache_growth_and_prefill():
+    kv = KVCache(1, 2, 4, 3, 2)
+    data = torch.randn(2, 2, 1, 2, 2000, 3)  # (k/v, layer, B, H, T, hd)
+    t = 0
+    for n in (3, 1, 500, 1496):
+        for layer in range(2):
+            k, v = kv.insert(layer, data[0, layer, :, :, t:t + n], data[1, layer, :, :, t:t + n])
+            assert torch.equal(k, data[0, layer, :, :, :t + n]) and torch.equal(v, data[1, layer, :, :, :t + n])
+        t += n
+    assert kv.pos == 2000 and kv.shape[3] >= 2000 and kv.shape[3] % 1024 == 0
+    big = KVCache(5, 2, 2100, 3, 2)
+    big.prefill(kv)
+    assert big.pos == 2000 and big.k.shape[1] == 5
+    for b in range(5):
+        assert torch.equal(big.k[:, b, :, :2000], data[0, :, 0]) and torch.equal(big.v[:, b, :, :2000], data[1, :, 0])
+    # an Engine decode that outgrows a too-small cache keeps matching the naive loop
+    model = small_model(seq=16)
+    prompt = list(range(40, 60))
+    cols = list(itertools.islice(Engine(model, ByteTokenizer()).generate(prompt, num_samples=2, temperature=0.0), 30))
+    assert [c[0][0] for c in cols] == naive_greedy(model, prompt, 30)
+
+
+def test_model_calculator_accepts_and_rejects():
+    assert use_calculator("1+2*3") == 7
+    assert use_calculator("(1,000 + 24) / 2") == 512.0
+    assert use_calculator("-3 * -(2 - 5)") == -9
+    assert use_calculator("10/4") == 2.5 and str(use_calculator("10/2")) == "5.0"
+    assert use_calculator("'strawberry'.count('r')") == 3
+    assert use_calculator('"banana".count("a")') == 3
+    bad = ["2**10", "9**9**9", "x+1", "abs(-1)", "().__class__", "'a'.__class__", "__import__('os')", "open('f')",
+           "'a'.upper()", "'a'.count(x)", "'ab' * 3", "1 % 2", "1/0", "[1,2]", "lambda: 1", "1 if 1 else 2", "'a'.count('a', 1)",
+           "1" * 10_000, "(" * 200 + "1" + ")" * 200, "1e308*10", "", "import os", "1; 2", "True + 1"]
+    t0 = time.time()
+    for expr in bad:
+        assert use_calculator(expr) is None, expr
+    assert use_calculator(None) is None and time.time() - t0 < 1.0
+    results = []  # usable from any thread (no signals)
+    th = threading.Thread(target=lambda: results.append(use_calculator("6*7")))
+    th.start()
+    th.join()
+    assert results == [42]
+
+
+class ScriptedModel:
+    """A fake model for the Engine: python_start, "12*3", python_end, then <|assistant_end|> once it has seen <|output_end|>."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        self.script = [tok.encode_special("<|python_start|>"), *tok.encode("12*3"), tok.encode_special("<|python_end|>")]
+        self.history = None
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def trunk(self, ids, kv):
+        rows = ids.tolist()
+        if self.history is not None and len(self.history) < len(rows):
+            self.history = self.history * len(rows)  # batch-1 prefill broadcast to the decode rows
+        self.history = rows if self.history is None else [h + r for h, r in zip(self.history, rows)]
+        z = torch.zeros(ids.size(0), 1, ids.size(1), 2)
+        kv.insert(0, z, z)
+        return torch.zeros(ids.size(0), ids.size(1), 2)
+
+    def inference_head(self, batch_size):
+        return self.head
+
+    def head(self, x):
+        logits = torch.zeros(len(self.history), self.config.vocab_size)
+        for i, h in enumerate(self.history):
+            gen = h[self.prompt_len:]
+            if self.tok.encode_special("<|output_end|>") in gen:
+                nxt = self.tok.encode_special("<|assistant_end|>")
+            elif len(gen) < len(self.script):
+                nxt = self.script[len(gen)]
+            else:
+                nxt = ord("z")  # sampled while forced tokens are queued: must be ignored
+            logits[i, nxt] = 10.0
+        return logits
+
+
+def test_model_tool_use_state_machine():
+    tok = ByteTokenizer()
+    fake = ScriptedModel(tok)
+    prompt = [tok.encode_special("<|bos|>"), *tok.encode("hi")]
+    fake.prompt_len = len(prompt)
+    S = tok.encode_special
+    tokens, masks = [], []
+    for col, mcol in Engine(fake, tok).generate(prompt, num_samples=2, max_tokens=40, temperature=0.0):
+        assert col[0] == col[1] and mcol[0] == mcol[1]
+        tokens.append(col[0])
+        masks.append(mcol[0])
+    expected = [S("<|python_start|>"), *tok.encode("12*3"), S("<|python_end|>"), S("<|output_start|>"), *tok.encode("36"),
+                S("<|output_end|>"), S("<|assistant_end|>")]
+    assert tokens == expected
+    assert masks == [1] * 6 + [0] * 4 + [1]
+    fake.history = None
+    rows, row_masks = Engine(fake, tok).generate_batch(prompt, num_samples=1, max_tokens=40, temperature=0.0)
+    assert rows[0] == prompt + expected[:-1] and row_masks[0] == [0] * len(prompt) + masks[:-1]
+
+
+def test_model_text_streamer_utf8():
+    tok = ByteTokenizer()
+    text = "héllo 🙂 世界!"
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in tok.encode(text)]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[tok.encode(text).index(0xF0)] == ""  # first byte of the emoji: nothing yet
+
+
+def test_model_checkpoint_roundtrip_and_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    model = small_model()
+    config = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    ckpt = common.checkpoint_dir("base", "d2")
+    save_checkpoint(ckpt, 5, model.state_dict(), {"model_config": config}, optimizer_state={"lr": 0.1}, rank=0)
+    x = torch.randint(0, 265, (1, 10))
+    loaded, meta = load_model("base", "cpu", tokenizer=ByteTokenizer())
+    assert meta == {"model_config": config}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    _, opt, _ = load_checkpoint(ckpt, 5, "cpu", load_optimizer=True)
+    assert opt == {"lr": 0.1}
+    # a save killed before its rename: the previous checkpoint stays the latest and loads
+    with open(os.path.join(ckpt, "model_000009.pt.tmp999"), "wb") as f:
+        f.write(b"half a checkpoint")
+    other = small_model(seed=3)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpt, 10, other.state_dict(), {"model_config": config})
+    monkeypatch.undo()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert last_step(ckpt) == 5
+    loaded, _ = load_model("base", "cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # compiled-prefix keys, bf16 tensors, largest d<N> tag, explicit step; clear errors
+    state = {"_orig_mod." + k: v.to(torch.bfloat16) for k, v in other.state_dict().items()}
+    save_checkpoint(common.checkpoint_dir("base", "d12"), 3, state, {"model_config": config, "step": 3})
+    loaded, meta = load_model("base", "cpu")
+    assert meta["step"] == 3 and loaded.lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="vocab"):
+        load_model("base", "cpu", tokenizer=type("T", (), {"get_vocab_size": lambda self: 999})())
+    with pytest.raises(FileNotFoundError, match="train.py --stage=sft"):
+        load_model("sft", "cpu")
+    with pytest.raises(FileNotFoundError):
+        load_model("base", "cpu", tag="d2", step=7)
+
+
+def test_model_bf16_autocast_on_cpu():
+    model = small_model(n_head=4, n_kv_head=2)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=0.05, rtol=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    engine = Engine(model, ByteTokenizer())
+    prompt = list(range(30, 45))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cols = list(engine.generate(prompt, num_samples=2, max_tokens=10, temperature=0.0))
+    got, ref_tokens = [c[0][0] for c in cols], naive_greedy(model, prompt, 10)
+    assert got[:3] == ref_tokens[:3] and sum(a == b for a, b in zip(got, ref_tokens)) >= 7  # bf16 may flip a near-tie late
+    assert all(c[0][0] == c[0][1] for c in cols)
+
+
+def test_model_engine_with_real_tokenizer(tokenizer, tiny_model):
+    text = "Café 🙂 naïve 世界 ok"
+    streamer = TextStreamer(tokenizer)
+    pieces = [streamer.push(i) for i in tokenizer.encode(text)]
+    assert "".join(pieces) + streamer.flush() == text and "\ufffd" not in "".join(pieces)
+    prompt = tokenizer.encode("Hello there", prepend="<|bos|>")
+    engine = Engine(tiny_model.eval(), tokenizer)
+    rows, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=6, temperature=0.0)
+    assert rows[0] == rows[1] and rows[0][:len(prompt)] == prompt and len(rows[0]) <= len(prompt) + 6
+    assert masks[0][:len(prompt)] == [0] * len(prompt) and all(m == 1 for m in masks[0][len(prompt):])
+    fake = ScriptedModel(tokenizer)
+    fake.prompt_len = len(prompt)
+    cols = list(Engine(fake, tokenizer).generate(prompt, max_tokens=40, temperature=0.0))
+    out = [c[0][0] for c in cols]
+    S = tokenizer.encode_special
+    i = out.index(S("<|output_start|>"))
+    assert tokenizer.decode(out[i + 1:out.index(S("<|output_end|>"))]) == "36" and out[-1] == S("<|assistant_end|>")
+    assert [c[1][0] for c in cols][i:out.index(S("<|output_end|>")) + 1] == [0] * (out.index(S("<|output_end|>")) - i + 1)
+
+
+# =============================================================================
+# data.py
+# =============================================================================
+
+SHARD0_URL = data.SHARD_URL.format(0)
+SHARD0_PATH = "/" + SHARD0_URL.split("://", 1)[1]
+
+
+# -----------------------------------------------------------------------------
+# a local HTTP mirror that misbehaves on demand
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        path = urllib.parse.unquote(self.path)
+        srv.log.append((path, self.headers.get("Range")))
+        modes = srv.modes.get(path)
+        mode = modes.pop(0) if modes else "ok"
+        if mode == "503":
+            return self.send_error(503)
+        file = os.path.join(srv.root, path.lstrip("/"))
+        if not os.path.isfile(file):
+            return self.send_error(404)
+        body = open(file, "rb").read()
+        if mode == "truncated":
+            body = body[:len(body) // 2]
+        rng = self.headers.get("Range")
+        if rng and mode != "ignore_range":
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                return self.send_error(416)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            body = body[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "drop":  # half the body, then the connection goes away
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_mirror(tmp_path, monkeypatch):
+    """Serves MIRROR over http://127.0.0.1:<free port>; srv.modes[path] = [mode, ...] scripts the next answers."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.root, srv.modes, srv.log = MIRROR, {}, []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(data, "BACKOFF", 0.01)
+    monkeypatch.setattr(data, "CHUNK", 64 * 1024)  # small writes, so a dropped connection leaves a partial file
+    common.set_mirror(f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        yield srv
+    finally:
+        common.set_mirror(MIRROR)
+        srv.shutdown()
+        srv.server_close()
+
+
+def _same_as_mirror(path):
+    return open(path, "rb").read() == open(os.path.join(SHARD_DIR, "shard_00000.parquet"), "rb").read()
+
+
+def test_data_download_resumes_after_dropped_connection(http_mirror, tmp_path):
+    http_mirror.modes[SHARD0_PATH] = ["drop"]
+    dest = data.download_file(SHARD0_URL, str(tmp_path / "s.parquet"))
+    assert _same_as_mirror(dest)
+    (p1, r1), (p2, r2) = http_mirror.log
+    assert r1 is None and r2 is not None and int(r2.split("=")[1].split("-")[0]) > 0  # resumed, not restarted
+    assert sorted(os.listdir(tmp_path)) == ["s.parquet"]  # no .part or .lock left
+
+
+def test_data_download_200_to_range_restarts_cleanly(http_mirror, tmp_path):
+    http_mirror.modes[SHARD0_PATH] = ["drop", "ignore_range"]
+    dest = data.download_file(SHARD0_URL, str(tmp_path / "s.parquet"))
+    assert _same_as_mirror(dest) and len(http_mirror.log) == 2 and http_mirror.log[1][1] is not None
+
+
+def test_data_download_416_starts_over(http_mirror, tmp_path):
+    dest = str(tmp_path / "s.parquet")
+    open(dest + ".part", "wb").write(b"x" * 5_000_000)  # a stale partial file longer than the real one
+    data.download_file(SHARD0_URL, dest)
+    assert _same_as_mirror(dest) and len(http_mirror.log) == 2 and http_mirror.log[1][1] is None
+
+
+def test_data_download_retries_503(http_mirror, tmp_path):
+    http_mirror.modes[SHARD0_PATH] = ["503", "503"]
+    assert _same_as_mirror(data.download_file(SHARD0_URL, str(tmp_path / "s.parquet")))
+    assert len(http_mirror.log) == 3
+
+
+def test_data_download_404_is_a_clear_error_without_retries(http_mirror, tmp_path):
+    url = data.SHARD_URL.format(999)
+    with pytest.raises(data.NotFound, match="404.*shard_00999.parquet"):
+        data.download_file(url, str(tmp_path / "s.parquet"))
+    assert len(http_mirror.log) == 1 and os.listdir(tmp_path) == []
+
+
+def test_data_download_truncated_file_is_fetched_again(http_mirror, tmp_path):
+    http_mirror.modes[SHARD0_PATH] = ["truncated"]
+    assert _same_as_mirror(data.download_file(SHARD0_URL, str(tmp_path / "s.parquet")))
+    assert len(http_mirror.log) == 2
+
+
+def test_data_download_cli_with_relative_mirror_from_another_cwd(tmp_path):
+    os.symlink(MIRROR, tmp_path / "mirror")
+    base = tmp_path / "base"
+    p = run_script([os.path.join(REPO, "data.py"), "download", "-n", "1", "--mirror", "mirror"], cwd=str(tmp_path),
+                   env={"NANOCHAT_BASE_DIR": str(base), "NANOCHAT_MIRROR": ""})
+    assert sorted(os.listdir(base / "base_data")) == ["shard_00000.parquet", "shard_01822.parquet"], p.stdout
+    assert "MB/s" in p.stdout
+    bad = run_script([os.path.join(REPO, "data.py"), "download", "-n", "1", "--mirror", "nowhere"], cwd=str(tmp_path),
+                     env={"NANOCHAT_BASE_DIR": str(tmp_path / "b2"), "NANOCHAT_MIRROR": ""}, check=False)
+    assert bad.returncode != 0 and "not in the mirror" in bad.stderr
+
+
+def test_data_eval_bundle_once_with_concurrent_callers(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(data.download_eval_bundle())) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == [str(tmp_path / "eval_bundle")] * 3
+    assert os.path.exists(tmp_path / "eval_bundle" / "core.yaml") and os.path.isdir(tmp_path / "eval_bundle" / "eval_data")
+    assert sorted(os.listdir(tmp_path)) == ["eval_bundle", "eval_bundle.zip"]
+
+
+# -----------------------------------------------------------------------------
+# pretraining loader
+
+def _all_batches_equal(a, b):
+    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+def test_data_loader_rows_start_with_bos(base_dir, tokenizer):
+    loader = data.PretrainLoader(tokenizer, 4, 64, buffer_docs=50)
+    bos = tokenizer.get_bos_token_id()
+    for _ in range(5):
+        x, y = next(loader)
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
+    assert loader.used_fraction() == 1.0
+    loader.close()
+
+
+def test_data_loader_ranks_disjoint_and_no_rowgroup_error(base_dir, tokenizer):
+    l0 = data.PretrainLoader(tokenizer, 2, 32, rank=0, world_size=2, buffer_docs=8)
+    l1 = data.PretrainLoader(tokenizer, 2, 32, rank=1, world_size=2, buffer_docs=8)
+    assert set(l0.units).isdisjoint(l1.units) and len(l0.units) + len(l1.units) == 14
+    next(l0), next(l1)
+    docs0 = {(l0.units[u], j) for _, u, j, _ in l0.state_dict()["buffer"]}
+    docs1 = {(l1.units[u], j) for _, u, j, _ in l1.state_dict()["buffer"]}
+    assert docs0 and docs1 and not docs0 & docs1
+    l0.close(), l1.close()
+    with pytest.raises(ValueError, match="gets no row group"):
+        data.PretrainLoader(tokenizer, 2, 32, split="val", rank=9, world_size=10)
+
+
+@pytest.fixture
+def tiny_shards(tmp_path, monkeypatch):
+    """A base dir with two small train shards and a val shard of short documents (so epochs end quickly)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "base_data")
+    rng = random.Random(0)
+    words = "the of a cell energy light river history market water star law".split()
+    for idx in (0, 1, common.VAL_SHARD_INDEX):
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) + f" doc{idx}-{i}." for i in range(40)]
+        pq.write_table(pa.table({"text": docs}), str(tmp_path / "base_data" / f"shard_{idx:05d}.parquet"), row_group_size=8)
+    return tmp_path
+
+
+
+
+@pytest.mark.parametrize("crop", ["keep", "drop"])
+def test_data_loader_resume_is_exact_across_epochs(tiny_shards, tokenizer, crop):
+    kw = dict(crop=crop, buffer_docs=12, threads=1)
+    ref = data.PretrainLoader(tokenizer, 3, 48, **kw)
+    run = [next(ref) for _ in range(80)]
+    assert ref.epoch >= 2, ref.epoch  # several epochs went by
+    ref.close()
+    for cut in (0, 7, 45):
+        a = data.PretrainLoader(tokenizer, 3, 48, **kw)
+        [next(a) for _ in range(cut)]
+        sd = json.loads(json.dumps(a.state_dict()))  # must survive JSON (it goes into checkpoint meta)
+        a.close()
+        b = data.PretrainLoader(tokenizer, 3, 48, **kw)
+        b.load_state_dict(sd)
+        assert _all_batches_equal([next(b) for _ in range(80 - cut)], run[cut:]), f"cut at {cut}"
+        b.close()
+    if crop == "drop":
+        assert ref.used_fraction() < 1.0
+
+
+def test_data_loader_keeps_remainders(tiny_shards, tokenizer):
+    """With crop=keep every token of every document reaches a batch once per epoch (BOS-prefixed pieces)."""
+    loader = data.PretrainLoader(tokenizer, 2, 40, buffer_docs=4, threads=1)
+    while loader.epoch == 0:
+        next(loader)
+    st = loader.stats
+    assert st["tokens_dropped"] == 0 and st["tokens_used"] + sum(len(p[0]) - p[1] for p in loader.buffer) == st["tokens_read"]
+    loader.close()
+
+
+def test_data_loader_val_split(base_dir, tokenizer):
+    assert data.PretrainLoader(tokenizer, 2, 64, split="val").buffer_docs == 200  # the whole shard, not 5 copies of it
+    loader = data.PretrainLoader(tokenizer, 2, 64, split="val", buffer_docs=10)
+    first = next(loader)
+    again = data.PretrainLoader(tokenizer, 2, 64, split="val", buffer_docs=10)
+    assert torch.equal(next(again)[0], first[0])  # a fresh val loader always gives the same batches
+    loader.close(), again.close()
+
+
+# -----------------------------------------------------------------------------
+# chat loader
+
+class ListTask:
+    def __init__(self, convs):
+        self.convs = convs
+
+    def __len__(self):
+        return len(self.convs)
+
+    def __getitem__(self, i):
+        return self.convs[i]
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"question {i} " * (i % 5 + 1)},
+                         {"role": "assistant", "content": f"answer {i} " * (i % 3 + 1)}]}
+
+
+def test_data_chatloader_mid_vs_sft_masks(base_dir, tokenizer):
+    task = ListTask([_chat(i) for i in range(30)])
+    bos = tokenizer.get_bos_token_id()
+    ast = tokenizer.encode_special("<|assistant_start|>")
+    aend = tokenizer.encode_special("<|assistant_end|>")
+    mid = data.ChatLoader(task, tokenizer, 4, 64, completion_only=False, buffer=10)
+    sft = data.ChatLoader(task, tokenizer, 4, 64, completion_only=True, buffer=10)
+    (xm, ym), (xs, ys) = next(mid), next(sft)
+    assert torch.equal(xm, xs) and (xm[:, 0] == bos).all() and xm.dtype == ym.dtype == torch.int64
+    assert ((ym >= 0).sum(1) > 0).all() and (ys >= 0).sum() < (ym >= 0).sum()
+    assert ((ys == -1) | (ym == ys)).all()  # SFT targets are a subset of mid targets
+    for b in range(4):  # SFT: supervised targets lie between <|assistant_start|> and <|assistant_end|> only
+        inside = False
+        for t in range(64):
+            if xs[b, t] == ast:
+                inside = True
+            if ys[b, t] >= 0:
+                assert inside
+            if ys[b, t] == aend:
+                inside = False
+        # padding at the end of a row: BOS inputs whose targets are -1 in both modes
+        n_conv_tokens = int((ym[b] >= 0).sum()) + 1
+        assert (ym[b, n_conv_tokens:] == -1).all()
+    # mid also trains the BOS that starts the next conversation in a row (one conversation = one <|assistant_start|>)
+    assert torch.equal((ym == bos).sum(1), (xm == ast).sum(1) - 1) and not (ys == bos).any()
+    # every conversation is whole: as many <|assistant_end|> as <|assistant_start|>
+    assert (xm == ast).sum() == ((xm == aend).sum() + (ym[:, -1] == aend).sum())
+
+
+def test_data_chatloader_prompts_only_gives_no_nan(base_dir, tokenizer, tiny_model):
+    task = ListTask([{"messages": [{"role": "user", "content": f"just a prompt {i}"}]} for i in range(8)])
+    x, y = next(data.ChatLoader(task, tokenizer, 2, 32, completion_only=True, buffer=4))
+    assert (y == -1).all()
+    loss = tiny_model(x, y, loss_reduction="sum") / max(1, int((y >= 0).sum()))  # the guard ChatLoader documents
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in tiny_model.parameters() if p.grad is not None)
+
+
+def test_data_chatloader_progress_last_step_resume(base_dir, tokenizer):
+    task = ListTask([_chat(i) for i in range(41)])
+    loader = data.ChatLoader(task, tokenizer, 2, 48, rank=1, world_size=2, buffer=5)
+    assert loader.share == 20 and loader.progress == 0.0
+    steps, prog = 0, []
+    while not loader.last_step:
+        next(loader)
+        prog.append(loader.progress)
+        steps += 1
+    assert prog == sorted(prog) and prog[-1] == 1.0 and steps > 2
+    sd = json.loads(json.dumps(loader.state_dict()))
+    cont = [next(loader) for _ in range(4)]
+    again = data.ChatLoader(task, tokenizer, 2, 48, rank=1, world_size=2, buffer=5)
+    again.load_state_dict(sd)
+    assert _all_batches_equal([next(again) for _ in range(4)], cont)
+    with pytest.raises(ValueError, match="gets no conversation"):
+        data.ChatLoader(ListTask([_chat(0)]), tokenizer, 1, 16, rank=1, world_size=2)
+
+
+# -----------------------------------------------------------------------------
+# tasks
+
+def _well_formed(conv, tokenizer):
+    msgs = conv["messages"]
+    assert len(msgs) >= 2 and len(msgs) % 2 == 0
+    for i, m in enumerate(msgs):
+        assert m["role"] == ("user" if i % 2 == 0 else "assistant")
+        assert isinstance(m["content"], str) if m["role"] == "user" else isinstance(m["content"], (str, list))
+    ids, mask = tokenizer.render_conversation(conv)
+    assert sum(mask) > 0
+
+
+def test_data_tasks_read_mirror_files(base_dir, tokenizer):
+    tasks = {"smoltalk": data.SmolTalk("train"), "smoltalk-test": data.SmolTalk("test", size=50),
+             "mmlu": data.MMLU("all", "test"), "mmlu-aux": data.MMLU("auxiliary_train", "train", size=300),
+             "arc-e": data.ARC("ARC-Easy", "train"), "arc-c": data.ARC("ARC-Challenge", "test"),
+             "gsm8k": data.GSM8K("train"), "humaneval": data.HumanEval(), "identity": data.Identity(),
+             "spell": data.SimpleSpelling(100, "train"), "bee": data.SpellingBee(100, "test")}
+    sizes = {k: len(t) for k, t in tasks.items()}
+    assert sizes == {"smoltalk": 6541, "smoltalk-test": 50, "mmlu": 1531, "mmlu-aux": 300, "arc-e": 725, "arc-c": 799,
+                     "gsm8k": 7473, "humaneval": 164, "identity": 500, "spell": 100, "bee": 100}
+    for name, task in tasks.items():
+        for i in (0, 1, len(task) - 1):
+            conv = task[i]
+            _well_formed(conv, tokenizer)
+            if task.eval_type == "categorical":
+                answer = conv["messages"][-1]["content"]
+                assert answer in conv["letters"] and task.evaluate(conv, answer) and not task.evaluate(conv, "Z")
+                assert conv["messages"][0]["content"].startswith("Multiple Choice question: ")
+    assert tasks["mmlu-aux"][0]["letters"] == list("ABCD")
+    g = tasks["gsm8k"][0]
+    kinds = [p["type"] for p in g["messages"][1]["content"]]
+    assert "python" in kinds and kinds[kinds.index("python") + 1] == "python_output"
+    ref_text = "".join(p["text"] for p in g["messages"][1]["content"] if p["type"] == "text")
+    assert tasks["gsm8k"].evaluate(g, ref_text) and not tasks["gsm8k"].evaluate(g, "#### 123456789")
+    assert len({tasks["identity"][i]["messages"][-1]["content"] for i in range(500)}) > 10
+    assert any("nanochat" in m["content"] for i in range(20) for m in tasks["identity"][i]["messages"])
+    # shuffled with default_rng(42), deterministic
+    assert data.MMLU("all", "test")[5] == tasks["mmlu"][5]
+    for name, ctor in data.TASKS.items():
+        assert len(ctor(size=3)) == 3, name
+
+
+def test_data_humaneval_program_runs(base_dir):
+    task = data.HumanEval(size=5)
+    for i in range(3):
+        conv = task[i]
+        canonical = conv["messages"][1]["content"]
+        for completion in (canonical, f"Here you go:\n```python\n{canonical}\n```\nDone."):
+            program = data.build_program(conv, completion)
+            p = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=30)
+            assert p.returncode == 0, p.stderr
+        assert task.evaluate(conv, canonical, execute=lambda prog: {"success": "check(" in prog})
+        broken = subprocess.run([sys.executable, "-c", data.build_program(conv, "def nothing(): pass")], capture_output=True)
+        assert broken.returncode != 0
+
+
+def test_data_gsm8k_parts_mc_and_extraction():
+    row = {"question": "q", "answer": "Rate = $<<12/60=0.2>>0.2 per minute\n#### 1,200"}
+    conv = data.GSM8K.conversation(None, row)
+    assert conv["messages"][1]["content"] == [
+        {"type": "text", "text": "Rate = $"}, {"type": "python", "text": "12/60"},
+        {"type": "python_output", "text": "0.2"}, {"type": "text", "text": "0.2 per minute\n#### 1,200"}]
+    assert data.extract_answer("so #### -1,234.5 done") == "-1234.5" and data.extract_answer("no answer") is None
+    assert data.render_mc("Q?", ["A", "B"], ["x", "y"]) == (
+        "Multiple Choice question: Q?\n- x=A\n- y=B\n\nRespond only with the letter of the correct answer.")
+
+
+def _write_hf(root, repo, subset, split, table, index=0):
+    path = os.path.join(root, "huggingface.co", "datasets", repo, "resolve", "refs", "convert", "parquet", subset, split)
+    os.makedirs(path, exist_ok=True)
+    pq.write_table(table, os.path.join(path, f"{index:04d}.parquet"))
+
+
+def test_data_arc_numeric_labels_and_multi_file_splits(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    rows = [{"id": "a", "question": "Three?", "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}, "answerKey": "2"},
+            {"id": "b", "question": "Five?", "choices": {"text": list("vwxyz"), "label": list("ABCDE")}, "answerKey": "E"}]
+    _write_hf(str(mirror), "allenai/ai2_arc", "ARC-Easy", "train", pa.Table.from_pylist(rows[:1]), 0)
+    _write_hf(str(mirror), "allenai/ai2_arc", "ARC-Easy", "train", pa.Table.from_pylist(rows[1:]), 1)
+    common.set_mirror(str(mirror))
+    try:
+        task = data.ARC("ARC-Easy", "train")
+        assert len(task) == 2
+        convs = sorted((task[i] for i in range(2)), key=lambda c: len(c["letters"]))
+        assert convs[0]["letters"] == ["1", "2", "3"] and convs[0]["messages"][1]["content"] == "2"
+        assert "- y=2\n" in convs[0]["messages"][0]["content"]
+        assert convs[1]["letters"] == list("ABCDE") and convs[1]["messages"][1]["content"] == "E"
+        assert task.evaluate(convs[0], " 2\n") and not task.evaluate(convs[0], "B")
+        manifest = json.load(open(tmp_path / "base" / "task_data" / "allenai__ai2_arc" / "ARC-Easy" / "train" / "manifest.json"))
+        assert manifest["files"] == ["0000.parquet", "0001.parquet"]
+        common.set_mirror(str(tmp_path / "empty"))  # cached: no network (mirror) needed any more
+        assert len(data.ARC("ARC-Easy", "train")) == 2
+        with pytest.raises(data.NotFound):
+            data.ARC("ARC-Challenge", "train")
+    finally:
+        common.set_mirror(MIRROR)
+
+
+def test_data_spelling(base_dir):
+    words = data._words()
+    assert len(words) == 370_099 and not any("\r" in w or w != w.strip() for w in words)
+    simple = data.SimpleSpelling(20, "train")
+    w = simple[3]["messages"][0]["content"].split(": ")[1]
+    assert simple[3]["messages"][1]["content"] == w + ":" + ",".join(w)
+    bee = data.SpellingBee(200, "train")
+    tests = data.SpellingBee(200, "test")
+    assert bee[0] == data.SpellingBee(5, "train")[0] and bee[0] != tests[0]
+    for i in range(200):
+        conv = bee[i]
+        parts = conv["messages"][1]["content"]
+        word, letter = re.match(r"'(\w+)'\.count\('(\w)'\)", parts[2]["text"]).groups()
+        assert parts[3]["text"] == str(word.count(letter)) and parts[-1]["text"].endswith(f"#### {word.count(letter)}")
+        assert bee.evaluate(conv, f"so #### {word.count(letter)}") and not bee.evaluate(conv, "#### 99")
+        assert "\r" not in conv["messages"][0]["content"]
+
+
+
+
+def test_data_mixtures_are_deterministic(base_dir):
+    a, b = data.Identity(size=30), data.SimpleSpelling(20, "train")
+    mix = data.TaskMixture([a, b, a])
+    assert len(mix) == 80
+    again = data.TaskMixture([data.Identity(size=30), data.SimpleSpelling(20, "train"), data.Identity(size=30)])
+    assert [mix[i] for i in range(80)] == [again[i] for i in range(80)]
+    assert mix.index != data.TaskMixture([a, b, a], seed=1).index
+    assert sorted(mix.index) == [(t, i) for t, n in enumerate((30, 20, 30)) for i in range(n)]
+    seq = data.TaskSequence([a, b])
+    assert len(seq) == 50 and seq[0] == a[0] and seq[29] == a[29] and seq[30] == b[0] and seq[49] == b[19]
+    with pytest.raises(IndexError):
+        seq[50]
+
+
+def test_data_task_files_over_http_stop_at_first_404(http_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    task = data.ARC("ARC-Challenge", "validation")
+    assert len(task) == 49 and task[0]["letters"] == list("ABCD")
+    paths = [p for p, _ in http_mirror.log]
+    assert paths[0].endswith("ARC-Challenge/validation/0000.parquet") and paths[1].endswith("/0001.parquet") and len(paths) == 2
+    assert "refs/convert/parquet" in paths[0]  # %2F in the upstream URL reached the server as an encoded slash
+
+
+def test_data_stale_lock_is_broken(tmp_path):
+    dest = str(tmp_path / "s.parquet")
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    open(dest + ".lock", "w").write(f"{data.socket.gethostname()}:{p.stdout.strip()}")  # its owner has exited
+    assert _same_as_mirror(data.download_file(SHARD0_URL, dest)) and not os.path.exists(dest + ".lock")
+
+
+def test_data_download_shards_parallel_over_http(http_mirror, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    http_mirror.modes[SHARD0_PATH] = ["503"]
+    paths = data.download_shards(2, workers=2)
+    assert [os.path.basename(p) for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in paths) and "3/3" in capsys.readouterr().out
+
+
+# =============================================================================
+# train.py
+# =============================================================================
+
+TINY_BASE = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64", "--compile", "0",
+             "--eval-every", "-1", "--eval-tokens", "256", "--core-metric-every", "-1", "--sample-every", "-1"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(base, stage):
+    """Last record per step of report/<stage>_log.jsonl (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(base, "report", f"{stage}_log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r
+    return out
+
+
+def _clone_base(src, dst):
+    """A fresh NANOCHAT_BASE_DIR sharing the fixture's shards and tokenizer."""
+    os.makedirs(dst, exist_ok=True)
+    for name in ("base_data", "tokenizer"):
+        os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    return dst
+
+
+def test_train_newton_schulz_singular_values():
+    import train
+    torch.manual_seed(0)
+    for shape in [(64, 128), (256, 64), (96, 96)]:
+        G = torch.randn(shape) * 3.0
+        for dtype in (torch.bfloat16, torch.float32):
+            X = train.newton_schulz(G, 5, dtype)
+            assert X.shape == G.shape and X.dtype == dtype
+            s = torch.linalg.svdvals(X.float())
+            assert s.min() > 0.3 and s.max() < 1.6, (shape, dtype, s.min().item(), s.max().item())
+            # the direction is kept: X is close to the polar factor U V^T of G
+            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+            assert F.cosine_similarity(X.float().flatten(), (U @ Vh).flatten(), dim=0) > 0.9
+
+
+def test_train_muon_lowers_toy_loss():
+    import train
+    torch.manual_seed(0)
+    A, Y = torch.randn(16, 64), torch.randn(32, 64)
+    W = torch.nn.Parameter(torch.zeros(32, 16))
+    opt = train.Muon([W], lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = ((W @ A - Y) ** 2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        W.grad = None
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert "momentum_buffer" in opt.state[W]
+
+
+def test_train_adamw_matches_torch_adamw():
+    import train
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 4)), None
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = train.AdamW([dict(params=[a], lr=0.01)], betas=(0.8, 0.95), eps=1e-10)
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for _ in range(5):
+        g = torch.randn(8, 4)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_train_param_groups_and_lrs(tiny_model):
+    import train
+    adamw, muon = train.build_optimizers(tiny_model, 0.2, 0.004, 0.02)
+    s = (tiny_model.config.n_embd / 768) ** -0.5
+    lrs = {id(g["params"][0]): g["lr"] for g in adamw.param_groups}
+    assert math.isclose(lrs[id(tiny_model.lm_head.weight)], 0.004 * s) and math.isclose(lrs[id(tiny_model.transformer.wte.weight)], 0.2 * s)
+    muon_params = [p for g in muon.param_groups for p in g["params"]]
+    assert len(muon_params) == len(list(tiny_model.transformer.h.parameters())) and all(g["lr"] == 0.02 for g in muon.param_groups)
+
+
+def test_train_overfits_one_batch(tiny_model, tokenizer):
+    import train
+    torch.manual_seed(0)
+    V = tiny_model.config.vocab_size
+    x = torch.randint(0, V, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    opts = train.build_optimizers(tiny_model, 0.2, 0.004, 0.02)
+    first = None
+    for step in range(80):
+        loss = tiny_model(x, y)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        for o in opts:
+            o.step()
+        tiny_model.zero_grad(set_to_none=True)
+    assert abs(first - math.log(V)) < 0.05  # zero-init lm_head: uniform at the start
+    assert loss.item() < 0.5, loss.item()
+
+
+def test_train_lr_schedules_never_increase_after_warmup():
+    import train
+    N = 1000
+    for stage in ("base", "mid", "sft", "rl"):
+        lrms = [train.lr_multiplier(stage, s, N) for s in range(N + 1)]
+        assert lrms[0] == 1.0 and all(b <= a for a, b in zip(lrms, lrms[1:])), stage
+        assert lrms[-1] == 0.0, stage
+    # epoch-based runs follow the loader's progress: mid stays flat until 80%, then decays (nanochat #68 ramped up instead)
+    mid = [train.lr_multiplier("mid", 0, None, p / 100) for p in range(101)]
+    assert mid[:81] == [1.0] * 81 and mid[90] == pytest.approx(0.5) and mid[100] == 0.0
+    assert train.lr_multiplier("base", 799, N) == 1.0 and train.lr_multiplier("base", 900, N) == pytest.approx(0.5)
+    assert train.muon_momentum(0) == 0.85 and train.muon_momentum(150) == pytest.approx(0.90) and train.muon_momentum(1000) == 0.95
+
+
+class _Probe(torch.nn.Module):
+    """Stands in for the model: free logits, so their gradient shows which positions the loss trains."""
+
+    def __init__(self, T, V):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(1, T, V))
+
+    def forward(self, x, y, loss_reduction="mean"):
+        loss = F.cross_entropy(self.logits.view(-1, self.logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return loss.view(y.shape) if loss_reduction == "none" else loss
+
+
+def test_train_sft_trains_only_assistant_tokens_mid_trains_user_tokens(tokenizer):
+    import train
+    import data
+    conv = {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
+                         {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."}]}
+    ids, mask = tokenizer.render_conversation(conv)
+    T = len(ids) - 1
+    rows = {}
+    for completion_only in (True, False):
+        loader = data.ChatLoader([conv], tokenizer, 1, T, completion_only=completion_only, buffer=1)
+        x, y = next(loader)
+        assert x[0].tolist() == ids[:-1]
+        probe = _Probe(T, tokenizer.get_vocab_size())
+        train.lm_loss(probe, x, y, True).backward()
+        rows[completion_only] = probe.logits.grad[0].abs().sum(-1) > 0  # positions that get gradient
+    assistant = torch.tensor(mask[1:]) == 1
+    assert rows[True].tolist() == assistant.tolist()  # SFT: exactly the assistant tokens (and <|assistant_end|>)
+    assert rows[False].all() and (rows[False] & ~assistant).any()  # mid: user tokens are trained too
+    # a micro-batch with no supervised target gives loss 0 and zero gradient, not NaN
+    probe = _Probe(T, tokenizer.get_vocab_size())
+    loss = train.lm_loss(probe, x, torch.full_like(y, -1), True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(probe.logits.grad).all()
+
+
+def test_train_rl_reward_and_advantages(tiny_model):
+    import train
+    ref = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 1,234"
+    assert train.rl_reward("so the answer is\n#### 1234", ref) == 1.0
+    assert train.rl_reward("#### 1,234", ref) == 1.0  # commas are ignored
+    assert train.rl_reward("#### 1235", ref) == 0.0
+    assert train.rl_reward("the answer is 1234", ref) == 0.0  # no ####
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "3 + 4 = "}, {"type": "python", "text": "3+4"}, {"type": "python_output", "text": "7"},
+        {"type": "text", "text": "7\n#### 7"}]}]}
+    assert train.rl_reward("#### 7", train.reference_answer(conv)) == 1.0
+    adv = train.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
+    assert abs(adv.sum().item()) < 1e-6 and adv[0] > 0 > adv[1]
+    # all-equal rewards: exactly zero gradient
+    V = tiny_model.config.vocab_size
+    ids = torch.randint(0, V, (4, 20))
+    mask = torch.zeros(4, 20, dtype=torch.long)
+    mask[:, 12:] = 1  # prompt, then sampled tokens
+    for rewards in (torch.ones(4), torch.zeros(4)):
+        tiny_model.zero_grad(set_to_none=True)
+        train.rl_pass_loss(tiny_model, ids, mask, train.group_advantages(rewards), 1).backward()
+        assert all(p.grad is None or (p.grad == 0).all() for p in tiny_model.parameters())
+    tiny_model.zero_grad(set_to_none=True)
+    train.rl_pass_loss(tiny_model, ids, mask, train.group_advantages(torch.tensor([1.0, 0, 0, 0])), 1).backward()
+    assert any(p.grad is not None and (p.grad != 0).any() for p in tiny_model.parameters())
+    # only sampled tokens are trained: no sampled token, no gradient (and no NaN)
+    tiny_model.zero_grad(set_to_none=True)
+    loss = train.rl_pass_loss(tiny_model, ids, torch.zeros_like(mask), torch.tensor([1.0, -1, 0.5, -0.5]), 1)
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad is None or (p.grad == 0).all() for p in tiny_model.parameters())
+
+
+def test_train_bad_input_messages(base_dir, tokenizer, tmp_path):
+    p = run_script(["train.py", *TINY_BASE, "--total-batch-size", "100", "--num-iterations", "1"], check=False)
+    assert p.returncode != 0 and "not divisible" in p.stderr and "use e.g. --total-batch-size 64" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": empty}, check=False)
+    assert p.returncode != 0 and "tokenizer.py train" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    no_shards = str(tmp_path / "noshards")
+    os.makedirs(no_shards)
+    os.symlink(os.path.join(base_dir, "tokenizer"), os.path.join(no_shards, "tokenizer"))
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": no_shards}, check=False)
+    assert p.returncode != 0 and "data.py download" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run_script(["train.py", "--stage", "sft", "--compile", "0"], env={"NANOCHAT_BASE_DIR": no_shards}, check=False)
+    assert p.returncode != 0 and "--stage=mid" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+# -----------------------------------------------------------------------------
+# DDP equivalence: one fixed list of global micro-batches; rank r takes rows r::W, one process takes them all in order
+
+DDP_HELPER = r'''
+import os, sys, json, torch
+sys.path.insert(0, os.environ["REPO"])
+import common, train, model as M
+out, V = sys.argv[1], int(sys.argv[2])
+ddp, rank, _, world, device = common.init_runtime("cpu", seed=0)
+torch.manual_seed(0)
+m = M.build_model(dict(sequence_len=16, vocab_size=V, n_layer=3, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+opts = train.build_optimizers(m, 0.2, 0.004, 0.02, ns_dtype=torch.float32)
+gen = torch.Generator().manual_seed(1)
+accum = 2 // world  # the single process accumulates both ranks' micro-batches
+losses = []
+for step in range(4):
+    rows = torch.randint(0, V, (4, 17), generator=gen)
+    train.set_schedule(opts, train.lr_multiplier("base", step, 4), train.muon_momentum(step))
+    total = 0.0
+    for micro in range(accum):
+        part = rows[(rank if ddp else micro)::2]
+        loss = m(part[:, :-1], part[:, 1:])
+        (loss / accum).backward()
+        total += loss.item() / accum
+    for o in opts:
+        o.step()
+    m.zero_grad(set_to_none=True)
+    losses.append(train.all_reduce([total], device)[0] / world)
+adamw, muon = opts
+shard = dict(muon_states=sum("momentum_buffer" in s for s in muon.state.values()),
+             muon_params=sum(len(g["params"]) for g in muon.param_groups),
+             adamw_rows=sorted(s["exp_avg"].shape[0] for s in adamw.state.values()))
+if rank == 0:
+    torch.save(dict(losses=losses, params={k: v.clone() for k, v in m.state_dict().items()}), out)
+with open(f"{out}.rank{rank}.json", "w") as f:
+    json.dump(shard, f)
+if ddp:
+    torch.distributed.barrier()
+common.cleanup_runtime()
+'''
+
+
+def _ddp_check(tmp_path, V, launch):
+    script = tmp_path / "ddp_helper.py"
+    script.write_text(DDP_HELPER)
+    env = dict(os.environ, REPO=REPO, OMP_NUM_THREADS="1")
+    single = str(tmp_path / "single.pt")
+    subprocess.run([sys.executable, str(script), single, str(V)], env=env, check=True, timeout=300, capture_output=True)
+    multi = str(tmp_path / "multi.pt")
+    procs = [subprocess.Popen(cmd + [str(script), multi, str(V)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in launch]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    a, b = torch.load(single), torch.load(multi)
+    assert len(a["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-4, atol=1e-6)
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-4, atol=1e-5, msg=k)
+    shards = [json.load(open(f"{multi}.rank{r}.json")) for r in range(2)]
+    full = json.load(open(f"{single}.rank0.json"))
+    # Muon: each momentum buffer lives on exactly one rank
+    assert sum(s["muon_states"] for s in shards) == full["muon_states"] == full["muon_params"]
+    assert all(0 < s["muon_states"] < full["muon_params"] for s in shards)
+    return shards, full
+
+
+def test_train_ddp_equivalence_two_processes(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = _free_port()
+    shards, full = _ddp_check(tmp_path, 256, [[torchrun, "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1"]])
+    # AdamW: wte and lm_head (256 rows) are split by rows across the two ranks
+    assert full["adamw_rows"] == [256, 256] and all(s["adamw_rows"] == [128, 128] for s in shards)
+
+
+def test_train_ddp_equivalence_two_nodes(tmp_path):
+    """Two single-process 'nodes' on loopback; an odd vocabulary (255 rows) takes the all-reduce fallback for AdamW."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = _free_port()
+    launch = [[torchrun, "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+              for r in (0, 1)]
+    shards, full = _ddp_check(tmp_path, 255, launch)
+    assert all(s["adamw_rows"] == [255, 255] for s in shards)  # replicated fallback
+
+
+# -----------------------------------------------------------------------------
+# resume, and the whole chain
+
+def test_train_kill_and_resume_matches_uninterrupted(base_dir, tokenizer, tmp_path):
+    args = [sys.executable, "train.py", *TINY_BASE, "--num-iterations", "50", "--save-every", "8"]
+    ref = _clone_base(base_dir, str(tmp_path / "ref"))
+    run_script(args[1:], env={"NANOCHAT_BASE_DIR": ref})
+    kill = _clone_base(base_dir, str(tmp_path / "kill"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=kill, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        m = re.match(r"step (\d+)/", line)
+        if m and int(m.group(1)) >= 20:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    ckpts = os.listdir(os.path.join(kill, "base_checkpoints", "d1"))
+    assert "model_000050.pt" not in ckpts and "model_000016.pt" in ckpts
+    out = run_script([*args[1:], "--resume"], env={"NANOCHAT_BASE_DIR": kill}).stdout
+    assert "resuming base" in out
+    a, b = _records(ref, "base"), _records(kill, "base")
+    assert sorted(a) == sorted(b) == list(range(51))
+    for s in range(50):
+        assert b[s]["train_loss"] == pytest.approx(a[s]["train_loss"], rel=1e-5, abs=1e-6), s
+    assert b[50]["val_bpb"] == pytest.approx(a[50]["val_bpb"], rel=1e-5)
+
+
+def test_train_end_to_end_base_mid_sft_rl(base_dir, tokenizer, tmp_path):
+    from model import load_model, Engine
+    base = _clone_base(base_dir, str(tmp_path / "e2e"))
+    env = {"NANOCHAT_BASE_DIR": base}
+    chat = ["--device-batch-size", "2", "--max-seq-len", "128", "--total-batch-size", "256", "--compile", "0", "--eval-tokens", "256",
+            "--gsm8k-size", "8", "--identity-size", "4", "--simple-spelling-size", "4", "--spelling-bee-size", "4", "--val-size", "8"]
+    run_script(["train.py", "--stage=base", *TINY_BASE, "--num-iterations", "3"], env=env)
+    run_script(["train.py", "--stage=mid", *chat, "--smoltalk-size", "8", "--mmlu-size", "8", "--num-iterations", "3"], env=env)
+    out = run_script(["train.py", "--stage=sft", *chat, "--smoltalk-size", "8", "--arc-size", "4", "--num-iterations", "2",
+                      "--chat-eval-problems", "4"], env=env).stdout
+    assert "MMLU" in out and "val_loss" in out
+    out = run_script(["train.py", "--stage=rl", "--compile", "0", "--gsm8k-size", "4", "--examples-per-step", "1", "--num-samples", "2",
+                      "--device-batch-size", "2", "--max-new-tokens", "8", "--eval-examples", "2", "--num-iterations", "2"], env=env).stdout
+    assert "reward" in out and "pass@1" in out
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    try:
+        for stage in ("base", "mid", "sft", "rl"):
+            model, meta = load_model(stage, "cpu", tokenizer=tokenizer)
+            rows, _ = Engine(model, tokenizer).generate_batch(tokenizer.encode("Hi", prepend="<|bos|>"), num_samples=1, max_tokens=4, temperature=0.0)
+            assert len(rows[0]) >= 2, stage
+        for stage, title in (("base", "base-model-training"), ("mid", "midtraining"), ("sft", "chat-sft"), ("rl", "chat-rl")):
+            assert os.path.exists(os.path.join(base, "report", f"{title}.md"))
+            assert _records(base, stage)
+    finally:
+        os.environ["NANOCHAT_BASE_DIR"] = base_dir
+
+
+NAN_HELPER = r'''
+import os, sys
+sys.path.insert(0, os.environ["REPO"])
+import train, model as M
+forward, calls = M.GPT.forward, [0]
+def poisoned(self, idx, targets=None, **kw):  # training losses turn NaN from the 7th forward on
+    out = forward(self, idx, targets, **kw)
+    if targets is not None and self.training:
+        calls[0] += 1
+        if calls[0] > 6:
+            out = out * float("nan")
+    return out
+M.GPT.forward = poisoned
+train.main(sys.argv[1:])
+'''
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer, tmp_path):
+    script = tmp_path / "nan_helper.py"
+    script.write_text(NAN_HELPER)
+    base = _clone_base(base_dir, str(tmp_path / "nan"))
+    p = subprocess.run([sys.executable, str(script), *TINY_BASE, "--eval-tokens", "0", "--num-iterations", "20", "--save-every", "3"],
+                       cwd=REPO, env=dict(os.environ, REPO=REPO, NANOCHAT_BASE_DIR=base), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "loss became nan at step 6" in p.stderr and "last good checkpoint is step 6" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    ckpts = sorted(n for n in os.listdir(os.path.join(base, "base_checkpoints", "d1")) if n.startswith("model_"))
+    assert ckpts == ["model_000003.pt", "model_000006.pt"]
+
+
+# =============================================================================
+# eval.py
+# =============================================================================
+
+BUNDLE_ZIP = os.path.join(MIRROR, "karpathy-public.s3.us-west-2.amazonaws.com", "eval_bundle.zip")
+
+
+# ---- fakes: a byte-level tokenizer and a scripted model -------------------------------------------------------------
+
+class ByteTok:
+    """Bytes 0..255 are tokens, BOS = 256."""
+    def get_bos_token_id(self):
+        return 256
+
+    def get_vocab_size(self):
+        return 257
+
+    def encode(self, text, prepend=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend) for t in text]
+        return ([prepend] if prepend is not None else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+class OracleModel(torch.nn.Module):
+    """Predicts every next token with certainty in rows whose last block (after the final blank line) contains GOLD;
+    uniform logits elsewhere. So the choice holding GOLD has the lowest loss and its LM continuation is exact."""
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, idx):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, 257)
+        for b in range(B):
+            text = self.tok.decode(idx[b].tolist())
+            if "GOLD" in text.split("\n\n")[-1]:
+                logits[b, torch.arange(T - 1), idx[b, 1:]] = 20.0
+        return logits
+
+
+def _write_bundle(root, tasks, rows):
+    """A tiny bundle: core.yaml (with a comment and escapes), eval_meta_data.csv, eval_data/*.jsonl."""
+    os.makedirs(os.path.join(root, "eval_data", "x"), exist_ok=True)
+    yaml = ["# a comment", "icl_tasks:"]
+    for label, ttype, shots, delim in tasks:
+        yaml += ["-", f"  label: {label}", f"  dataset_uri: x/{label}.jsonl", f"  num_fewshot: [{shots}]", f"  icl_task_type: {ttype}"]
+        if delim is not None:
+            yaml.append(f'  continuation_delimiter: "{delim}"  # trailing comment')
+        with open(os.path.join(root, "eval_data", "x", f"{label}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[label])
+    open(os.path.join(root, "core.yaml"), "w").write("\n".join(yaml) + "\n")
+    with open(os.path.join(root, "eval_meta_data.csv"), "w") as f:
+        f.write("Eval Task,Task Category,Random baseline,Description\n")
+        f.write('mc,x,25,"a, b"\nsch,x,50,y\nlm,x,0,z\n')
+
+
+def test_eval_core_fake_model_each_type(tmp_path):
+    mc = [{"query": f"Q{i}?", "choices": [f"a{i}", f"GOLD{i}", f"c{i}", f"d{i}"], "gold": 1 if i < 6 else 0} for i in range(8)]
+    sch = [{"context_options": [f"ctx{i} GOLD", f"ctx{i} other"], "continuation": f" then {i}.", "gold": 0 if i < 3 else 1}
+           for i in range(4)]
+    lm = [{"context": f"  Fact {i}: GOLD is", "continuation": f" yes{i}"} for i in range(3)] + \
+         [{"context": f"Fact {i}: none is", "continuation": f" no{i}"} for i in range(3, 5)]
+    _write_bundle(str(tmp_path), [("mc", "multiple_choice", 2, "\\nAnswer: "), ("sch", "schema", 0, None), ("lm", "language_modeling", 10, None)],
+                  {"mc": mc, "sch": sch, "lm": lm})
+    tok = ByteTok()
+    out = ev.evaluate_core(OracleModel(tok), tok, "cpu", bundle_dir=str(tmp_path))
+    assert out["results"] == {"mc": 6 / 8, "sch": 3 / 4, "lm": 3 / 5}
+    assert math.isclose(out["centered"]["mc"], (0.75 - 0.25) / 0.75)
+    assert math.isclose(out["centered"]["sch"], (0.75 - 0.5) / 0.5)
+    assert math.isclose(out["centered"]["lm"], 0.6)
+    assert math.isclose(out["core"], (0.5 / 0.75 + 0.5 + 0.6) / 3)
+    # max_per_task crops after the fixed shuffle; a 10-shot count larger than the cropped list does not crash
+    out = ev.evaluate_core(OracleModel(tok), tok, "cpu", max_per_task=2, bundle_dir=str(tmp_path))
+    shuffled = list(lm)
+    random.Random(1337).shuffle(shuffled)
+    assert out["results"]["lm"] == sum("GOLD" in r["context"] for r in shuffled[:2]) / 2
+    csv_text = ev.core_csv(out)
+    assert [c.strip() for c in csv_text.splitlines()[0].split(",")] == ["Task", "Accuracy", "Centered"]
+    assert csv_text.splitlines()[-1].split(",")[0].strip() == "CORE" and len(csv_text.splitlines()) == 5
+
+
+def test_eval_core_prompts_spans_and_fewshot():
+    rows = [{"query": f"q{i}", "choices": ["x", "y"], "gold": i % 2} for i in range(5)]
+    shots = ev._fewshot(rows, 2, 3)
+    idx = random.Random(1234 + 2).sample([0, 1, 3, 4], 3)
+    assert shots == [rows[j] for j in idx]
+    assert len(ev._fewshot(rows, 0, 10)) == 4  # capped, no crash
+    p = ev.build_prompts(rows[0], [rows[1]], "multiple_choice", "\nAnswer: ")
+    assert p == ["q1\nAnswer: y\n\nq0\nAnswer: x", "q1\nAnswer: y\n\nq0\nAnswer: y"]
+    p = ev.build_prompts({"context_options": ["A", "B"], "continuation": "c", "gold": 0},
+                         [{"context_options": ["D", "E"], "continuation": "f", "gold": 1}], "schema", " ")
+    assert p == ["E f\n\nA c", "E f\n\nB c"]
+    p = ev.build_prompts({"context": " ctx ", "continuation": "cont"}, [{"context": "s ", "continuation": "t"}], "language_modeling", " ")
+    assert p == ["s t\n\nctx", "s t\n\nctx cont"]
+    # MC: common token prefix; schema: common token suffix; LM: without must prefix with
+    seqs, spans = ev.scored_spans([[9, 1, 2, 3], [9, 1, 5], [9, 1, 2, 7, 8]], "multiple_choice")
+    assert spans == [(2, 4), (2, 3), (2, 5)]
+    seqs, spans = ev.scored_spans([[9, 1, 7, 8], [9, 2, 3, 7, 8]], "schema")
+    assert spans == [(2, 4), (3, 5)]
+    seqs, spans = ev.scored_spans([[9, 1, 2], [9, 1, 2, 3, 4]], "language_modeling")
+    assert seqs == [[9, 1, 2, 3, 4]] and spans == [(3, 5)]
+    with pytest.raises(AssertionError):
+        ev.scored_spans([[9, 1, 2], [9, 1, 3, 4]], "language_modeling")
+    seqs, spans = ev._crop([[1, 2, 3, 4, 5, 6]], [(4, 6)], 4)
+    assert seqs == [[3, 4, 5, 6]] and spans == [(2, 4)]
+
+
+def test_eval_core_yaml_of_the_bundle(tmp_path):
+    with zipfile.ZipFile(BUNDLE_ZIP) as z:
+        z.extractall(tmp_path, members=["eval_bundle/core.yaml", "eval_bundle/eval_meta_data.csv", "eval_bundle/core_22_full.yaml"])
+    tasks = ev.load_core_tasks(str(tmp_path / "eval_bundle"))
+    by = {t["label"]: t for t in tasks}
+    assert len(tasks) == 18 and tasks[0]["label"] == "jeopardy"
+    assert by["jeopardy"]["delim"] == "\nAnswer: " and by["jeopardy"]["shots"] == 10 and by["jeopardy"]["type"] == "language_modeling"
+    assert by["arc_easy"]["delim"] == "\nAnswer: " and by["boolq"]["delim"] == "\nAnswer: " and by["piqa"]["delim"] == "\nAnswer: "
+    assert by["copa"]["delim"] == " " and by["copa"]["shots"] == 0 and by["agi_eval_lsat_ar"]["shots"] == 3
+    assert by["winograd"]["type"] == "schema" and by["winograd"]["uri"] == "language_understanding/winograd_wsc.jsonl"
+    assert by["boolq"]["baseline"] == 62 and by["bigbench_language_identification"]["baseline"] == 9.1
+    full = ev.parse_yaml(open(tmp_path / "eval_bundle" / "core_22_full.yaml").read())["icl_tasks"]
+    assert len(full) == 22 and full[0]["num_fewshot"] == [0]
+    assert ev.parse_yaml('a: "x\\ty\\u00e9\\"" # c\nb: [1, 2]\nc:\n  - k: v\n    j: \'q # r\'\n  - 3\n') == \
+        {"a": 'x\ty\u00e9"', "b": [1, 2], "c": [{"k": "v", "j": "q # r"}, 3]}
+
+
+class TableModel(torch.nn.Module):
+    """Fixed logits per position; loss_reduction='none' like the real GPT."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x, targets=None, loss_reduction="mean"):
+        lg = self.logits[:x.size(0), :x.size(1)]
+        if targets is None:
+            return lg
+        loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+
+def test_eval_bpb_hand_computation():
+    torch.manual_seed(0)
+    V = 6  # token 5 is a special token (0 bytes)
+    token_bytes = torch.tensor([1, 2, 3, 1, 4, 0], dtype=torch.int32)
+    logits = torch.randn(2, 4, V)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    y = torch.tensor([[1, 5, 2, -1], [4, 0, 5, 3]])
+    model = TableModel(logits)
+    got = ev.evaluate_bpb(model, iter([(x, y), (x, y)]), 2, token_bytes)
+    nats, nbytes = 0.0, 0
+    for b in range(2):
+        for t in range(4):
+            tgt = y[b, t].item()
+            if tgt >= 0 and token_bytes[tgt] > 0:
+                nats += -torch.log_softmax(logits[b, t], -1)[tgt].item()
+                nbytes += token_bytes[tgt].item()
+    assert math.isclose(got, nats / (math.log(2) * nbytes), rel_tol=1e-6)
+    only_special = torch.tensor([[5, 5, -1, -1]])
+    assert ev.evaluate_bpb(model, iter([(x[:1], only_special)]), 1, token_bytes) == float("inf")
+
+
+def test_eval_bpb_real_model(tiny_model, tokenizer):
+    from tokenizer import get_token_bytes
+    token_bytes = get_token_bytes()
+    bos = tokenizer.get_bos_token_id()
+    ids = torch.tensor([tokenizer.encode("Hello world, this is a test.", prepend=bos) + [bos] + tokenizer.encode("More text")])
+    x, y = ids[:, :-1], ids[:, 1:]
+    got = ev.evaluate_bpb(tiny_model, [(x, y)], 1, token_bytes)
+    loss = tiny_model(x, y, loss_reduction="none")
+    keep = token_bytes[y] > 0
+    assert not keep.all()  # the BOS target is excluded
+    assert math.isclose(got, (loss[keep].sum() / (math.log(2) * token_bytes[y].sum())).item(), rel_tol=1e-5)
+
+
+class LetterTok(ByteTok):
+    def render_for_completion(self, conv):
+        return self.encode(conv["messages"][0]["content"], prepend=256)
+
+
+def test_eval_letter_restriction():
+    tok = LetterTok()
+    # the model prefers 'Z' at every position, then 'C', then 'B'; the answer must come from the allowed letters
+    bias = torch.zeros(257)
+    bias[ord("Z")], bias[ord("C")], bias[ord("B")] = 9.0, 5.0, 4.0
+
+    class M(torch.nn.Module):
+        def forward(self, idx):
+            lg = bias.expand(idx.size(0), idx.size(1), 257).clone()
+            lg[:, :, ord("D")] = 0
+            # at padded positions (BOS inputs) push 'D' very high: using a padded position would answer D
+            lg[idx == 256, ord("D")] = 50.0
+            lg[:, 0, ord("D")] = 0.0
+            return lg
+    prompts = [tok.encode("short", prepend=256), tok.encode("a much longer prompt", prepend=256)]
+    assert ev.predict_letters(M(), tok, prompts, [["A", "B", "C", "D"], ["A", "B"]], "cpu") == ["C", "B"]
+    with pytest.raises(ValueError):
+        ev.letter_ids(tok, ["AB"])
+
+    class Task:
+        eval_type = "categorical"
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"messages": [{"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "C"}], "letters": ["A", "B", "C", "D"]}
+
+        def evaluate(self, conv, text):
+            return text == conv["messages"][-1]["content"]
+    assert ev.run_chat_eval("ARC-Easy", M(), tok, "cpu", batch_size=2, task=Task()) == 1.0
+    assert ev.run_chat_eval("ARC-Easy", M(), tok, "cpu", max_problems=2, task=Task()) == 1.0
+
+
+def test_eval_chatcore_centering():
+    assert math.isclose(ev.chatcore({"ARC-Easy": 0.25}), 0.0)
+    assert math.isclose(ev.chatcore({"ARC-Easy": 0.5, "GSM8K": 0.1}), ((0.5 - 0.25) / 0.75 + 0.1) / 2)
+    full = {k: 1.0 for k in ev.CHAT_BASELINES}
+    assert math.isclose(ev.chatcore(full), 1.0)
+
+
+# ---- sandbox --------------------------------------------------------------------------------------------------------
+
+def _gone(pid):
+    for _ in range(50):
+        try:
+            state = open(f"/proc/{pid}/status").read()
+        except FileNotFoundError:
+            return True
+        if "\nState:\tZ" in state:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_eval_sandbox_passes_and_fails():
+    r = ev.execute_code("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')")
+    assert r["success"] and r["stdout"].strip() == "ok" and not r["timeout"] and r["error"] is None
+    r = ev.execute_code("assert 1 == 2")
+    assert not r["success"] and "AssertionError" in r["error"]
+    for code in ("import os\nos.system('echo hi')", "import subprocess\nsubprocess.run(['echo', 'hi'])",
+                 "input()", "import sys\nsys.stdin.read()", "import os\nos.remove('x')", "import shutil\nshutil.rmtree('.')"):
+        r = ev.execute_code(code)
+        assert not r["success"] and "hi" not in r["stdout"], code
+    r = ev.execute_code("import os\nprint(sorted(os.environ))")
+    assert r["success"] and "NANOCHAT_BASE_DIR" not in r["stdout"] and "PATH" in r["stdout"]
+
+
+def test_eval_sandbox_limits():
+    r = ev.execute_code("x = 'a' * (2 * 1024 ** 3)\nprint(len(x))")
+    assert not r["success"] and r["memory_exceeded"]
+    r = ev.execute_code("with open('big.bin', 'wb') as f:\n    for _ in range(64):\n        f.write(b'0' * 1024 * 1024)\nprint('wrote')")
+    assert not r["success"] and "wrote" not in r["stdout"]
+    r = ev.execute_code("while True:\n    print('x' * 4096)", timeout=2.0)  # endless output is capped by the file-size limit
+    assert not r["success"] and len(r["stdout"]) <= 16 * 1024 * 1024
+    t0 = time.time()
+    r = ev.execute_code("import os, posix\nprint(os.getpid(), flush=True)\nif posix.fork() == 0:\n    pass\nelse:\n    pass\n"
+                        "print(os.getpid(), flush=True)\nwhile True:\n    pass", timeout=1.0)
+    assert r["timeout"] and not r["success"] and time.time() - t0 < 10
+    pids = {int(p) for p in r["stdout"].split()}
+    assert len(pids) == 2 and all(_gone(p) for p in pids)  # parent and forked child are both dead
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+def test_eval_report_assembles(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    rdir = common.report_dir()
+    open(os.path.join(rdir, "stale.md"), "w").write("old")
+    ev.report_reset()
+    assert os.listdir(rdir) == ["header.md"]
+    header = open(os.path.join(rdir, "header.md")).read()
+    assert "Run started: " in header and "- Commit: " in header and "- Characters: " in header and "- PyTorch: " in header
+    common.write_report_section("Chat evaluation sft", {"ARC-Easy": 0.3, "GSM8K": 0.05, "ChatCORE": 0.1})
+    common.write_report_section("Base model evaluation", [{"CORE": 0.2}, {"arc_easy": 0.5}])
+    common.write_report_section("Some other stage", {"x": 1})
+    for step in range(5):
+        common.append_log("base", {"step": step, "train_loss": 5.0 - step, **({"val_bpb": 2.0 - 0.1 * step} if step % 2 == 0 else {})})
+    common.append_log("sft", {"step": 0, "train_loss": 1.5, "val_bpb": 0.9})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    text = ev.report_generate(copy_to=str(cwd))
+    assert text.index("## Base model evaluation") < text.index("## Chat evaluation sft") < text.index("## Some other stage") < text.index("## Summary")
+    assert "| CORE | 0.2000 | - | - | - |" in text
+    assert "| ARC-Easy | - | - | 0.3000 | - |" in text and "| ChatCORE | - | - | 0.1000 | - |" in text
+    assert "| MMLU | - | - | - | - |" in text and "Total wall clock time: 0h0m" in text and "![loss curves](loss.svg)" in text
+    assert open(cwd / "report.md").read() == text.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})")
+    svg = ET.parse(os.path.join(rdir, "loss.svg")).getroot()
+    assert svg.tag.endswith("svg") and len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 2
+
+
+def test_eval_report_cli(tmp_path):
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    run_script(["eval.py", "report", "reset"], env=env)
+    run_script([os.path.join(REPO, "eval.py"), "report"], env=env, cwd=str(tmp_path))
+    assert "## Summary" in open(tmp_path / "report.md").read()
+    p = run_script(["eval.py", "core", "reset"], env=env, check=False)
+    assert p.returncode != 0
+
+
+# ---- chat tasks from data.py ----------------------------------------------------------------------------------------
+
+def test_eval_gsm8k_extraction_and_generative(base_dir):
+    import data
+    task = data.GSM8K("test", size=3)
+    conv = task[0]
+    ref = data.extract_answer(conv["messages"][-1]["content"][-1]["text"])
+    assert ref is not None and task.evaluate(conv, f"some work\n#### {ref}") and not task.evaluate(conv, f"#### {ref}.0")
+    assert data.extract_answer("#### -1,234.5 apples") == "-1234.5"
+
+    class FakeEngine:  # sample 1 is wrong, sample 2 right: "pass if any sample passes"
+        def generate_batch(self, tokens, num_samples=1, **kw):
+            texts = ["#### 0"] + [f"#### {ref}"] * (num_samples - 1)
+            return [list(tokens) + list(t.encode()) for t in texts], None
+
+    class Tok:
+        def render_for_completion(self, conv):
+            return [1, 2, 3]
+
+        def decode(self, ids):
+            return bytes(ids).decode()
+    assert ev.run_generative(task, FakeEngine(), Tok(), "cpu", 1, num_samples=2) == 1
+    assert ev.run_generative(task, FakeEngine(), Tok(), "cpu", 1, num_samples=1) == 0
+
+
+def test_eval_humaneval_program_assembly(base_dir):
+    import data
+    task = data.HumanEval(size=2)
+    conv = task[0]
+    prompt, canonical = conv["messages"][0]["content"], conv["messages"][-1]["content"]
+    fenced = "Here you go:\n```python\n" + canonical + "\n```\nDone."
+    program = data.build_program(conv, fenced)
+    assert program.endswith(f"check({conv['entry_point']})") and "Here you go" not in program
+    evaluate = ev._task_evaluator(task)
+    assert evaluate(conv, fenced) and evaluate(conv, canonical)
+    assert not evaluate(conv, prompt + "\n    return None\n")
+    hand = {"messages": [{"role": "user", "content": "import math\nfrom typing import List\n\n\ndef f(x):\n    import os\n"}],
+            "test": "def check(c):\n    assert c(4) == 2.0", "entry_point": "f"}
+    p = data.build_program(hand, "```\ndef f(x):\n    return math.sqrt(x)\n```")
+    assert p.startswith("import math\nfrom typing import List\n\ndef f(x):") and "import os" not in p
+    assert ev.execute_code(p)["success"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(base_dir, tokenizer):
+    """A random-init depth-2 model saved as base and sft checkpoints."""
+    from model import build_model, save_checkpoint
+    cfg = dict(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    for stage in ("base", "sft"):
+        save_checkpoint(common.checkpoint_dir(stage, "d2"), 5, model.state_dict(), {"step": 5, "model_config": cfg})
+    return cfg
+
+
+def test_eval_cli_core_bpb_chat(base_dir, tiny_checkpoints):
+    env = {"NANOCHAT_BASE_DIR": base_dir}
+    p = run_script(["eval.py", "--stage", "base", "core", "--max-per-task", "3"], env=env)
+    assert "CORE:" in p.stdout and p.stdout.count("acc ") == 18
+    csvs = os.listdir(os.path.join(base_dir, "base_eval"))
+    assert csvs == ["base_d2_000005.csv"]
+    lines = open(os.path.join(base_dir, "base_eval", csvs[0])).read().splitlines()
+    assert len(lines) == 20 and lines[-1].startswith("CORE")
+    assert "- CORE: " in open(os.path.join(base_dir, "report", "base-model-evaluation.md")).read()
+    p = run_script(["eval.py", "--stage", "base", "bpb", "--device-batch-size", "2", "--eval-tokens", "512"], env=env)
+    text = open(os.path.join(base_dir, "report", "base-model-loss.md")).read()
+    assert "- train bpb: " in text and "- val bpb: " in text and "The capital of France is" in text
+    p = run_script(["eval.py", "--stage", "sft", "chat", "-a", "ARC-Easy|GSM8K", "--max-problems", "4", "--max-new-tokens", "8"], env=env)
+    text = open(os.path.join(base_dir, "report", "chat-evaluation-sft.md")).read()
+    assert "- ARC-Easy: " in text and "- GSM8K: " in text and "ChatCORE" not in text
+    p = run_script(["eval.py", "--stage", "sft", "chat", "-a", "Nope"], env=env, check=False)
+    assert p.returncode != 0 and "unknown chat task" in p.stderr
+
+
+DDP_SCRIPT = r'''
+import json, os, sys, torch
+sys.path.insert(0, sys.argv[2])
+import common, eval as ev
+from test_fakes import ByteTok, OracleModel, TableModel
+ddp, rank, local_rank, world, device = common.init_runtime("cpu")
+tok = ByteTok()
+out = ev.evaluate_core(OracleModel(tok), tok, "cpu", bundle_dir=sys.argv[1])
+torch.manual_seed(0)
+logits = torch.randn(4, 3, 6)
+x, y = torch.zeros(4, 3, dtype=torch.long), torch.tensor([[1, 2, 3], [4, 5, 0], [1, 1, 1], [2, -1, 3]])
+bpb = ev.evaluate_bpb(TableModel(logits[rank::world]), [(x[rank::world], y[rank::world])], 1, torch.tensor([1, 2, 3, 1, 4, 0]))
+if rank == 0:
+    print("RESULT", json.dumps(dict(out, bpb=bpb, world=world)))
+common.cleanup_runtime()
+'''
+
+
+def test_eval_ddp_striding_matches_single_process(tmp_path):
+    """torchrun with 2 CPU ranks (gloo): CORE and bpb all-reduced equal the single-process numbers."""
+    import inspect
+    rows = {"mc": [{"query": f"Q{i}?", "choices": [f"a{i}", f"GOLD{i}"], "gold": 1 if i % 3 else 0} for i in range(7)],
+            "sch": [{"context_options": [f"c{i} GOLD", f"c{i} x"], "continuation": " end", "gold": i % 2} for i in range(5)],
+            "lm": [{"context": f"F{i}: {'GOLD' if i % 2 else 'none'} is", "continuation": f" v{i}"} for i in range(5)]}
+    _write_bundle(str(tmp_path / "b"), [("mc", "multiple_choice", 3, None), ("sch", "schema", 1, None), ("lm", "language_modeling", 2, None)], rows)
+    fakes = "import torch\nimport torch.nn.functional as F\n" + "".join(inspect.getsource(c) + "\n" for c in (ByteTok, OracleModel, TableModel))
+    (tmp_path / "test_fakes.py").write_text(fakes)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    results = []
+    for n in ("1", "2"):
+        p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", str(29500 + random.randint(1, 999)),
+                        str(tmp_path / "ddp.py"), str(tmp_path / "b"), REPO], env=env)
+        results.append(json.loads(p.stdout.split("RESULT", 1)[1].strip().splitlines()[0]))
+    assert results[1]["world"] == 2 and results[0]["world"] == 1
+    assert results[0]["results"] == results[1]["results"] and math.isclose(results[0]["bpb"], results[1]["bpb"], rel_tol=1e-9)
+    assert results[0]["results"]["mc"] == 4 / 7
+
+
+def test_eval_cli_missing_checkpoint_is_a_clear_error(tmp_path, tokenizer):
+    shutil.copytree(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "tokenizer"), tmp_path / "tokenizer")
+    p = run_script(["eval.py", "--stage", "mid", "chat"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
+    assert p.returncode != 0 and "error: no mid checkpoints" in p.stderr and "Traceback" not in p.stderr
+
+
+# =============================================================================
+# chat.py
+# =============================================================================
+
+CHAT_TAG = "chat_test"  # its own tag, so checkpoints other sections save in the session base dir are never picked up
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tokenizer, tiny_config):
+    """A tiny random-init SFT checkpoint (the tiny_model recipe; tiny_model itself is function-scoped) under the session base dir."""
+    from model import GPT, save_checkpoint
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(tiny_config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    path = common.checkpoint_dir("sft", CHAT_TAG)
+    save_checkpoint(path, 0, model.state_dict(), {"model_config": dataclasses.asdict(tiny_config)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_checkpoint, tmp_path_factory):
+    """`python chat.py --web --port 0` in a subprocess; yields (port, log path); stopped at the end."""
+    log = str(tmp_path_factory.mktemp("chat") / "server.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "chat.py", "--web", "-g", CHAT_TAG, "--port", "0", "-m", "24", "--max-queue", "8"],
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        for _ in range(600):
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/", open(log).read())
+            if m or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert m, f"server did not start:\n{open(log).read()}"
+        yield int(m.group(1)), log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    print(open(log).read()[-3000:])
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=60):
+    """-> (status, headers dict, body bytes); body may be a dict (sent as JSON), str or bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    conn.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, dict(r.getheaders()), data
+
+
+def sse_events(data):
+    return [json.loads(line[6:]) if line[6:].startswith("{") else line[6:]
+            for line in data.decode("utf-8").split("\n") if line.startswith("data: ")]
+
+
+def test_chat_reply_streams_utf8_whole_and_brackets_tools(tokenizer):
+    from chat import Reply, render_prompt, parse_messages
+    text = "h\u00e9llo \U0001F600 \u4e16\u754c caf\u00e9 \U0001F468\u200d\U0001F469\u200d\U0001F467!"
+    reply = Reply(tokenizer)
+    pieces = [reply.push(t) for t in tokenizer.encode(text)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    ids = [tokenizer.encode_special("<|python_start|>"), *tokenizer.encode("2+2"), tokenizer.encode_special("<|python_end|>"),
+           tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("4"), tokenizer.encode_special("<|output_end|>")]
+    assert "".join(reply.push(t) for t in ids) == "[python: 2+2] [output: 4] "
+    # system merge (SPEC 1.7) and list-of-parts content
+    msgs = parse_messages({"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]})
+    assert msgs == [("user", "Be brief.\n\nHi\nthere")]
+    conv = {"messages": [{"role": "user", "content": "Be brief.\n\nHi\nthere"}, {"role": "assistant", "content": "x"}]}
+    assert render_prompt(tokenizer, msgs) == tokenizer.render_for_completion(conv)
+
+
+def test_chat_sse_streams_and_ends(chat_server):
+    port, log = chat_server
+    status, headers, page = http_request(port, "GET", "/")
+    assert status == 200 and b"<textarea" in page and b"http" not in page.replace(b"http-equiv", b"")  # self-contained page
+    status, headers, data = http_request(port, "POST", "/chat/completions",
+                                         {"messages": [{"role": "user", "content": "Hello \U0001F600"}], "max_tokens": 16, "temperature": 1.0})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(data)
+    assert events[-1] == {"done": True}
+    assert all(set(e) == {"token", "gpu"} and e["gpu"] == 0 for e in events[:-1]) and len(events) >= 2
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # keep-alive: several requests on one connection
+    for path in ["/health", "/v1/models", "/health"]:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert r.status == 200 and r.version == 11 and not r.will_close
+        body = json.loads(r.read())
+    conn.close()
+    health = body
+    assert health["status"] == "ok" and health["ready"] and health["available_workers"] == 1 and health["num_gpus"] == 0
+    stats = json.loads(http_request(port, "GET", "/stats")[2])
+    assert stats["total_workers"] == 1 and stats["busy_workers"] == 0 and stats["workers"] == [{"gpu_id": 0, "device": "cpu"}]
+    assert re.search(r"POST /chat/completions 200 .*worker=0 prompt=\d+ completion=\d+ finish=(stop|length)", open(log).read())
+
+
+def test_chat_openai_client(chat_server):
+    try:
+        import openai
+    except ImportError:
+        print("SKIP reason: the openai package is not installed (CI installs it)")
+        pytest.skip("openai not installed")
+    port, _ = chat_server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id == f"nanochat-sft-{CHAT_TAG}" and client.models.retrieve("gpt-4o").id == models[0].id
+    r = client.chat.completions.create(model="gpt-4o", max_tokens=8, temperature=0.5, top_p=0.9, presence_penalty=0.1,
+                                       messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}])
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens and r.usage.completion_tokens <= 8
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]
+    stream = client.chat.completions.create(model="anything", max_completion_tokens=6, stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "system", "content": "Be nice."}, {"role": "user", "content": parts}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"]) and chunks[-1].usage.completion_tokens <= 6
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(text, str)
+    same = [client.chat.completions.create(model="m", seed=7, temperature=1.0, max_tokens=12, messages=[{"role": "user", "content": "hi"}])
+            .choices[0].message.content for _ in range(2)]
+    assert same[0] == same[1]  # a given seed reproduces; without one every request draws its own
+    with pytest.raises(openai.BadRequestError, match="n = 1"):
+        client.chat.completions.create(model="x", n=2, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_chat_bad_inputs_get_4xx_with_reason(chat_server):
+    port, log = chat_server
+    user = [{"role": "user", "content": "hi"}]
+    cases = [("/chat/completions", b"{not json", 400), ("/chat/completions", b"\xff\xfe", 400), ("/chat/completions", [1, 2], 400),
+             ("/chat/completions", {}, 400), ("/chat/completions", {"messages": []}, 400), ("/chat/completions", {"messages": "hi"}, 400),
+             ("/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400),
+             ("/chat/completions", {"messages": [*user, {"role": "system", "content": "x"}]}, 400),
+             ("/chat/completions", {"messages": [{"role": "system", "content": "x"}]}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+             ("/chat/completions", {"messages": ["hi"]}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 8001}]}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 8000}] * 5}, 400),
+             ("/chat/completions", {"messages": user * 501}, 400),
+             ("/chat/completions", {"messages": user, "temperature": 2.5}, 400), ("/chat/completions", {"messages": user, "temperature": -0.1}, 400),
+             ("/chat/completions", {"messages": user, "temperature": "hot"}, 400), ("/chat/completions", {"messages": user, "top_k": 201}, 400),
+             ("/chat/completions", {"messages": user, "top_k": -1}, 400), ("/chat/completions", {"messages": user, "top_k": 2.5}, 400),
+             ("/chat/completions", {"messages": user, "max_tokens": 0}, 400), ("/chat/completions", {"messages": user, "max_tokens": 4097}, 400),
+             ("/chat/completions", {"messages": user, "max_tokens": True}, 400),
+             ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}] * 20}, 400),  # over the model's context
+             ("/v1/chat/completions", {"messages": user, "n": 3}, 400), ("/v1/chat/completions", {"messages": user, "max_completion_tokens": 0}, 400),
+             ("/chat/completions", b"x" * (2 << 20) + b"xyz", 413), ("/nope", {"messages": user}, 404)]
+    for path, body, expected in cases:
+        status, headers, data = http_request(port, "POST", path, body)
+        reason = json.loads(data)["error"]["message"]
+        assert status == expected and reason and "Traceback" not in reason, (path, str(body)[:80], status, data[:200])
+    assert http_request(port, "GET", "/missing")[0] == 404
+    assert http_request(port, "POST", "/chat/completions", b"{}", {"Content-Length": "abc"})[0] in (400, 411)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # garbage instead of HTTP
+        s.sendall(b"\x16\x03\x01 hello there\r\n\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 400")
+    status, _, data = http_request(port, "POST", "/chat/completions", {"messages": user, "max_tokens": 2, "top_k": 0, "temperature": 0})
+    assert status == 200 and sse_events(data)[-1] == {"done": True}  # still serving, edge values accepted
+    assert "Traceback" not in open(log).read()
+
+
+def test_chat_concurrent_requests_complete_or_503(chat_server):
+    port, log = chat_server
+    body = {"messages": [{"role": "user", "content": "Tell me something."}], "max_tokens": 12}
+
+    def one(i):
+        path = "/chat/completions" if i % 2 else "/v1/chat/completions"
+        return http_request(port, "POST", path, body, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(50) as ex:
+        results = list(ex.map(one, range(50)))
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 9, statuses  # 1 worker + 8 waiting always get through
+    for status, headers, payload in results:
+        if status == 503:
+            assert headers["Retry-After"] and "busy" in json.loads(payload)["error"]["message"]
+        elif payload.startswith(b"data: "):
+            assert sse_events(payload)[-1] == {"done": True}
+        else:
+            assert json.loads(payload)["choices"][0]["finish_reason"] in ("stop", "length")
+    print(f"50 concurrent requests: {statuses.count(200)} completed, {statuses.count(503)} got 503")
+    health = json.loads(http_request(port, "GET", "/health")[2])
+    assert health["available_workers"] == 1
+
+
+def test_chat_client_disconnect_frees_worker(chat_server):
+    port, log = chat_server
+    body = json.dumps({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 4096, "temperature": 1.0, "top_k": 0}).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert s.recv(200).startswith(b"HTTP/1.1 200")
+    for _ in range(100):
+        stats = json.loads(http_request(port, "GET", "/stats")[2])
+        if stats["available_workers"] == 1:
+            break
+        time.sleep(0.1)
+    assert stats["available_workers"] == 1 and stats["waiting_requests"] == 0
+    for _ in range(50):
+        if "client disconnected" in open(log).read():
+            break
+        time.sleep(0.1)
+    assert re.search(r"POST /chat/completions 200 .*finish=length client disconnected", open(log).read())
+    status, _, data = http_request(port, "POST", "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert status == 200 and sse_events(data)[-1] == {"done": True}
+
+
+def test_chat_cli_prompt_and_interactive(chat_checkpoint):
+    p = run_script(["chat.py", "-g", CHAT_TAG, "-p", "Why is the sky blue?", "-m", "16"])
+    assert "Traceback" not in p.stderr and "User:" not in p.stdout
+    p = run_script(["chat.py", "-g", CHAT_TAG, "-m", "8", "-t", "1.0"], input="hi\nclear\n\nwhat is 2+2?\nquit\nnever read\n")
+    assert p.stdout.count("Assistant:") == 2 and "(conversation cleared)" in p.stdout and "never read" not in p.stdout
+
+
+def test_chat_cli_history_eof_and_bad_flags(chat_checkpoint, tokenizer, monkeypatch, capsys):
+    import io
+    import chat
+    monkeypatch.setattr(sys, "argv", ["chat.py", "-g", CHAT_TAG, "-m", "5"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello again\n"))  # EOF after two turns ends the chat cleanly
+    seen, real_stream = [], chat.Reply.stream
+
+    def spy(self, engine, prompt, *args):  # records every prompt the CLI sends to the engine
+        seen.append(list(prompt))
+        yield from real_stream(self, engine, prompt, *args)
+    monkeypatch.setattr(chat.Reply, "stream", spy)
+    chat.main()
+    assert capsys.readouterr().out.count("Assistant:") == 2 and len(seen) == 2
+    # history as tokens: turn 2's prompt = turn 1's prompt + reply (<= 5 tokens) + <|assistant_end|> + the next user turn + <|assistant_start|>
+    aend, us, ast = (tokenizer.encode_special(f"<|{n}|>") for n in ("assistant_end", "user_start", "assistant_start"))
+    end = seen[1].index(aend, len(seen[0]))
+    assert seen[1][:len(seen[0])] == seen[0] and end - len(seen[0]) <= 5 and seen[1][end + 1] == us and seen[1][-1] == ast
+    for argv, message in [(["--source", "rl", "-g", CHAT_TAG, "-p", "hi"], "train.py --stage=rl"), (["-t", "5", "-p", "hi"], "-t"), (["-k", "201"], "-k"), (["-g", CHAT_TAG, "-s", "7"], "step 7")]:
+        monkeypatch.setattr(sys, "argv", ["chat.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            chat.main()
+        assert e.value.code != 0 and message in (str(e.value.code) + capsys.readouterr().err)
+
+
+def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        print("SKIP reason: selenium is not installed (CI installs it)")
+        pytest.skip("selenium not installed")
+    if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
+        print("SKIP reason: Debian's chromium / chromium-driver are not installed (CI installs them with apt)")
+        pytest.skip("chromium not installed")
+    port, _ = chat_server
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1000,700",
+                 f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: CHAT_TAG in d.find_element(By.ID, "model").text)  # /health answered on load
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("/help", Keys.ENTER)
+        assert "/temperature" in driver.find_element(By.CSS_SELECTOR, ".console").text
+        driver.execute_script("window.updates = 0; new MutationObserver(() => window.updates++)"  # counts the reply's growth
+                              ".observe(document.getElementById('list'), {childList: true, subtree: true, characterData: true})")
+        box.send_keys("Hello there", Keys.SHIFT, Keys.ENTER, Keys.NULL, "second line", Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
+        assert driver.execute_script("return window.updates") > 5  # streamed: many partial updates, not one final paint
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "Hello there\nsecond line"
+        reply = driver.find_element(By.CSS_SELECTOR, ".assistant").text
+        assert reply.strip(), "no streamed reply"
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        driver.find_element(By.CSS_SELECTOR, ".assistant").click()  # regenerate
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".assistant")) == 1
+        shot = os.path.join(tempfile.mkdtemp(prefix="nanochat_ui_"), "chat.png")
+        assert driver.save_screenshot(shot)
+        print(f"screenshot: {shot}")
+        assert os.path.getsize(shot) > 1000
+        driver.find_element(By.CSS_SELECTOR, ".user").click()  # edit: back into the input, the turn removed
+        assert box.get_attribute("value") == "Hello there\nsecond line" and not driver.find_elements(By.CSS_SELECTOR, ".msg.user")
+        driver.execute_script("arguments[0].value = arguments[1]", box, "many words " * 400)  # over the tiny model's context
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "context" in driver.find_element(By.ID, "error-text").text
+        assert box.get_attribute("value").startswith("many words") and not driver.find_elements(By.CSS_SELECTOR, ".msg")  # back for editing
+        driver.find_element(By.ID, "new").click()
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg") and not driver.find_element(By.ID, "error").is_displayed()
+    finally:
+        driver.quit()
