@@ -446,7 +446,7 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
 
 SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
                  "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
-                 "chat-rl", "chat-evaluation-rl"]
+                 "chat-rl", "chat-evaluation-rl", "reply-endings"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft", "RL": "chat-evaluation-rl"}
 GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
@@ -661,9 +661,29 @@ def cmd_chat(args, model, meta, tokenizer, device):
         print0(f"ChatCORE: {section['ChatCORE']:.4f}")
     common.write_report_section(f"Chat evaluation {args.stage}", [{"source": args.stage, "max problems": args.max_problems or "all"}, section])
 
+def cmd_endings(args, model, meta, tokenizer, device):
+    """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like chat.py)."""
+    import data
+    from model import Engine
+    engine, end = Engine(model, tokenizer), tokenizer.encode_special("<|assistant_end|>")
+    task = data.SmolTalk("test", size=args.num_prompts)
+    finished, lengths = 0, []
+    for i in range(len(task)):
+        prompt = tokenizer.render_for_completion(task[i])
+        for n, (column, _) in enumerate(engine.generate(prompt, num_samples=1, max_tokens=args.max_new_tokens,
+                                                         temperature=args.temperature, top_k=args.top_k, seed=i), 1):
+            if column[0] == end:
+                finished += 1
+                break
+        lengths.append(n)
+    print0(f"replies ending with <|assistant_end|> within {args.max_new_tokens} tokens: {finished}/{len(task)} "
+           f"(mean reply length {sum(lengths) / len(lengths):.0f} tokens)")
+    common.write_report_section("Reply endings", {"source": args.stage, "prompts": len(task), "finished": finished,
+                                                  "max new tokens": args.max_new_tokens, "temperature": args.temperature})
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="CORE, bits per byte, chat evaluations and the report card")
-    p.add_argument("command", choices=["core", "bpb", "chat", "report"])
+    p.add_argument("command", choices=["core", "bpb", "chat", "endings", "report"])
     p.add_argument("action", nargs="?", choices=["reset", "generate"], help="report only: reset starts a run, default assembles report.md")
     p.add_argument("--stage", "-i", "--source", dest="stage", choices=list(common.CHECKPOINT_DIRS), default=None, help="checkpoint stage (core/bpb: base, chat: sft)")
     p.add_argument("--tag", "-g", default=None, help="checkpoint tag (default: largest d<N>)")
@@ -679,6 +699,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", "-t", type=float, default=0.0)
     p.add_argument("--top-k", "-k", type=int, default=50)
+    p.add_argument("--num-prompts", type=int, default=50, help="endings: SmolTalk test prompts to answer")
     args = p.parse_args(argv)
     if args.command == "report":
         report_reset() if args.action == "reset" else report_generate(copy_to=os.getcwd())
@@ -694,7 +715,7 @@ def main(argv=None):
         model, meta = load_model(args.stage, device, tag=args.tag, step=args.step, tokenizer=tokenizer)
         meta = dict(meta or {})
         meta["_tag"] = args.tag or meta.get("tag") or f"d{meta.get('model_config', {}).get('n_layer', model.config.n_layer)}"
-        {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat}[args.command](args, model, meta, tokenizer, device)
+        {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat, "endings": cmd_endings}[args.command](args, model, meta, tokenizer, device)
     except (FileNotFoundError, ValueError) as e:  # missing checkpoint/tokenizer/data, vocab mismatch: one clear line
         raise SystemExit(f"error: {e}")
     finally:

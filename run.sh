@@ -47,5 +47,83 @@ PY
   exit $rc
 fi
 
-echo "pipeline not written yet" >&2
-exit 1
+# --- the pipeline -------------------------------------------------------------------------------
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+STATE="$NANOCHAT_BASE_DIR/run_state"   # one marker file per finished stage, so a rerun skips it
+mkdir -p "$STATE"
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+
+if [ "$MODE" = smoke ]; then
+  PROFILE=smoke
+elif [ "$NGPU" -gt 0 ]; then
+  PROFILE=gpu
+else
+  PROFILE=cpu
+fi
+echo "profile: $PROFILE (GPUs: $NGPU), artifacts in $NANOCHAT_BASE_DIR"
+
+case $PROFILE in
+  gpu)   # SPEC 12.1: the d20 speedrun; with fewer than 8 GPUs the same run accumulates gradients
+    LAUNCH="torchrun --standalone --nproc_per_node=$NGPU"
+    FIRST_SHARDS=8; SHARDS=240; TOK="--vocab-size 65536 --max-chars 2000000000"
+    # 2^19 tokens per step = 32 rows x 2048 x GPUs x accumulation; for 3, 5, 6 or 7 GPUs it is rounded to the nearest multiple
+    TOTAL=$(python -c "r=32*2048*$NGPU; print(max(1, round(524288/r))*r)")
+    BASE="--depth 20 --device-batch-size 32 --total-batch-size $TOTAL"
+    MID="--device-batch-size 32 --total-batch-size $TOTAL"
+    SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"
+    ;;
+  cpu)   # about 30-40 minutes on 2 cores: vocab 8192 (at depth 4 the lm_head dominates), depth 4, seq 512, small mixtures
+    LAUNCH="python"
+    FIRST_SHARDS=11; SHARDS=11; TOK="--vocab-size 8192 --max-chars 20000000"
+    BASE="--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 --num-iterations 400 --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every 200 --save-every 50 --compile 1"
+    MID="--device-batch-size 8 --total-batch-size 4096 --num-iterations 200 --smoltalk-size 3000 --mmlu-size 500 --gsm8k-size 500 --identity-size 250 --simple-spelling-size 300 --spelling-bee-size 300 --val-size 200 --eval-every 100 --eval-tokens 32768 --save-every 50 --compile 0"
+    SFT="--device-batch-size 8 --total-batch-size 4096 --num-iterations 100 --smoltalk-size 2000 --arc-size 300 --gsm8k-size 300 --identity-size 250 --val-size 100 --eval-every 50 --chat-eval-every -1 --save-every 50 --compile 0"
+    RL="--num-iterations 16 --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every -1 --save-every 8"
+    BPB="--device-batch-size 8 --eval-tokens 65536"; CORE="--max-per-task 20"; CHAT="--max-problems 20 --max-new-tokens 256"; EVALRL="--max-problems 40 --max-new-tokens 256"; ENDINGS="--num-prompts 50"
+    ;;
+  smoke) # the smallest settings that still run every stage end to end
+    LAUNCH="python"
+    FIRST_SHARDS=2; SHARDS=2; TOK="--vocab-size 1024 --max-chars 1000000"
+    BASE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 10 --eval-every 5 --eval-tokens 2048 --core-metric-every -1 --sample-every -1 --save-every 5 --compile 0"
+    MID="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --mmlu-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --eval-tokens 1024 --compile 0"
+    SFT="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --arc-size 10 --gsm8k-size 10 --identity-size 10 --val-size 10 --eval-every -1 --chat-eval-every -1 --compile 0"
+    RL="--num-iterations 2 --examples-per-step 1 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --eval-every -1 --save-every -1"
+    BPB="--device-batch-size 4 --eval-tokens 2048"; CORE="--max-per-task 2"; CHAT="--max-problems 2 --max-new-tokens 16"; EVALRL="--max-problems 2 --max-new-tokens 16"; ENDINGS="--num-prompts 4"
+    ;;
+esac
+
+# run a stage once: skipped when its marker exists; a failure stops the script with the stage's own message.
+# Training stages always get --resume: an interrupted stage continues from its latest checkpoint (a fresh one just starts).
+stage() {
+  local name=$1; shift
+  if [ -f "$STATE/$name.done" ]; then echo "== $name: done before, skipping"; return; fi
+  echo "== $name: $*"
+  "$@"
+  touch "$STATE/$name.done"
+}
+
+if [ ! -f "$STATE/report_reset.done" ]; then python eval.py report reset; touch "$STATE/report_reset.done"; fi
+stage download_first python data.py download -n "$FIRST_SHARDS"
+if [ "$PROFILE" = gpu ] && [ ! -f "$STATE/download_all.done" ]; then
+  python data.py download -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &   # overlaps tokenizer training
+  DOWNLOAD_PID=$!
+fi
+stage tokenizer_train python tokenizer.py train $TOK
+stage tokenizer_eval python tokenizer.py eval
+if [ -n "${DOWNLOAD_PID:-}" ]; then wait "$DOWNLOAD_PID"; touch "$STATE/download_all.done"; fi
+stage base_train $LAUNCH train.py --stage=base $BASE --resume
+stage base_loss  $LAUNCH eval.py --stage base bpb $BPB
+stage base_core  $LAUNCH eval.py --stage base core $CORE
+stage mid_train  $LAUNCH train.py --stage=mid $MID --resume
+stage mid_eval   $LAUNCH eval.py --stage mid chat $CHAT
+stage sft_train  $LAUNCH train.py --stage=sft $SFT --resume
+stage sft_eval   $LAUNCH eval.py --stage sft chat $CHAT
+stage rl_train   $LAUNCH train.py --stage=rl $RL --resume
+stage rl_eval    $LAUNCH eval.py --stage rl chat -a GSM8K $EVALRL
+stage endings    python eval.py --stage sft endings $ENDINGS --max-new-tokens 256 -t 0.6 -k 50
+python eval.py report
+echo
+sed -n '/^## Summary/,$p' "$NANOCHAT_BASE_DIR/report/report.md"
+echo
+echo "artifacts: $NANOCHAT_BASE_DIR (checkpoints in *_checkpoints/, report in report/report.md, copied to ./report.md)"
+echo "talk to it: source .venv/bin/activate && python chat.py   (or: python chat.py --web, then open http://127.0.0.1:8000)"
