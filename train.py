@@ -77,14 +77,13 @@ class _Done:
         pass
 
 def _reduce_scatter_sum(out, inp):
-    """out <- this rank's dim-0 chunk of the sum of inp over ranks (async). Backends without it: all-reduce, then slice."""
+    """out <- this rank's dim-0 chunk of the sum of inp over ranks (async). gloo has no reduce-scatter: all-reduce, then slice."""
     inp = inp.view(-1, *out.shape[1:])  # (W * rows, ...): the layout every backend checks
-    try:
+    if dist.get_backend() != "gloo":
         return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, async_op=True)
-    except (RuntimeError, NotImplementedError, ValueError):
-        dist.all_reduce(inp, op=dist.ReduceOp.SUM)
-        out.copy_(inp.chunk(dist.get_world_size())[dist.get_rank()])
-        return _Done()
+    dist.all_reduce(inp, op=dist.ReduceOp.SUM)
+    out.copy_(inp.chunk(dist.get_world_size())[dist.get_rank()])
+    return _Done()
 
 def _world():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
