@@ -11,6 +11,7 @@ import json
 import math
 import time
 import argparse
+import warnings
 from collections import deque
 from dataclasses import dataclass, asdict
 
@@ -314,7 +315,10 @@ def use_calculator(expr):
     if "**" in expr:
         return None
     try:
-        value = _calc(ast.parse(expr, mode="eval").body)
+        with warnings.catch_warnings():  # model-written junk such as "1.2.3" should not print SyntaxWarnings
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr, mode="eval")
+        value = _calc(tree.body)
     except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
         return None
     if isinstance(value, float) and not math.isfinite(value):

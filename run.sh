@@ -78,7 +78,7 @@ case $PROFILE in
     BASE="--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 --num-iterations 300 --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every 200 --save-every 50 --compile 1"
     MID="--device-batch-size 8 --total-batch-size 4096 --num-iterations 150 --smoltalk-size 3000 --mmlu-size 500 --gsm8k-size 500 --identity-size 250 --simple-spelling-size 300 --spelling-bee-size 300 --val-size 200 --eval-every 100 --eval-tokens 32768 --save-every 50 --compile 0"
     SFT="--device-batch-size 8 --total-batch-size 4096 --num-iterations 100 --smoltalk-size 2000 --arc-size 300 --gsm8k-size 300 --identity-size 250 --val-size 100 --eval-every 50 --chat-eval-every -1 --save-every 50 --compile 0"
-    RL="--num-iterations 16 --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every -1 --save-every 8"
+    RL="--num-iterations 16 --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every -1 --eval-examples 20 --save-every 8"
     BPB="--device-batch-size 8 --eval-tokens 65536"; CORE="--max-per-task 20"; CHAT="--max-problems 20 --max-new-tokens 256"; EVALRL="--max-problems 40 --max-new-tokens 256"; ENDINGS="--num-prompts 50"
     ;;
   smoke) # the smallest settings that still run every stage end to end
@@ -87,7 +87,7 @@ case $PROFILE in
     BASE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 10 --eval-every 5 --eval-tokens 2048 --core-metric-every -1 --sample-every -1 --save-every 5 --compile 0"
     MID="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --mmlu-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --eval-tokens 1024 --compile 0"
     SFT="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --arc-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --chat-eval-every -1 --compile 0"
-    RL="--num-iterations 2 --examples-per-step 1 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --eval-every -1 --save-every -1"
+    RL="--num-iterations 2 --examples-per-step 1 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --eval-every -1 --eval-examples 2 --save-every -1"
     BPB="--device-batch-size 4 --eval-tokens 2048"; CORE="--max-per-task 2"; CHAT="--max-problems 2 --max-new-tokens 16"; EVALRL="--max-problems 2 --max-new-tokens 16"; ENDINGS="--num-prompts 4"
     ;;
 esac

@@ -505,8 +505,8 @@ def setup_lm(stage, args, rt, model, train_model):
                 print0(f"val shard holds {S.val_steps} of the {eval_steps()} requested eval batches; evaluating on {S.val_steps}")
         if S.val_steps == 0:
             return None
-        # the same best-fit packing with a smaller buffer: a fresh loader each time, so identical val tokens, read quickly
-        loader = data.PretrainLoader(tokenizer, B, T, split="val", device=device, rank=rank, world_size=world, buffer_docs=100)
+        # a fresh loader each time (identical val tokens), built as eval.py builds it, so both report the same bpb
+        loader = data.PretrainLoader(tokenizer, B, T, split="val", device=device, rank=rank, world_size=world)
         try:
             return nc_eval.evaluate_bpb(model, loader, S.val_steps, rt["token_bytes"])
         finally:
