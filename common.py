@@ -96,6 +96,15 @@ def init_runtime(device=None, seed=42):
     torch.manual_seed(seed)
     return ddp, rank, local_rank, world, device
 
+def all_reduce(values, device, op=None):
+    """A list of numbers summed (or reduced with `op`) over ranks; unchanged without a process group."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
 def cleanup_runtime():
     import torch.distributed as dist
     if dist.is_initialized():

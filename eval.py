@@ -37,13 +37,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # small distributed helper
 
-def _all_reduce_sum(values, device):
-    """Sum a list of numbers over ranks (no-op without a process group)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
 # -----------------------------------------------------------------------------
 # bits per byte (SPEC 4.6)
 
@@ -245,7 +238,7 @@ def evaluate_task(model, tokenizer, rows, task, device, max_len=None):
             seqs, spans = _crop(seqs, spans, max_len)
         result = score_example(model, seqs, spans, task["type"], bos, device)
         correct[idx] = float(result if task["type"] == "language_modeling" else result == row["gold"])
-    correct = _all_reduce_sum(correct, device)
+    correct = common.all_reduce(correct, device)
     return sum(correct) / max(1, len(rows))
 
 def _model_max_len(model):
@@ -436,7 +429,7 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
         from model import Engine
         passed = run_generative(task, Engine(model, tokenizer), tokenizer, device, n, num_samples, max_new_tokens, temperature, top_k)
     model.train(was_training)
-    passed = _all_reduce_sum([passed], device)[0]
+    passed = common.all_reduce([passed], device)[0]
     acc = passed / max(1, n)
     print0(f"\r{task_name}: {int(passed)}/{n} = {acc:.4f}")
     return acc

@@ -458,15 +458,20 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
         optimizer_state = torch.load(path, map_location=device, weights_only=False)  # our own file
     return model_state, optimizer_state, meta
 
-def last_step(ckpt_dir):
-    """The largest step with both model and meta files (half-written temp files are ignored), or None."""
+def last_step(ckpt_dir, world=0):
+    """The largest step with model and meta files and, when world > 0, every rank's optimizer shard (a kill mid-save
+    leaves an older complete one); half-written temp files are ignored. None if there is none."""
     if not os.path.isdir(ckpt_dir):
         return None
     names = set(os.listdir(ckpt_dir))
-    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"model_(\d{6,})\.pt", n)) and f"meta_{m.group(1)}.json" in names]
+    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"model_(\d{6,})\.pt", n)) and f"meta_{m.group(1)}.json" in names
+             and all(f"optim_{m.group(1)}_rank{r}.pt" in names for r in range(world))]
     return max(steps) if steps else None
 
-def _default_tag(root):
+def default_tag(root):
+    """The largest d<N> folder under a stage's checkpoint root, else the newest folder, else None."""
+    if not os.path.isdir(root):
+        return None
     tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))]
     if not tags:
         return None
@@ -481,7 +486,7 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(common.CHECKPOINT_DIRS)}")
     make = f"run `python train.py --stage={stage}` first"
     root = common.checkpoint_dir(stage)
-    tag = tag or (_default_tag(root) if os.path.isdir(root) else None)
+    tag = tag or default_tag(root)
     if tag is None:
         raise FileNotFoundError(f"no {stage} checkpoints in {root}: {make}")
     ckpt_dir = os.path.join(root, tag)

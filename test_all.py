@@ -1414,7 +1414,7 @@ for step in range(4):
     for o in opts:
         o.step()
     m.zero_grad(set_to_none=True)
-    losses.append(train.all_reduce([total], device)[0] / world)
+    losses.append(common.all_reduce([total], device)[0] / world)
 adamw, muon = opts
 shard = dict(muon_states=sum("momentum_buffer" in s for s in muon.state.values()),
              muon_params=sum(len(g["params"]) for g in muon.param_groups),

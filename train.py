@@ -11,7 +11,6 @@ Optimizers: Muon for every matrix inside the transformer blocks, AdamW for wte a
 DDP: under torch.distributed the optimizers average the gradients themselves (reduce-scatter -> the owning rank updates
 and alone keeps the state -> all-gather), so optimizer state is sharded across ranks.
 """
-import os
 import sys
 import json
 import math
@@ -261,13 +260,6 @@ def muon_momentum(step):
 # -----------------------------------------------------------------------------
 # small helpers
 
-def all_reduce(values, device, op=None):
-    """A list of floats summed (or op) over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
 def grad_accum_steps(total, B, T, world):
     per_step = B * T * world
     if total % per_step:
@@ -303,28 +295,6 @@ def set_rng_state(s):
 
 def jsonable(x):
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-def resolve_tag(stage, tag):
-    """The given tag, else the largest d<N> folder of the stage, else the newest folder (as model.load_model picks)."""
-    root = common.checkpoint_dir(stage)
-    if tag or not os.path.isdir(root):
-        return tag
-    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))]
-    depth_tags = [t for t in tags if t[:1] == "d" and t[1:].isdigit()]
-    if depth_tags:
-        return max(depth_tags, key=lambda t: int(t[1:]))
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t))) if tags else None
-
-def latest_complete_step(ckpt_dir, world):
-    """Largest step whose model, meta and every rank's optimizer shard exist (a kill mid-save leaves an older one)."""
-    if not os.path.isdir(ckpt_dir):
-        return None
-    names = set(os.listdir(ckpt_dir))
-    steps = sorted((int(n[6:-3]) for n in names if n.startswith("model_") and n.endswith(".pt")), reverse=True)
-    for s in steps:
-        if f"meta_{s:06d}.json" in names and all(f"optim_{s:06d}_rank{r}.pt" in names for r in range(world)):
-            return s
-    return None
 
 def task_size(n):
     return None if n is None or n < 0 else n
@@ -484,7 +454,7 @@ def setup_lm(stage, args, rt, model, train_model):
             loss = lm_loss(train_model, x, y, masked)
             (loss / accum).backward()
         if stage != "base":  # the epoch ends for everyone when it ends for any rank
-            last, prog = all_reduce([float(S.loader.last_step), S.loader.progress], device, op=dist.ReduceOp.MAX)
+            last, prog = common.all_reduce([float(S.loader.last_step), S.loader.progress], device, op=dist.ReduceOp.MAX)
             S.done_flag, S.progress = bool(last), max(S.progress, prog)
         return loss.detach(), {}
     S.train_step = train_step
@@ -500,7 +470,7 @@ def setup_lm(stage, args, rt, model, train_model):
                 have += sum(len(ids) + 1 for ids in tokenizer.encode(texts))
                 if have >= want * B * T:
                     break
-            S.val_steps = int(all_reduce([min(want, have // (B * T))], device, op=dist.ReduceOp.MIN)[0])
+            S.val_steps = int(common.all_reduce([min(want, have // (B * T))], device, op=dist.ReduceOp.MIN)[0])
             if S.val_steps < eval_steps():
                 print0(f"val shard holds {S.val_steps} of the {eval_steps()} requested eval batches; evaluating on {S.val_steps}")
         if S.val_steps == 0:
@@ -532,7 +502,7 @@ def setup_lm(stage, args, rt, model, train_model):
                 for _ in range(eval_steps()):
                     x, y = next(batches)
                     total += lm_loss(model, x, y, True).item()
-                m["val_loss"] = all_reduce([total / eval_steps()], device)[0] / world
+                m["val_loss"] = common.all_reduce([total / eval_steps()], device)[0] / world
             if stage == "sft" and every(args.chat_eval_every, step, last) and (step > 0 or last):
                 for name in ("MMLU", "ARC-Easy"):
                     m[name] = nc_eval.run_chat_eval(name, model, tokenizer, device, max_problems=args.chat_eval_problems)
@@ -597,7 +567,7 @@ def setup_rl(args, rt, model):
                 loss.backward()
             rewards_all += rewards.tolist()
             lengths += [len(r) - len(prompt) for r in rows]
-        tot = all_reduce([sum(rewards_all), len(rewards_all), sum(lengths)], device)
+        tot = common.all_reduce([sum(rewards_all), len(rewards_all), sum(lengths)], device)
         S.tokens_per_step = int(tot[2])
         return loss.detach(), {"reward": tot[0] / tot[1], "seq_len": tot[2] / tot[1]}
     S.train_step = train_step
@@ -616,7 +586,7 @@ def setup_rl(args, rt, model):
             for k in range(k_max):
                 hits[k] += float(any(ok[:k + 1]))
             count += 1
-        tot = all_reduce(hits + [count], device)
+        tot = common.all_reduce(hits + [count], device)
         return {f"pass@{k + 1}": tot[k] / max(1, tot[-1]) for k in range(k_max)}
     S.evaluate = evaluate
     return S
@@ -641,13 +611,13 @@ def run(args):
         model_config = asdict(model_lib.config_from_depth(args.depth, V, args.max_seq_len or 2048))
         tag = args.model_tag or f"d{args.depth}"
     else:
-        src_tag = resolve_tag(args.source, args.source_tag)
+        src_tag = args.source_tag or model_lib.default_tag(common.checkpoint_dir(args.source))
         src_dir = common.checkpoint_dir(args.source, src_tag)
         if src_tag is None or model_lib.last_step(src_dir) is None:
             raise SystemExit(f"error: no {args.source} checkpoint in {src_dir}: run `python train.py --stage={args.source}` first")
         tag = args.model_tag or src_tag
     ckpt_dir = common.checkpoint_dir(stage, tag)
-    resume_step = latest_complete_step(ckpt_dir, world) if args.resume else None
+    resume_step = model_lib.last_step(ckpt_dir, world) if args.resume else None
     if args.resume and resume_step is None:
         print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
     opt_sd = None
@@ -726,7 +696,7 @@ def run(args):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss = all_reduce([loss.item()], device)[0] / world
+        loss = common.all_reduce([loss.item()], device)[0] / world
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - t0
