@@ -214,15 +214,19 @@ def right_pad(seqs, pad_id):
 
 @torch.no_grad()
 def score_example(model, seqs, spans, task_type, pad_id, device):
-    """Forward the right-padded batch once; -> index of the chosen option (MC/schema) or whether the LM span is exact."""
+    """Forward the right-padded batch once; -> index of the chosen option (MC/schema) or whether the LM span is exact.
+    The head runs only on the scored positions: a few-shot prompt is ~1,000 tokens and its span a few, so this skips
+    nearly all of the (B, T, V) logits (the same numbers: the head works position by position)."""
     ids = right_pad(seqs, pad_id).to(device)
-    logits = model(ids).float()  # (B, T, V)
-    targets = ids[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # position p predicts token p+1
+    with common.autocast_ctx(device):
+        hidden = model.trunk(ids)  # (B, T, d)
+        scored = [(hidden[i, s - 1:e - 1], ids[i, s:e]) for i, (s, e) in enumerate(spans)]  # position p predicts p+1
+        logits = model.head(torch.cat([h for h, _ in scored])).float()
+    targets = torch.cat([t for _, t in scored])
     if task_type == "language_modeling":
-        s, e = spans[0]
-        return bool((logits[0, s - 1:e - 1].argmax(-1) == targets[0, s - 1:e - 1]).all().item())
-    means = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+        return bool((logits.argmax(-1) == targets).all().item())
+    losses = F.cross_entropy(logits, targets, reduction="none").split([len(t) for _, t in scored])
+    means = [l.mean().item() for l in losses]
     return min(range(len(means)), key=means.__getitem__)
 
 def evaluate_task(model, tokenizer, rows, task, device, max_len=None):

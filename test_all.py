@@ -1603,7 +1603,10 @@ class OracleModel(torch.nn.Module):
         super().__init__()
         self.tok = tok
 
-    def forward(self, idx):
+    def head(self, hidden):  # the "hidden states" below are already the logits
+        return hidden
+
+    def trunk(self, idx):
         B, T = idx.shape
         logits = torch.zeros(B, T, 257)
         for b in range(B):
@@ -1612,6 +1615,25 @@ class OracleModel(torch.nn.Module):
                 logits[b, torch.arange(T - 1), idx[b, 1:]] = 20.0
         return logits
 
+
+def test_eval_core_scores_equal_full_logits():
+    """score_example runs the head on the scored positions only; it must choose exactly what the full (B, T, V) logits choose."""
+    import eval as ev
+    model = small_model(seed=5)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        prefix = torch.randint(0, 200, (30,), generator=g).tolist()
+        seqs = [prefix + torch.randint(0, 200, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (4,), generator=g)]
+        spans = [(30, len(t)) for t in seqs]
+        ids = ev.right_pad(seqs, 0)
+        losses = F.cross_entropy(model(ids)[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        means = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+        assert ev.score_example(model, seqs, spans, "multiple_choice", 0, "cpu") == means.index(min(means))
+        s, e = spans[0]
+        exact = bool((model(ids[:1])[0, s - 1:e - 1].argmax(-1) == ids[0, s:e]).all())
+        assert ev.score_example(model, seqs[:1], spans[:1], "language_modeling", 0, "cpu") == exact
+    greedy = naive_greedy(model, prefix, 3)  # an LM continuation the model predicts exactly
+    assert ev.score_example(model, [prefix + greedy], [(30, 33)], "language_modeling", 0, "cpu") is True
 
 def _write_bundle(root, tasks, rows):
     """A tiny bundle: core.yaml (with a comment and escapes), eval_meta_data.csv, eval_data/*.jsonl."""
