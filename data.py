@@ -758,14 +758,25 @@ def bench(args):
     fresh.close()
     print(f"load average after: {os.getloadavg()}")
 
+def write_chat_text(path, size=None):
+    """SmolTalk train conversations as tokenizer-training documents (jsonl, one {"text": ...} per conversation,
+    messages joined by blank lines), so a small vocab also learns the chat data's code and markup."""
+    task = SmolTalk("train", size)
+    lines = [json.dumps({"text": "\n\n".join(m["content"] for m in task[i]["messages"])}) for i in range(len(task))]
+    common.atomic_write_text(path, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines):,} conversations, {sum(map(len, lines)) / 1e6:.1f} MB of json, to {path}")
+
 def main():
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--mirror", help="directory or http(s) base URL holding upstream files at HOST/PATH (env NANOCHAT_MIRROR)")
-    ap = argparse.ArgumentParser(description="nanochat data: shard downloads and loader benchmark")
+    ap = argparse.ArgumentParser(description="nanochat data: shard downloads, chat text for the tokenizer, loader benchmark")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 plus validation shard 1822 into base_data/")
     d.add_argument("-n", "--num-shards", type=int, default=8, help="number of train shards (-1: all)")
     d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train conversations as a jsonl file for tokenizer.py train --input")
+    c.add_argument("-o", "--output", default=None, help="default: $NANOCHAT_BASE_DIR/chat_text.jsonl")
+    c.add_argument("-n", "--size", type=int, default=None, help="first N conversations in the task order (default: all)")
     b = sub.add_parser("bench", parents=[shared], help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
     b.add_argument("--shards", type=int, default=11, help="train shards to use")
     b.add_argument("-B", type=int, default=8)
@@ -777,6 +788,8 @@ def main():
     try:
         if args.cmd == "download":
             download_shards(args.num_shards, args.workers)
+        elif args.cmd == "chat-text":
+            write_chat_text(args.output or os.path.join(common.get_base_dir(), "chat_text.jsonl"), args.size)
         else:
             bench(args)
     except (RuntimeError, FileNotFoundError, ValueError) as e:

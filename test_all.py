@@ -368,12 +368,15 @@ def test_tokenizer_training_documents(tmp_path, base_dir):
     docs = list(T.training_documents([str(txt), str(jsonl)], 10**9, 20, stats))
     assert docs == ["first para\nline two", "second para", "x" * 20, "plain string doc"]
     assert stats == {"docs": 4, "chars": sum(map(len, docs))}
-    # the cap: stop right after the running count exceeds max_chars (overshoot < 1 doc); default input = train shards only
+    # the cap: stop right after the running count exceeds max_chars (overshoot < 1 doc); train-shards = train split only
     stats = {"docs": 0, "chars": 0}
-    docs = list(T.training_documents([], 25_000, 10_000, stats))
+    docs = list(T.training_documents(["train-shards"], 25_000, 10_000, stats))
     assert stats["chars"] > 25_000 and stats["chars"] - len(docs[-1]) <= 25_000 and max(map(len, docs)) <= 10_000
     val = set(next(common.iter_row_groups("val"))[2])
-    assert not val & set(d for d in T.training_documents([], 2_000_000, 10**9, {"docs": 0, "chars": 0}))
+    assert not val & set(d for d in T.training_documents(["train-shards"], 2_000_000, 10**9, {"docs": 0, "chars": 0}))
+    # files and train-shards mix, read in the order given
+    mixed = list(T.training_documents([str(txt), "train-shards"], 1_000, 10**9, {"docs": 0, "chars": 0}))
+    assert mixed[:2] == ["first para\nline two", "second para"] and mixed[2] == next(common.iter_documents("train"))
     parquet = os.path.join(SHARD_DIR, "shard_00000.parquet")
     first = next(T.read_input_file(parquet))
     assert first == next(common.iter_documents("train"))

@@ -454,10 +454,11 @@ def read_input_file(path):
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
-    """SPEC 1.3: train-split documents (never the val shard) or --input files, each capped at doc_cap characters;
+    """SPEC 1.3: --input files in order, the word train-shards standing for the train split (never the val shard),
+    each document capped at doc_cap characters;
     stop right after the running character count exceeds max_chars."""
     from common import iter_documents
-    docs = itertools.chain.from_iterable(map(read_input_file, inputs)) if inputs else iter_documents("train")
+    docs = itertools.chain.from_iterable(iter_documents("train") if x == "train-shards" else read_input_file(x) for x in inputs)
     for doc in docs:
         doc = doc[:doc_cap]
         stats["docs"] += 1
@@ -552,7 +553,7 @@ def cmd_train(args):
           f"({len(ranks) - 256:,} merges), peak memory of the process tree {mem.pss:,.0f} MB PSS ({mem.rss:,.0f} MB RSS "
           f"summed); saved to {tokenizer_dir()}")
     write_report_section("Tokenizer training", {
-        "input": " ".join(args.input) or "train shards", "docs": stats["docs"], "chars": stats["chars"],
+        "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
         "train_time_s": train_time, "peak_pss_mb": mem.pss, "peak_rss_sum_mb": mem.rss,
         "token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
@@ -710,8 +711,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the BPE and save tokenizer/ under the base dir")
-    p.add_argument("--input", nargs="+", default=[], help="parquet ('text' column), jsonl ({'text': ...}) or text files "
-                   "(blank-line separated paragraphs); default: the train shards under $NANOCHAT_BASE_DIR/base_data")
+    p.add_argument("--input", nargs="+", default=["train-shards"], help="parquet ('text' column), jsonl ({'text': ...}) or "
+                   "text files (blank-line separated paragraphs), read in order; the word train-shards stands for the train "
+                   "shards under $NANOCHAT_BASE_DIR/base_data (the default)")
     p.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
