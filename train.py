@@ -32,7 +32,6 @@ import data
 import eval as nc_eval
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c) of the release
-NS_DTYPE = torch.bfloat16              # NS runs in bf16 on every device, as in the release; tests pass float32
 CPU_COMPILE_DEFAULT = 1                # measured: ~1.5x faster steps at depth 4/8 (seq 512) for a ~70-90 s cold compile; tests pass 0
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
@@ -57,7 +56,8 @@ STAGE_DEFAULTS = {
 def newton_schulz(G, steps=5, dtype=None):
     """Approximately orthogonalise G (-> U S' V^T with S' in about [0.5, 1.5]) by the quintic Newton-Schulz iteration."""
     a, b, c = NS_COEFFS
-    X = G.to(dtype or NS_DTYPE)
+    # bf16 on CUDA, as in the release; fp32 on CPU, where bf16 matmuls without native support ran 10-40x slower here
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT
