@@ -73,10 +73,8 @@ case $PROFILE in
     SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"
     ;;
   cpu)   # about 30-40 minutes on 2 cores: vocab 8192 (at depth 4 the lm_head dominates), depth 4, seq 512, small mixtures
-    # the tokenizer also reads the SmolTalk train chats: the stand-in is 2/3 code, which a FineWeb-only 8k vocab splits
-    # into ~1.6 bytes/token, so replies ran past 256 tokens; with the chats, code is ~2.4 bytes/token
     LAUNCH="python"
-    FIRST_SHARDS=11; SHARDS=11; CHATTEXT=""; TOK="--vocab-size 8192 --max-chars 20000000 --input $NANOCHAT_BASE_DIR/chat_text.jsonl train-shards"
+    FIRST_SHARDS=11; SHARDS=11; CHATTEXT=""; TOK="--vocab-size 8192 --max-chars 20000000"
     BASE="--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 --num-iterations 300 --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every 200 --save-every 50 --compile 1"
     MID="--device-batch-size 8 --total-batch-size 4096 --num-iterations 150 --smoltalk-size 3000 --mmlu-size 500 --gsm8k-size 500 --identity-size 250 --simple-spelling-size 300 --spelling-bee-size 300 --val-size 200 --eval-every 100 --eval-tokens 32768 --save-every 50 --compile 0"
     SFT="--device-batch-size 8 --total-batch-size 4096 --num-iterations 100 --smoltalk-size 2000 --arc-size 300 --gsm8k-size 300 --identity-size 250 --val-size 100 --eval-every 50 --eval-tokens 32768 --chat-eval-every -1 --save-every 50 --compile 0"
@@ -85,7 +83,7 @@ case $PROFILE in
     ;;
   smoke) # the smallest settings that still run every stage end to end
     LAUNCH="python"
-    FIRST_SHARDS=2; SHARDS=2; CHATTEXT="-n 200"; TOK="--vocab-size 1024 --max-chars 1000000 --input $NANOCHAT_BASE_DIR/chat_text.jsonl train-shards"
+    FIRST_SHARDS=2; SHARDS=2; CHATTEXT="-n 200"; TOK="--vocab-size 1024 --max-chars 1000000"
     BASE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 10 --eval-every 5 --eval-tokens 2048 --core-metric-every -1 --sample-every -1 --save-every 5 --compile 0"
     MID="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --mmlu-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --eval-tokens 1024 --compile 0"
     SFT="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --arc-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --chat-eval-every -1 --compile 0"
@@ -110,7 +108,12 @@ if [ "$PROFILE" = gpu ] && [ ! -f "$STATE/download_all.done" ]; then
   python data.py download -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &   # overlaps tokenizer training
   DOWNLOAD_PID=$!
 fi
-if [ "$PROFILE" != gpu ]; then stage chat_text python data.py chat-text $CHATTEXT; fi
+# off GPU the tokenizer also reads the SmolTalk train chats: the mirror's stand-in is 2/3 code, which a FineWeb-only 8k vocab
+# splits into ~1.6 bytes/token, so replies ran past 256 tokens; with the chats, code is ~2.4 bytes/token (the GPU run keeps FineWeb only)
+if [ "$PROFILE" != gpu ]; then
+  stage chat_text python data.py chat-text -o "$NANOCHAT_BASE_DIR/chat_text.jsonl" $CHATTEXT
+  TOK="$TOK --input $NANOCHAT_BASE_DIR/chat_text.jsonl train-shards"
+fi
 stage tokenizer_train python tokenizer.py train $TOK
 stage tokenizer_eval python tokenizer.py eval
 if [ -n "${DOWNLOAD_PID:-}" ]; then wait "$DOWNLOAD_PID"; touch "$STATE/download_all.done"; fi
