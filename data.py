@@ -381,8 +381,8 @@ class ChatLoader:
     plain mean then; compute loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed over ranks under DDP),
     which is 0 with zero gradient instead of NaN."""
 
-    def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100):
-        self.task, self.tok, self.B, self.T, self.device = task, tokenizer, B, T, str(device)
+    def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100, pack=True):
+        self.task, self.tok, self.B, self.T, self.device, self.pack = task, tokenizer, B, T, str(device), pack
         self.rank, self.world_size, self.completion_only, self.buffer_size = rank, world_size, completion_only, buffer
         self.share = len(range(rank, len(task), world_size))  # conversations of this rank per epoch
         if self.share == 0:
@@ -422,8 +422,8 @@ class ChatLoader:
                 self._refill()
                 lens = np.array([len(c[1]) for c in self.buffer])
                 fits = np.where(lens <= T1 - pos, lens, 0)
-                j = int(fits.argmax())
-                if fits[j] == 0:
+                j = int(fits.argmax()) if self.pack else 0  # pack=False: the next conversation alone in its row
+                if fits[j] == 0 or (pos > 0 and not self.pack):
                     break  # nothing fits: the rest of the row is padding
                 _, cids, cmask = self.buffer.pop(j)
                 ids[b, pos:pos + len(cids)] = cids

@@ -66,10 +66,9 @@ case $PROFILE in
   gpu)   # SPEC 12.1: the d20 speedrun; with fewer than 8 GPUs the same run accumulates gradients
     LAUNCH="torchrun --standalone --nproc_per_node=$NGPU"
     FIRST_SHARDS=8; SHARDS=240; TOK="--vocab-size 65536 --max-chars 2000000000"
-    # 2^19 tokens per step = 32 rows x 2048 x GPUs x accumulation; for 3, 5, 6 or 7 GPUs it is rounded to the nearest multiple
-    TOTAL=$(python -c "r=32*2048*$NGPU; print(max(1, round(524288/r))*r)")
-    BASE="--depth 20 --device-batch-size 32 --total-batch-size $TOTAL"
-    MID="--device-batch-size 32 --total-batch-size $TOTAL"
+    # 2^19 tokens per step = 32 rows x 2048 x GPUs x accumulation; train.py rounds every stage's batch for 3, 5, 6 or 7 GPUs
+    BASE="--depth 20 --device-batch-size 32"
+    MID="--device-batch-size 32"
     SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"
     ;;
   cpu)   # about 30-40 minutes on 2 cores: vocab 8192 (at depth 4 the lm_head dominates), depth 4, seq 512, small mixtures

@@ -1305,16 +1305,45 @@ def test_train_overfits_one_batch(tiny_model, tokenizer):
 
 def test_train_lr_schedules_never_increase_after_warmup():
     import train
-    N = 1000
-    for stage in ("base", "mid", "sft", "rl"):
-        lrms = [train.lr_multiplier(stage, s, N) for s in range(N + 1)]
-        assert lrms[0] == 1.0 and all(b <= a for a, b in zip(lrms, lrms[1:])), stage
-        assert lrms[-1] == 0.0, stage
-    # epoch-based runs follow the loader's progress: mid stays flat until 80%, then decays (nanochat #68 ramped up instead)
-    mid = [train.lr_multiplier("mid", 0, None, p / 100) for p in range(101)]
-    assert mid[:81] == [1.0] * 81 and mid[90] == pytest.approx(0.5) and mid[100] == 0.0
-    assert train.lr_multiplier("base", 799, N) == 1.0 and train.lr_multiplier("base", 900, N) == pytest.approx(0.5)
+    for warmdown in (0.2, 0.5, 1.0):  # base/mid, the later nanochat's SFT, linear decay (rl)
+        lrms = [train.lr_multiplier(p / 1000, warmdown) for p in range(1001)]
+        assert lrms[0] == 1.0 and all(b <= a for a, b in zip(lrms, lrms[1:])) and lrms[-1] == 0.0, warmdown
+        assert lrms[round(1000 * (1 - warmdown))] == 1.0 and lrms[round(1000 * (1 - warmdown / 2))] == pytest.approx(0.5)
+    # flat until 80%, then down (nanochat #68's mid schedule ramped up instead)
+    assert [train.lr_multiplier(p / 100) for p in range(81)] == [1.0] * 81 and train.lr_multiplier(0.9) == pytest.approx(0.5)
     assert train.muon_momentum(0) == 0.85 and train.muon_momentum(150) == pytest.approx(0.90) and train.muon_momentum(1000) == 0.95
+
+
+def test_train_batch_arithmetic_any_world_size(capsys):
+    """Every stage's default batch, and run.sh's GPU profile, give whole micro-steps and questions on 1-8 ranks."""
+    import train
+    for stage in ("base", "mid", "sft"):
+        args = train.parse_args(["--stage", stage])
+        B, T = args.device_batch_size, args.max_seq_len or 2048
+        for world in range(1, 9):
+            total, accum = train.grad_accum_steps(args.total_batch_size, B, T, world)
+            assert accum >= 1 and total == accum * B * T * world, (stage, world)
+            assert abs(total - args.total_batch_size) <= B * T * world / 2, (stage, world)
+    assert train.grad_accum_steps(524288, 32, 2048, 8) == (524288, 1) and train.grad_accum_steps(524288, 32, 2048, 1) == (524288, 8)
+    assert train.grad_accum_steps(524288, 32, 2048, 3) == (589824, 3)
+    assert "not a multiple" in capsys.readouterr().out
+    args = train.parse_args(["--stage", "rl"])
+    for world in range(1, 9):
+        per_rank = train.rl_questions_per_rank(args.examples_per_step, world)
+        assert per_rank >= 1 and abs(per_rank * world - args.examples_per_step) <= world / 2, world
+        assert args.num_samples % args.device_batch_size == 0
+    # run.sh's GPU profile: each stage's flags give whole micro-steps on every GPU count
+    with open(os.path.join(REPO, "run.sh")) as f:
+        gpu = f.read().split("  gpu)", 1)[1].split(";;", 1)[0]
+    flags = dict(re.findall(r'(BASE|MID|SFT|RL)="([^"]*)"', gpu))
+    assert sorted(flags) == ["BASE", "MID", "RL", "SFT"]
+    for name, stage in (("BASE", "base"), ("MID", "mid"), ("SFT", "sft")):
+        args = train.parse_args(["--stage", stage, *flags[name].split()])
+        for ngpu in range(1, 9):
+            total, accum = train.grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len or 2048, ngpu)
+            assert accum >= 1 and total % (args.device_batch_size * (args.max_seq_len or 2048) * ngpu) == 0
+    args = train.parse_args(["--stage", "rl", *flags["RL"].split()])
+    assert args.num_samples % args.device_batch_size == 0 and all(train.rl_questions_per_rank(args.examples_per_step, w) for w in range(1, 9))
 
 
 class _Probe(torch.nn.Module):
@@ -1342,14 +1371,14 @@ def test_train_sft_trains_only_assistant_tokens_mid_trains_user_tokens(tokenizer
         x, y = next(loader)
         assert x[0].tolist() == ids[:-1]
         probe = _Probe(T, tokenizer.get_vocab_size())
-        train.lm_loss(probe, x, y, True).backward()
+        train.lm_loss(probe, x, y).backward()
         rows[completion_only] = probe.logits.grad[0].abs().sum(-1) > 0  # positions that get gradient
     assistant = torch.tensor(mask[1:]) == 1
     assert rows[True].tolist() == assistant.tolist()  # SFT: exactly the assistant tokens (and <|assistant_end|>)
     assert rows[False].all() and (rows[False] & ~assistant).any()  # mid: user tokens are trained too
     # a micro-batch with no supervised target gives loss 0 and zero gradient, not NaN
     probe = _Probe(T, tokenizer.get_vocab_size())
-    loss = train.lm_loss(probe, x, torch.full_like(y, -1), True)
+    loss = train.lm_loss(probe, x, torch.full_like(y, -1))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(probe.logits.grad).all()
 
@@ -1387,9 +1416,10 @@ def test_train_rl_reward_and_advantages(tiny_model):
 
 
 def test_train_bad_input_messages(base_dir, tokenizer, tmp_path):
-    p = run_script(["train.py", *TINY_BASE, "--total-batch-size", "100", "--num-iterations", "1"], check=False)
-    assert p.returncode != 0 and "not divisible" in p.stderr and "use e.g. --total-batch-size 64" in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    for flag, value in (("--device-batch-size", "0"), ("--depth", "0"), ("--max-seq-len", "-3"), ("--warmdown-ratio", "0")):
+        p = run_script(["train.py", *TINY_BASE, flag, value], check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and flag in lines[0] and ("at least" in lines[0] or "(0, 1]" in lines[0]), p.stderr
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": empty}, check=False)
@@ -1420,7 +1450,7 @@ accum = 2 // world  # the single process accumulates both ranks' micro-batches
 losses = []
 for step in range(4):
     rows = torch.randint(0, V, (4, 17), generator=gen)
-    train.set_schedule(opts, train.lr_multiplier("base", step, 4), train.muon_momentum(step))
+    train.set_schedule(opts, train.lr_multiplier(step / 4), train.muon_momentum(step))
     total = 0.0
     for micro in range(accum):
         part = rows[(rank if ddp else micro)::2]
@@ -1490,56 +1520,144 @@ def test_train_ddp_equivalence_two_nodes(tmp_path):
 # -----------------------------------------------------------------------------
 # resume, and the whole chain
 
-def test_train_kill_and_resume_matches_uninterrupted(base_dir, tokenizer, tmp_path):
-    args = [sys.executable, "train.py", *TINY_BASE, "--num-iterations", "50", "--save-every", "8"]
-    ref = _clone_base(base_dir, str(tmp_path / "ref"))
-    run_script(args[1:], env={"NANOCHAT_BASE_DIR": ref})
-    kill = _clone_base(base_dir, str(tmp_path / "kill"))
-    env = dict(os.environ, NANOCHAT_BASE_DIR=kill, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
+CHAT_TINY = ["--device-batch-size", "2", "--max-seq-len", "128", "--total-batch-size", "256", "--compile", "0", "--eval-tokens", "256",
+             "--gsm8k-size", "8", "--identity-size", "4", "--simple-spelling-size", "4", "--spelling-bee-size", "4", "--val-size", "8"]
+STAGE_TINY = {  # each stage at test size; --num-iterations and --save-every are added per test
+    "mid": ["--stage=mid", *CHAT_TINY, "--smoltalk-size", "16", "--mmlu-size", "8"],
+    "sft": ["--stage=sft", *CHAT_TINY, "--smoltalk-size", "16", "--arc-size", "4", "--chat-eval-every", "-1"],
+    "rl": ["--stage=rl", "--gsm8k-size", "8", "--examples-per-step", "1", "--num-samples", "2", "--device-batch-size", "2",
+           "--max-new-tokens", "8", "--eval-examples", "2", "--eval-every", "-1"],
+}
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def _launch(ranks, port, node_rank=None):
+    """The command prefix: plain python for one rank, torchrun on loopback for several (or for one 'node' of two)."""
+    if node_rank is not None:
+        return [TORCHRUN, "--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    if ranks == 1:
+        return [sys.executable]
+    return [TORCHRUN, f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+
+
+def _train(base, args, ranks=1, timeout=300):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1")
+    p = subprocess.run(_launch(ranks, _free_port()) + ["train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _final_weights(base, stage, tag):
+    import model as M
+    folder = os.path.join(base, common.CHECKPOINT_DIRS[stage], tag)
+    return torch.load(os.path.join(folder, f"model_{M.last_step(folder):06d}.pt"), weights_only=True)
+
+
+def _kill_and_resume(base_dir, tmp_path, stage_args, stage, tag, ranks, kill_at, prepare=None):
+    """An uninterrupted run and one killed (SIGKILL, the whole process group) after step kill_at, then resumed: every logged
+    loss after the resume point and the final weights must be exactly equal."""
+    runs = {}
+    for name in ("ref", "kill"):
+        base = _clone_base(base_dir, str(tmp_path / name))
+        if prepare:
+            prepare(base)
+        runs[name] = base
+    _train(runs["ref"], stage_args, ranks)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=runs["kill"], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(_launch(ranks, _free_port()) + ["train.py", *stage_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, deadline = [], time.time() + 240
     for line in p.stdout:
         seen.append(line)
-        m = re.match(r"step (\d+)/", line)
-        if m and int(m.group(1)) >= 20:
+        m = re.match(r"step (\d+)[/ ].*\| loss ", line)
+        if (m and int(m.group(1)) >= kill_at) or time.time() > deadline:
             break
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
     assert p.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    ckpts = os.listdir(os.path.join(kill, "base_checkpoints", "d1"))
-    assert "model_000050.pt" not in ckpts and "model_000016.pt" in ckpts
-    out = run_script([*args[1:], "--resume"], env={"NANOCHAT_BASE_DIR": kill}).stdout
-    assert "resuming base" in out
-    a, b = _records(ref, "base"), _records(kill, "base")
-    assert sorted(a) == sorted(b) == list(range(51))
-    for s in range(50):
-        assert b[s]["train_loss"] == pytest.approx(a[s]["train_loss"], rel=1e-5, abs=1e-6), s
-    assert b[50]["val_bpb"] == pytest.approx(a[50]["val_bpb"], rel=1e-5)
+    out = _train(runs["kill"], [*stage_args, "--resume"], ranks)
+    assert f"resuming {stage}" in out, out[-2000:]
+    a, b = _records(runs["ref"], stage), _records(runs["kill"], stage)
+    assert sorted(a) == sorted(b)
+    steps = [s for s in a if "loss" in a[s]]
+    assert steps and all(a[s]["loss"] == b[s]["loss"] and a[s]["train_loss"] == b[s]["train_loss"] for s in steps), \
+        [(s, a[s].get("loss"), b[s].get("loss")) for s in steps]
+    wa, wb = _final_weights(runs["ref"], stage, tag), _final_weights(runs["kill"], stage, tag)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return runs
 
 
-def test_train_end_to_end_base_mid_sft_rl(base_dir, tokenizer, tmp_path):
+def test_train_kill_and_resume_two_ranks_base(base_dir, tokenizer, tmp_path):
+    args = ["--stage=base", *TINY_BASE, "--num-iterations", "24", "--save-every", "6"]
+    runs = _kill_and_resume(base_dir, tmp_path, args, "base", "d1", ranks=2, kill_at=14)
+    names = os.listdir(os.path.join(runs["kill"], "base_checkpoints", "d1"))
+    assert "optim_000024_rank1.pt" in names and "model_000012.pt" in names
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(base_dir, tokenizer, tmp_path_factory):
+    """base -> mid -> sft checkpoints of a depth-1 model under one base dir (sources for the chat stages' tests)."""
+    base = _clone_base(base_dir, str(tmp_path_factory.mktemp("chain")))
+    _train(base, ["--stage=base", *TINY_BASE, "--num-iterations", "3"])
+    _train(base, [*STAGE_TINY["mid"], "--num-iterations", "3"])
+    _train(base, [*STAGE_TINY["sft"], "--num-iterations", "2"])
+    return base
+
+
+@pytest.mark.parametrize("stage", ["mid", "sft", "rl"])
+def test_train_kill_and_resume_chat_stages(stage, base_dir, tiny_chain, tmp_path):
+    source = {"mid": "base", "sft": "mid", "rl": "sft"}[stage]
+
+    def prepare(base):  # the source stage's checkpoints, copied
+        folder = common.CHECKPOINT_DIRS[source]
+        shutil.copytree(os.path.join(tiny_chain, folder), os.path.join(base, folder))
+    iters = "10" if stage == "rl" else "12"
+    _kill_and_resume(base_dir, tmp_path, [*STAGE_TINY[stage], "--num-iterations", iters, "--save-every", "4"], stage, "d1", ranks=1,
+                     kill_at=5, prepare=prepare)
+
+
+def test_train_ddp_real_script_ranks_stay_identical(base_dir, tokenizer, tiny_chain, tmp_path):
+    """train.py itself under torchrun (2 ranks; and as two 1-rank 'nodes'): --check-sync compares a hash of every rank's
+    weights after each optimizer step, and the losses fall as the one-process run's do."""
+    losses = {}
+    for ranks in (1, 2):
+        base = _clone_base(base_dir, str(tmp_path / f"r{ranks}"))
+        out = _train(base, ["--stage=base", *TINY_BASE, "--total-batch-size", "128", "--num-iterations", "20", "--check-sync", "1"], ranks)
+        assert ("weights were identical on all 2 ranks after every step" in out) == (ranks == 2), out[-1500:]
+        losses[ranks] = [r["loss"] for s, r in sorted(_records(base, "base").items()) if "loss" in r]
+    for ranks, curve in losses.items():
+        assert len(curve) == 20 and sum(curve[-5:]) / 5 < curve[0] - 0.5, (ranks, curve)
+    assert abs(sum(losses[2][-5:]) - sum(losses[1][-5:])) / 5 < 0.3, losses
+    # a chat stage (SFT from the chain's mid checkpoint) on 2 ranks
+    sft = _clone_base(base_dir, str(tmp_path / "sft"))
+    shutil.copytree(os.path.join(tiny_chain, "mid_checkpoints"), os.path.join(sft, "mid_checkpoints"))
+    out = _train(sft, [*STAGE_TINY["sft"], "--num-iterations", "4", "--check-sync", "1"], 2)
+    assert "weights were identical on all 2 ranks" in out
+    # two launchers, one per 'node', on loopback
+    nodes = _clone_base(base_dir, str(tmp_path / "nodes"))
+    port, env = _free_port(), dict(os.environ, NANOCHAT_BASE_DIR=nodes, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(_launch(2, port, node_rank=r) + ["train.py", "--stage=base", *TINY_BASE, "--num-iterations", "4",
+                                                                "--check-sync", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and "identical on all 2 ranks" in outs[0], outs[0][-2000:] + outs[1][-2000:]
+
+
+def test_train_end_to_end_base_mid_sft_rl(base_dir, tokenizer, tiny_chain):
     from model import load_model, Engine
-    base = _clone_base(base_dir, str(tmp_path / "e2e"))
-    env = {"NANOCHAT_BASE_DIR": base}
-    chat = ["--device-batch-size", "2", "--max-seq-len", "128", "--total-batch-size", "256", "--compile", "0", "--eval-tokens", "256",
-            "--gsm8k-size", "8", "--identity-size", "4", "--simple-spelling-size", "4", "--spelling-bee-size", "4", "--val-size", "8"]
-    run_script(["train.py", "--stage=base", *TINY_BASE, "--num-iterations", "3"], env=env)
-    run_script(["train.py", "--stage=mid", *chat, "--smoltalk-size", "8", "--mmlu-size", "8", "--num-iterations", "3"], env=env)
-    out = run_script(["train.py", "--stage=sft", *chat, "--smoltalk-size", "8", "--arc-size", "4", "--num-iterations", "2",
-                      "--chat-eval-problems", "4"], env=env).stdout
-    assert "MMLU" in out and "val_loss" in out
-    out = run_script(["train.py", "--stage=rl", "--compile", "0", "--gsm8k-size", "4", "--examples-per-step", "1", "--num-samples", "2",
-                      "--device-batch-size", "2", "--max-new-tokens", "8", "--eval-examples", "2", "--num-iterations", "2"], env=env).stdout
+    out = _train(tiny_chain, [*STAGE_TINY["rl"], "--num-iterations", "2", "--eval-every", "1"])
     assert "reward" in out and "pass@1" in out
-    os.environ["NANOCHAT_BASE_DIR"] = base
+    os.environ["NANOCHAT_BASE_DIR"] = tiny_chain
     try:
+        prompt = tokenizer.encode("Hi", prepend="<|bos|>")
         for stage in ("base", "mid", "sft", "rl"):
             model, meta = load_model(stage, "cpu", tokenizer=tokenizer)
-            rows, _ = Engine(model, tokenizer).generate_batch(tokenizer.encode("Hi", prepend="<|bos|>"), num_samples=1, max_tokens=4, temperature=0.0)
-            assert len(rows[0]) >= 2, stage
+            rows, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=1, max_tokens=4, temperature=0.0)
+            assert len(rows[0]) > len(prompt), stage  # at least one generated token beyond the prompt
         for stage, title in (("base", "base-model-training"), ("mid", "midtraining"), ("sft", "chat-sft"), ("rl", "chat-rl")):
-            assert os.path.exists(os.path.join(base, "report", f"{title}.md"))
-            assert _records(base, stage)
+            assert os.path.exists(os.path.join(tiny_chain, "report", f"{title}.md"))
+            assert _records(tiny_chain, stage)
+        assert "val_bpb" in _records(tiny_chain, "sft")[2]  # the held-out evaluation at the end of SFT
     finally:
         os.environ["NANOCHAT_BASE_DIR"] = base_dir
 

@@ -1,10 +1,10 @@
 """
-Training, all four stages in one file (SPEC 3, 4, 6, 7, 8):
+Training, all four stages in one file (SPEC 3, 4, 6, 7, 8). Each stage is one function read top to bottom:
 
-    python train.py --stage=base --depth=4 ...                  # pretraining on the parquet shards
-    python train.py --stage=mid                                 # chat format, MC, tools (from base)
-    python train.py --stage=sft                                 # completion-only finetuning (from mid)
-    python train.py --stage=rl                                  # GSM8K REINFORCE with a group-mean baseline (from sft)
+    python train.py --stage=base --depth=4 ...                  # train_base: pretraining on the parquet shards
+    python train.py --stage=mid                                 # train_chat: chat format, MC, tools (from base)
+    python train.py --stage=sft                                 # train_chat: assistant-only finetuning (from mid)
+    python train.py --stage=rl                                  # train_rl: GSM8K REINFORCE with a group-mean baseline (from sft)
     torchrun --nproc_per_node=8 train.py --stage=base --depth=20  # DDP; --nnodes/--node_rank for several machines
 
 Optimizers: Muon for every matrix inside the transformer blocks, AdamW for wte and lm_head. The model is never wrapped in
@@ -16,8 +16,10 @@ import json
 import math
 import time
 import random
+import hashlib
 import argparse
 import resource
+from collections import namedtuple
 from dataclasses import asdict
 
 import numpy as np
@@ -39,15 +41,18 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
                    ("A100", 312e12), ("L40S", 362e12), ("4090", 165.2e12), ("3090", 71e12), ("A10", 125e12)]  # dense, per GPU
 REPORT_TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
 SOURCE_STAGE = {"mid": "base", "sft": "mid", "rl": "sft"}
-# flags left at None take their stage's default (release values: SPEC 4.1, 6.1, 7.1, 8)
+# flags left at None take their stage's default (release values: SPEC 4.1, 6.1, 7.1, 8; SFT's recipe: README "SFT recipe")
 STAGE_DEFAULTS = {
-    "base": dict(device_batch_size=32, total_batch_size=524288, eval_every=250, eval_tokens=20 * 524288, save_every=-1, init_lr_frac=1.0),
-    "mid": dict(device_batch_size=32, total_batch_size=524288, eval_every=150, eval_tokens=20 * 524288, save_every=-1, init_lr_frac=1.0,
-                smoltalk_size=-1, simple_spelling_size=200000, spelling_bee_size=80000),
-    "sft": dict(device_batch_size=4, total_batch_size=65536, eval_every=100, eval_tokens=100 * 4 * 2048, save_every=-1, init_lr_frac=0.02,
-                smoltalk_size=10000, simple_spelling_size=300, spelling_bee_size=300),
-    "rl": dict(device_batch_size=8, total_batch_size=-1, eval_every=60, eval_tokens=0, save_every=60, init_lr_frac=0.05, smoltalk_size=-1,
-               simple_spelling_size=0, spelling_bee_size=0),
+    "base": dict(device_batch_size=32, total_batch_size=524288, eval_every=250, eval_tokens=20 * 524288, save_every=-1,
+                 init_lr_frac=1.0, warmdown_ratio=0.2, chat_eval_every=-1),
+    "mid": dict(device_batch_size=32, total_batch_size=524288, eval_every=150, eval_tokens=20 * 524288, save_every=-1,
+                init_lr_frac=1.0, warmdown_ratio=0.2, chat_eval_every=-1, smoltalk_size=-1, simple_spelling_size=200000,
+                spelling_bee_size=80000, pack=1, source_optimizer=0),
+    "sft": dict(device_batch_size=4, total_batch_size=65536, eval_every=100, eval_tokens=100 * 4 * 2048, save_every=-1,
+                init_lr_frac=0.02, warmdown_ratio=1.0, chat_eval_every=200, smoltalk_size=10000, simple_spelling_size=300,
+                spelling_bee_size=300, pack=1, source_optimizer=0),
+    "rl": dict(device_batch_size=8, total_batch_size=-1, eval_every=60, eval_tokens=0, save_every=60, init_lr_frac=0.05,
+               warmdown_ratio=1.0, chat_eval_every=-1),
 }
 
 # -----------------------------------------------------------------------------
@@ -223,13 +228,14 @@ def optimizer_state(opt):
     return {"state": {index[p]: dict(s) for p, s in opt.state.items()},
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
 
-def load_optimizer_state(opt, sd):
+def load_optimizer_state(opt, sd, groups=True):
+    """groups=False keeps this run's learning rates and takes only the moments (SFT starting from mid's momentum)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.state.clear()
     for i, s in sd["state"].items():
         p = params[int(i)]
         opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
-    for group, saved in zip(opt.param_groups, sd["groups"]):
+    for group, saved in zip(opt.param_groups, sd["groups"] if groups else []):
         group.update(saved)
 
 def set_schedule(optimizers, lrm, momentum=None):
@@ -240,64 +246,368 @@ def set_schedule(optimizers, lrm, momentum=None):
                 group["momentum"] = momentum
 
 # -----------------------------------------------------------------------------
-# schedules (SPEC 4.3, 6.1 corrected, 7.1, 8)
+# schedules and batch arithmetic (SPEC 4.3, 6.1 corrected, 7.1, 8)
 
-def lr_multiplier(stage, step, num_iterations, progress=None, warmdown=0.2):
-    """base: constant, then the last 20% of steps linear to 0. mid: constant until 80% of the run, then linear to 0
-    (not the release's ramp-up bug, nanochat #68). sft, rl: linear from 1 to 0. progress in [0, 1] for epoch-based runs."""
-    if stage == "base":
-        w = round(warmdown * num_iterations)
-        return 1.0 if step <= num_iterations - w else max(0.0, (num_iterations - step) / w)
-    progress = step / num_iterations if progress is None else progress
-    if stage == "mid":
-        return 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
-    return max(0.0, 1.0 - progress)
+def lr_multiplier(progress, warmdown=0.2):
+    """1 until the last `warmdown` fraction of the run, then linear to 0 (progress in [0, 1]; warmdown 1 = linear decay).
+    base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68); sft and rl decay from the start."""
+    return 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
 
 def muon_momentum(step):
     frac = min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
     return (1 - frac) * 0.85 + frac * 0.95
 
-# -----------------------------------------------------------------------------
-# small helpers
-
 def grad_accum_steps(total, B, T, world):
+    """-> (tokens per optimizer step, micro-steps per rank): total rounded to the nearest multiple of B*T*world (at least
+    one), so any GPU count works (2^19 on 3 GPUs of 32 x 2048 rows becomes 589,824 in 3 micro-steps)."""
     per_step = B * T * world
-    if total % per_step:
-        good = [b for b in range(B, 0, -1) if total % (b * T * world) == 0]
-        hint = f"--device-batch-size {good[0]}" if good else f"--total-batch-size {max(1, total // per_step) * per_step}"
-        raise SystemExit(f"error: --total-batch-size {total} is not divisible by device_batch_size * max_seq_len * world_size = "
-                         f"{B} * {T} * {world} = {per_step}; use e.g. {hint}")
-    return total // per_step
+    accum = max(1, round(total / per_step))
+    if accum * per_step != total:
+        print0(f"note: --total-batch-size {total:,} is not a multiple of {B} rows x {T} tokens x {world} ranks; "
+               f"using {accum * per_step:,} ({accum} micro-steps; pass a multiple of {per_step:,} to choose)")
+    return accum * per_step, accum
 
-def peak_flops(device):
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+def rl_questions_per_rank(examples, world):
+    """Questions per rank and step: --examples-per-step rounded to the nearest multiple of the world size (at least one each)."""
+    per_rank = max(1, round(examples / world))
+    if per_rank * world != examples:
+        print0(f"note: --examples-per-step {examples} is not a multiple of {world} ranks; using {per_rank * world}")
+    return per_rank
 
-def peak_memory_mib(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+# -----------------------------------------------------------------------------
+# plain helpers the stages share: start-up and resume, one optimizer step, the log line, save, the closing report
 
-def rng_state():
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+Runtime = namedtuple("Runtime", "ddp rank world device tokenizer token_bytes")
+
+def start(args):
+    """Join the process group (under torchrun: NCCL on GPU, gloo on CPU), pick the device, load the tokenizer."""
+    ddp, rank, _, world, device = common.init_runtime(args.device, seed=args.seed)
+    return Runtime(ddp, rank, world, device, tok_lib.get_tokenizer(), tok_lib.get_token_bytes(device))
+
+def source_tag(args):
+    """The checkpoint tag a chat stage starts from (mid: base, sft: mid, rl: sft); this stage saves under the same tag."""
+    tag = args.source_tag or model_lib.default_tag(common.checkpoint_dir(args.source))
+    path = common.checkpoint_dir(args.source, tag)
+    if tag is None or model_lib.last_step(path) is None:
+        raise SystemExit(f"error: no {args.source} checkpoint in {path}: run `python train.py --stage={args.source}` first")
+    return tag
+
+def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
+    """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config (base),
+    else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step)."""
+    step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
+    if args.resume and step is None:
+        print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
+    if step is not None:
+        state, trainer, meta = model_lib.load_checkpoint(ckpt_dir, step, rt.device, load_optimizer=True, rank=rt.rank)
+        if meta.get("world_size", rt.world) != rt.world:
+            raise SystemExit(f"error: {ckpt_dir} step {step} was saved by {meta['world_size']} ranks; resume with the same number")
+        model = model_lib.build_model(meta["model_config"], rt.device)
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+        print0(f"resuming {args.stage} from {ckpt_dir} step {step}")
+        return model, meta["model_config"], trainer, step
+    if fresh_config is not None:
+        return model_lib.build_model(fresh_config, rt.device), fresh_config, None, 0
+    model, meta = model_lib.load_model(args.source, rt.device, tag=src_tag, step=args.source_step, tokenizer=rt.tokenizer)
+    src_dir = common.checkpoint_dir(args.source, src_tag)
+    print0(f"{args.stage}: starting from {args.source} checkpoint {src_dir} step {meta.get('step')}")
+    trainer = None
+    if args.source_optimizer:  # carry the source's optimizer moments over (its own learning rates are not kept)
+        if meta.get("world_size", 1) != rt.world:
+            raise SystemExit(f"error: --source-optimizer 1 needs the {args.source} run's world size ({meta.get('world_size', 1)}); "
+                             f"run with that many ranks or pass --source-optimizer 0")
+        _, trainer, _ = model_lib.load_checkpoint(src_dir, meta["step"], rt.device, load_optimizer=True, rank=rt.rank)
+    model.train()
+    return model, meta["model_config"], trainer, 0
+
+def new_stats():
+    """The running figures a checkpoint carries, so a resumed run logs exactly what an uninterrupted one would."""
+    return dict(smooth_loss=0.0, total_time=0.0, timed_steps=0, tokens=0, flops=0.0, val_bpb=None, min_val_bpb=None,
+                progress=0.0, saved=None)
+
+def restore(trainer, optimizers, loader, stats):
+    """Continue where a checkpoint stopped: optimizer state, loader position, RNG streams and running stats."""
+    for opt, sd in zip(optimizers, trainer["optimizers"]):
+        load_optimizer_state(opt, sd)
+    if loader is not None:
+        loader.load_state_dict(trainer["loader"])
+    stats.update(trainer["stats"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    random.setstate(trainer["rng"]["python"])
+    np.random.set_state(trainer["rng"]["numpy"])
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+
+def compiled(model, args, rt):
+    on = (1 if rt.device.startswith("cuda") else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile
+    return torch.compile(model, dynamic=False) if on else model
+
+def optimizer_step(model, optimizers, lrm, momentum, check_sync=False):
+    """Set the schedule, step both optimizers (they average gradients across ranks), clear the gradients."""
+    set_schedule(optimizers, lrm, momentum)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if check_sync and dist.is_initialized():  # --check-sync: every rank must now hold bit-identical weights
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise SystemExit(f"error: the ranks' weights differ after this step (sha256 {sorted(set(digests))})")
+
+def every(n, step, last):
+    return n > 0 and (last or step % n == 0)
+
+def log_eval(stage, step, metrics, stats):
+    if "val_bpb" in metrics:
+        stats["val_bpb"] = metrics["val_bpb"]
+        stats["min_val_bpb"] = min(stats["min_val_bpb"] or math.inf, metrics["val_bpb"])
+    if metrics:
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        common.append_log(stage, dict(step=step, **metrics))
+
+def log_step(args, rt, step, num_steps, loss, lrm, dt, tokens, flops_per_token, stats, extra=None, wandb_run=None):
+    """Average the loss over ranks, stop on a non-finite one, update the running stats, print and log the step line."""
+    loss = common.all_reduce([loss], rt.device)[0] / rt.world
+    if not math.isfinite(loss):
+        where = f"the last checkpoint is step {stats['saved']} (continue with --resume, e.g. at a lower lr)" if stats["saved"] else "no checkpoint was saved yet"
+        raise SystemExit(f"error: the training loss became {loss} at step {step}; stopping. {where}")
+    stats["smooth_loss"] = 0.9 * stats["smooth_loss"] + 0.1 * loss
+    smooth = stats["smooth_loss"] / (1 - 0.9 ** (step + 1))
+    if step > 10 or (num_steps or 0) <= 20:  # the first steps include compilation
+        stats["total_time"] += dt
+        stats["timed_steps"] += 1
+    stats["tokens"] += tokens
+    stats["flops"] += (flops_per_token or 0) * tokens
+    peak = next((f for key, f in PEAK_BF16_FLOPS if key in torch.cuda.get_device_name(rt.device)), None) if rt.device.startswith("cuda") else None
+    mfu = 100 * flops_per_token * tokens / dt / (peak * rt.world) if peak and flops_per_token else None
+    avg_dt = stats["total_time"] / stats["timed_steps"] if stats["timed_steps"] else dt
+    if num_steps:
+        head, eta = f"step {step:05d}/{num_steps:05d} ({100 * (step + 1) / num_steps:.2f}%)", avg_dt * (num_steps - step - 1)
+    else:
+        frac = max(stats["progress"], 1e-9)
+        head, eta = f"step {step:05d} ({100 * frac:.2f}% of the epoch)", avg_dt * (step + 1) * (1 - frac) / frac
+    extra = extra or {}
+    print0(f"{head} | loss {smooth:.6f} | lrm {lrm:.4f} | dt {1000 * dt:.2f}ms | tok/s {tokens / dt:,.0f} | "
+           f"mfu {'n/a' if mfu is None else f'{mfu:.2f}'}" + "".join(f" | {k} {v:.4f}" for k, v in extra.items()) +
+           f" | elapsed {stats['total_time'] / 60:.2f}m | eta {eta / 60:.2f}m")
+    record = dict(step=step, train_loss=smooth, loss=loss, lrm=lrm, dt=dt, tok_per_sec=tokens / dt, tokens=stats["tokens"], **extra)
+    common.append_log(args.stage, record)
+    if wandb_run is not None:
+        wandb_run.log(dict(record, total_training_flops=stats["flops"], mfu=mfu or 0.0), step=step)
+
+def save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats):
+    """Model + meta (rank 0) and every rank's optimizer shard with the loader position, RNG streams and running stats."""
+    stats["saved"] = step
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
     if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    loader_state = loader.state_dict() if loader is not None else {}
+    meta = dict(step=step, stage=args.stage, model_config=model_config, user_config=vars(args), world_size=rt.world,
+                val_bpb=stats["val_bpb"], loader_state=loader_state)
+    meta = json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    trainer = dict(optimizers=[optimizer_state(o) for o in optimizers], loader=loader_state, rng=rng, stats=dict(stats))
+    model_lib.save_checkpoint(ckpt_dir, step, model.state_dict(), meta, trainer, rank=rt.rank)
+    if rt.ddp:
+        dist.barrier()
 
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def start_wandb(args, rt):
+    if args.run == "dummy" or rt.rank != 0:
+        return None
+    try:
+        import wandb
+        return wandb.init(project="nanochat", name=args.run, config=vars(args))
+    except ImportError:
+        print0("wandb is not installed: not logging to wandb")
 
-def jsonable(x):
-    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+def finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **summary):
+    """Print the closing line and write the stage's report section."""
+    mem = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"stage": args.stage, "parameters": model.param_counts()["total"], "depth": model_config["n_layer"],
+               "sequence length": model_config["sequence_len"], "world size": rt.world, "iterations": step,
+               "tokens": stats["tokens"], "FLOPs per token": flops_per_token or 0, "total training FLOPs": f"{stats['flops']:.4e}",
+               "training time (min)": stats["total_time"] / 60, "peak memory (MiB)": mem, **summary}
+    if stats["min_val_bpb"] is not None:
+        summary.update({"min val bpb": stats["min_val_bpb"], "final val bpb": stats["val_bpb"]})
+    if args.check_sync and rt.ddp:
+        print0(f"check-sync: the weights were identical on all {rt.world} ranks after every step")
+    print0(f"done: {stats['tokens']:,} tokens, {stats['flops']:.3e} FLOPs, {stats['total_time'] / 60:.2f} min of training, "
+           f"peak memory {mem:.0f} MiB" + (f", min val bpb {stats['min_val_bpb']:.4f}" if stats["min_val_bpb"] is not None else ""))
+    common.write_report_section(REPORT_TITLES[args.stage], [{k: v for k, v in vars(args).items() if v is not None}, summary])
+    if wandb_run is not None:
+        wandb_run.finish()
+    if rt.ddp:
+        dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts otherwise)
 
-def task_size(n):
-    return None if n is None or n < 0 else n
+# -----------------------------------------------------------------------------
+# base (SPEC 4): a fresh model of --depth on the pretraining shards, tokens = ratio x parameters
+
+def train_base(args):
+    rt = start(args)
+    # start: a fresh model (or, with --resume, this run's newest complete checkpoint)
+    common.list_shards("train"), common.list_shards("val")  # fail now, with the download hint, if shards are missing
+    V, T, B = rt.tokenizer.get_vocab_size(), args.max_seq_len or 2048, args.device_batch_size
+    if args.vocab_size not in (-1, V):
+        raise SystemExit(f"error: --vocab-size {args.vocab_size} does not match the tokenizer's vocabulary ({V}); "
+                         f"retrain it with `python tokenizer.py train --vocab-size {args.vocab_size}` or drop the flag")
+    ckpt_dir = common.checkpoint_dir("base", args.model_tag or f"d{args.depth}")
+    model, model_config, trainer, step = load_start(args, rt, ckpt_dir, fresh_config=asdict(model_lib.config_from_depth(args.depth, V, T)))
+    # data and batch: documents packed BOS-aligned into rows of T+1 tokens; steps from the tokens : parameters ratio
+    loader = data.PretrainLoader(rt.tokenizer, B, T, split="train", device=rt.device, rank=rt.rank, world_size=rt.world)
+    total, accum = grad_accum_steps(args.total_batch_size, B, T, rt.world)
+    params, flops_per_token = model.param_counts()["total"], model.estimate_flops()
+    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, int(args.target_param_data_ratio * params) // total)
+    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    stats = new_stats()
+    if trainer is not None:
+        restore(trainer, optimizers, loader, stats)
+    train_model, wandb_run = compiled(model, args, rt), start_wandb(args, rt)
+    print0(f"base: {params:,} parameters, T={T}, device={rt.device}, world={rt.world}, steps={num_steps}, tokens/step={total:,} "
+           f"({accum} micro-steps of {B} rows per rank)")
+    val_steps = base_val_steps(rt, args.eval_tokens // (B * T * rt.world), B, T)
+    resumed_at = step if trainer is not None else None
+    while True:  # save -> evaluate -> stop at the end -> one optimizer step (SPEC 4.4)
+        last = step == num_steps
+        if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)  # before the evals (nanochat #446)
+        metrics = {}
+        with torch.no_grad():
+            if (last or every(args.eval_every, step, last)) and val_steps:  # a fresh loader each time: identical val tokens, as eval.py reads them
+                val = data.PretrainLoader(rt.tokenizer, B, T, split="val", device=rt.device, rank=rt.rank, world_size=rt.world)
+                metrics["val_bpb"] = nc_eval.evaluate_bpb(model, val, val_steps, rt.token_bytes)
+                val.close()
+            if every(args.core_metric_every, step, last) and step > 0:
+                metrics["core"] = nc_eval.evaluate_core(model, rt.tokenizer, rt.device, max_per_task=args.core_metric_max_per_task)["core"]
+            if every(args.sample_every, step, last) and step > 0 and rt.rank == 0:
+                engine = model_lib.Engine(model, rt.tokenizer)
+                for prompt in SAMPLE_PROMPTS:
+                    rows, _ = engine.generate_batch(rt.tokenizer.encode(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0.0)
+                    print0(rt.tokenizer.decode(rows[0][1:]))
+        model.train()
+        log_eval("base", step, metrics, stats)
+        if last:
+            break
+        t0 = time.time()
+        for _ in range(accum):
+            x, y = next(loader)
+            loss = train_model(x, y)
+            (loss / accum).backward()
+        optimizer_step(model, optimizers, lr_multiplier(step / num_steps, args.warmdown_ratio), muon_momentum(step), args.check_sync)
+        if rt.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        log_step(args, rt, step, num_steps, loss.item(), lr_multiplier(step / num_steps, args.warmdown_ratio), time.time() - t0,
+                 total, flops_per_token, stats, wandb_run=wandb_run)
+        step += 1
+    loader.close()
+    finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **{"tokens : params": stats["tokens"] / params}, **metrics)
+
+def base_val_steps(rt, want, B, T):
+    """Validation batches per evaluation, capped at what this rank's share of the val shard holds (the same on every rank)."""
+    have = 0
+    for _, _, texts in common.iter_row_groups("val", rt.rank, rt.world):
+        have += sum(len(ids) + 1 for ids in rt.tokenizer.encode(texts))
+        if have >= want * B * T:
+            break
+    steps = int(common.all_reduce([min(want, have // (B * T))], rt.device, op=dist.ReduceOp.MIN)[0])
+    if steps < want:
+        print0(f"val shard holds {steps} of the {want} requested eval batches; evaluating on {steps}")
+    return steps
+
+# -----------------------------------------------------------------------------
+# mid (SPEC 6) and SFT (SPEC 7): a checkpoint finetuned on a mixture of conversations, one epoch by default.
+# mid trains on every token of the chats; SFT only on the assistant's tokens.
+
+def size(n):
+    return None if n < 0 else n  # -1: every row of the task
+
+def train_chat(args):
+    rt = start(args)
+    mid = args.stage == "mid"
+    # start: the source checkpoint (mid from base, sft from mid), or this stage's newest with --resume
+    src_tag = source_tag(args)
+    ckpt_dir = common.checkpoint_dir(args.stage, args.model_tag or src_tag)
+    model, model_config, trainer, step = load_start(args, rt, ckpt_dir, src_tag=src_tag)
+    T, B = args.max_seq_len or model_config["sequence_len"], args.device_batch_size
+    model_config = dict(model_config, sequence_len=T)  # the next stage's default T is the one trained here
+    # the mixture: edit the lists freely (a task listed twice is seen twice; size 0 leaves it out)
+    if mid:
+        mixture = [data.SmolTalk("train", size=size(args.smoltalk_size)),
+                   data.MMLU("auxiliary_train", "train", size=size(args.mmlu_size)),
+                   data.GSM8K("train", size=size(args.gsm8k_size)),
+                   data.Identity(size=size(args.identity_size)), data.Identity(size=size(args.identity_size)),
+                   data.SimpleSpelling(size=args.simple_spelling_size, split="train"),
+                   data.SpellingBee(size=args.spelling_bee_size, split="train")]
+        val_task = data.TaskMixture([data.SmolTalk("test", size=size(args.val_size)), data.MMLU("all", "test", size=size(args.val_size) or 5200),
+                                     data.GSM8K("test", size=size(args.val_size) or 420)], seed=42)
+    else:
+        mixture = [data.ARC("ARC-Easy", "train", size=size(args.arc_size)), data.ARC("ARC-Challenge", "train", size=size(args.arc_size)),
+                   data.GSM8K("train", size=size(args.gsm8k_size)),
+                   data.SmolTalk("train", size=size(args.smoltalk_size)),
+                   data.Identity(size=size(args.identity_size)),
+                   data.SimpleSpelling(size=args.simple_spelling_size, split="train"),
+                   data.SpellingBee(size=args.spelling_bee_size, split="train")]
+        val_task = data.SmolTalk("test", size=size(args.val_size))
+    mixture = [t for t in mixture if len(t)]
+    train_task = data.TaskMixture(mixture, seed=42)
+    print0(f"{args.stage} mixture: {len(train_task):,} conversations ({', '.join(f'{type(t).__name__} {len(t):,}' for t in mixture)})")
+    # batch: rows of T+1 tokens, packed best-fit with whole conversations (--pack 0: one conversation per row)
+    loader = data.ChatLoader(train_task, rt.tokenizer, B, T, device=rt.device, rank=rt.rank, world_size=rt.world,
+                             completion_only=not mid, pack=bool(args.pack))
+    total, accum = grad_accum_steps(args.total_batch_size, B, T, rt.world)
+    num_steps = args.num_iterations if args.num_iterations > 0 else None  # None: one epoch
+    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    stats = new_stats()
+    if trainer is not None and step > 0:
+        restore(trainer, optimizers, loader, stats)
+    elif trainer is not None:  # --source-optimizer 1: the source run's moments, this run's learning rates
+        for opt, sd in zip(optimizers, trainer["optimizers"]):
+            load_optimizer_state(opt, sd, groups=False)
+    train_model, wandb_run, flops_per_token = compiled(model, args, rt), start_wandb(args, rt), model.estimate_flops()
+    print0(f"{args.stage}: T={T}, device={rt.device}, world={rt.world}, steps={num_steps or 'one epoch'}, tokens/step={total:,} "
+           f"({accum} micro-steps of {B} rows per rank), lr x{args.init_lr_frac}, warmdown {args.warmdown_ratio}")
+    val_steps, resumed_at = args.eval_tokens // (B * T * rt.world), step if step > 0 else None
+    while True:
+        last = step == num_steps if num_steps else stats["progress"] >= 1.0
+        if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)
+        metrics = {}
+        with torch.no_grad():
+            if (last or every(args.eval_every, step, last)) and val_steps:  # held-out chats: bpb on the tokens this stage trains on
+                val = repeat(lambda: data.ChatLoader(val_task, rt.tokenizer, B, T, device=rt.device, rank=rt.rank,
+                                                     world_size=rt.world, completion_only=not mid))
+                metrics["val_bpb"] = nc_eval.evaluate_bpb(model, val, val_steps, rt.token_bytes)
+            if every(args.chat_eval_every, step, last) and step > 0:
+                for name in ("MMLU", "ARC-Easy"):
+                    metrics[name] = nc_eval.run_chat_eval(name, model, rt.tokenizer, rt.device, max_problems=args.chat_eval_problems)
+        model.train()
+        log_eval(args.stage, step, metrics, stats)
+        if last:
+            break
+        progress = step / num_steps if num_steps else stats["progress"]
+        lrm = lr_multiplier(progress, args.warmdown_ratio)
+        t0 = time.time()
+        for _ in range(accum):
+            x, y = next(loader)
+            loss = lm_loss(train_model, x, y)
+            (loss / accum).backward()
+        optimizer_step(model, optimizers, lrm, muon_momentum(step) if mid else None, args.check_sync)
+        # the epoch ends for every rank when it ends for any
+        stats["progress"] = common.all_reduce([loader.progress], rt.device, op=dist.ReduceOp.MAX)[0]
+        log_step(args, rt, step, num_steps, loss.item(), lrm, time.time() - t0, total, flops_per_token, stats, wandb_run=wandb_run)
+        step += 1
+    finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **metrics)
+
+def lm_loss(model, x, y):
+    """Mean CE over the supervised targets (y >= 0); a micro-batch with none gives 0, not NaN, so DDP ranks stay in step."""
+    return model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+
+def repeat(make_loader):
+    """Endless batches from a loader, recreated when it runs out (small validation sets)."""
+    while True:
+        yield from make_loader()
+
+# -----------------------------------------------------------------------------
+# RL (SPEC 8): on-policy REINFORCE on GSM8K train from the SFT model, group-mean baseline, token-level normalisation, no KL
 
 def reference_answer(conversation):
     """The text of the final assistant message (a string, or a list of parts whose texts are joined)."""
@@ -320,16 +630,82 @@ def rl_pass_loss(model, ids, mask, advantages, normaliser):
     n_valid = (targets >= 0).sum().clamp(min=1)
     return -(logp * advantages[:, None]).sum() / (n_valid * normaliser)
 
-def lm_loss(model, x, y, masked):
-    """Mean CE over the supervised targets. masked: a micro-batch with none gives 0 (not NaN), so DDP ranks stay in step."""
-    if not masked:
-        return model(x, y)
-    return model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+def sample(engine, prompt, n, seed, args):
+    engine.model.eval()
+    with torch.no_grad():
+        rows, masks = engine.generate_batch(prompt, num_samples=n, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            top_k=args.top_k, seed=seed)
+    engine.model.train()
+    return rows, masks
 
-def repeat_batches(make_loader):
-    """Endless batches from a loader, recreated if it runs out (val loaders of small chat sets)."""
+def train_rl(args):
+    rt = start(args)
+    tok, B = rt.tokenizer, args.device_batch_size
+    # start: the SFT checkpoint, or this stage's newest with --resume
+    src_tag = source_tag(args)
+    ckpt_dir = common.checkpoint_dir("rl", args.model_tag or src_tag)
+    model, model_config, trainer, step = load_start(args, rt, ckpt_dir, src_tag=src_tag)
+    # data: GSM8K train in one fixed shuffled order; rank r takes questions r, r+W, ... of each step's share
+    train_task, test_task = data.GSM8K("train", size=size(args.gsm8k_size)), data.GSM8K("test")
+    order = list(range(len(train_task)))
+    random.Random(42).shuffle(order)
+    if args.num_samples % B:
+        raise SystemExit(f"error: --num-samples {args.num_samples} must be a multiple of --device-batch-size {B}")
+    per_rank, passes = rl_questions_per_rank(args.examples_per_step, rt.world), args.num_samples // B
+    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // (per_rank * rt.world))
+    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    stats = new_stats()
+    if trainer is not None and step > 0:
+        restore(trainer, optimizers, None, stats)  # the data order is a function of the step
+    engine, pad, wandb_run = model_lib.Engine(model, tok), tok.encode_special("<|assistant_end|>"), start_wandb(args, rt)
+    print0(f"rl: device={rt.device}, world={rt.world}, steps={num_steps}, {per_rank * rt.world} questions x {args.num_samples} samples per step")
+    resumed_at = step if step > 0 else None
     while True:
-        yield from make_loader()
+        last = step == num_steps
+        if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            save(args, rt, ckpt_dir, step, model, model_config, optimizers, None, stats)
+        metrics = {}
+        if (last or every(args.eval_every, step, last)) and args.eval_examples > 0:  # pass@k on GSM8K test, k = 1..8
+            hits, count = [0.0] * 8, 0
+            for i in range(rt.rank, min(len(test_task), args.eval_examples), rt.world):
+                conv = test_task[i]
+                prompt, ref = tok.render_for_completion(conv), reference_answer(conv)
+                rows, _ = sample(engine, prompt, 8, i, args)
+                ok = [rl_reward(tok.decode(r[len(prompt):]), ref) for r in rows]
+                hits = [h + float(any(ok[:k + 1])) for k, h in enumerate(hits)]
+                count += 1
+            tot = common.all_reduce(hits + [count], rt.device)
+            metrics = {f"pass@{k + 1}": tot[k] / max(1, tot[-1]) for k in range(8)}
+        log_eval("rl", step, metrics, stats)
+        if last:
+            break
+        t0, rewards_all, lengths = time.time(), [], []
+        for j in range(per_rank):
+            idx = order[(rt.rank + rt.world * (step * per_rank + j)) % len(order)]
+            conv = train_task[idx]
+            prompt, ref = tok.render_for_completion(conv), reference_answer(conv)
+            rows, masks = [], []
+            for s in range(passes):  # the group of num_samples completions, B per forward pass
+                r, m = sample(engine, prompt, B, hash((step, idx, s)) & 0x7FFFFFFF, args)
+                rows, masks = rows + r, masks + m
+            rewards = torch.tensor([rl_reward(tok.decode(r[len(prompt):]), ref) for r in rows], device=rt.device)
+            adv = group_advantages(rewards)
+            for s in range(passes):
+                chunk = slice(s * B, (s + 1) * B)
+                L = max(len(r) for r in rows[chunk])
+                ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows[chunk]], device=rt.device)
+                mask = torch.tensor([m + [0] * (L - len(m)) for m in masks[chunk]], device=rt.device)
+                loss = rl_pass_loss(model, ids, mask, adv[chunk], passes * per_rank)
+                loss.backward()
+            rewards_all += rewards.tolist()
+            lengths += [len(r) - len(prompt) for r in rows]
+        lrm = lr_multiplier(step / num_steps, args.warmdown_ratio)
+        optimizer_step(model, optimizers, lrm, None, args.check_sync)
+        reward, n, tokens = common.all_reduce([sum(rewards_all), len(rewards_all), sum(lengths)], rt.device)
+        log_step(args, rt, step, num_steps, loss.item(), lrm, time.time() - t0, int(tokens), None, stats,
+                 extra={"reward": reward / n, "seq_len": tokens / n}, wandb_run=wandb_run)
+        step += 1
+    finish(args, rt, model, model_config, stats, step, None, wandb_run, **metrics)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -344,21 +720,24 @@ def parse_args(argv=None):
     p.add_argument("--compile", type=int, choices=[0, 1], default=None,
                    help=f"torch.compile the training model (default: 1 on CUDA, {CPU_COMPILE_DEFAULT} on CPU; rl is never compiled)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--check-sync", type=int, choices=[0, 1], default=0, help="DDP: after every step, check all ranks hold identical weights")
     # model and batch
     p.add_argument("--depth", type=int, default=20, help="base: the single size dial (d = 64*depth)")
     p.add_argument("--vocab-size", type=int, default=-1, help="base: must equal the tokenizer's (-1: take it from the tokenizer)")
     p.add_argument("--max-seq-len", type=int, default=None, help="T (default: 2048 for base, the source model's for the others)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per rank per micro-step (rl: samples per forward pass)")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step, all ranks (grad accumulation fills it)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: base from the ratio, mid/sft one epoch, rl one epoch)")
+    p.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step, all ranks (rounded to a multiple of rows x T x ranks; accumulation fills it)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: base from the ratio, mid/sft/rl one epoch)")
     p.add_argument("--target-param-data-ratio", type=float, default=20, help="base: tokens = ratio * all parameters")
     # optimization
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=None, help="all lrs times this (base/mid 1.0, sft 0.02, rl 0.05)")
+    p.add_argument("--init-lr-frac", type=float, default=None, help="all lrs times this (base/mid 1.0; sft, rl: see STAGE_DEFAULTS)")
+    p.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the run over which the lr decays linearly to 0")
     # evaluation, sampling, saving
-    p.add_argument("--eval-every", type=int, default=None, help="val bpb (base/mid), val loss (sft), pass@k (rl) every N steps")
+    p.add_argument("--eval-every", type=int, default=None, help="val bpb (base/mid/sft), pass@k (rl) every N steps and at the end")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation (capped at what the val shard holds)")
     p.add_argument("--core-metric-every", type=int, default=2000, help="base: CORE every N steps and at the end")
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
@@ -368,6 +747,8 @@ def parse_args(argv=None):
     p.add_argument("--source", choices=["base", "mid", "sft"], default=None, help="checkpoint to start from (mid: base, sft: mid, rl: sft)")
     p.add_argument("--source-tag", default=None)
     p.add_argument("--source-step", type=int, default=None)
+    p.add_argument("--source-optimizer", type=int, choices=[0, 1], default=None, help="mid/sft: start from the source run's optimizer moments")
+    p.add_argument("--pack", type=int, choices=[0, 1], default=None, help="mid/sft: 1 packs conversations into full rows, 0 one per row")
     p.add_argument("--smoltalk-size", type=int, default=None, help="SmolTalk train rows (-1: all; mid all, sft 10000)")
     p.add_argument("--mmlu-size", type=int, default=-1, help="mid: MMLU auxiliary_train rows")
     p.add_argument("--gsm8k-size", type=int, default=-1, help="GSM8K train rows (mid, sft, rl)")
@@ -376,7 +757,7 @@ def parse_args(argv=None):
     p.add_argument("--simple-spelling-size", type=int, default=None, help="SimpleSpelling rows (mid 200000, sft 300)")
     p.add_argument("--spelling-bee-size", type=int, default=None, help="SpellingBee rows (mid 80000, sft 300)")
     p.add_argument("--val-size", type=int, default=-1, help="mid/sft: rows of each validation task (-1: SPEC sizes)")
-    p.add_argument("--chat-eval-every", type=int, default=200, help="sft: MMLU + ARC-Easy accuracy every N steps and at the end")
+    p.add_argument("--chat-eval-every", type=int, default=None, help="mid/sft: MMLU + ARC-Easy accuracy every N steps and at the end")
     p.add_argument("--chat-eval-problems", type=int, default=1024)
     p.add_argument("--examples-per-step", type=int, default=16, help="rl: questions per optimizer step, all ranks")
     p.add_argument("--num-samples", type=int, default=16, help="rl: completions per question")
@@ -386,383 +767,27 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=400, help="rl: GSM8K test problems for pass@k")
     args = p.parse_args(argv)
     for k, v in STAGE_DEFAULTS[args.stage].items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
+    for flag, low in (("depth", 1), ("max_seq_len", 1), ("device_batch_size", 1), ("examples_per_step", 1), ("num_samples", 1),
+                      ("max_new_tokens", 1), ("eval_tokens", 0)) + ((("total_batch_size", 1),) if args.stage != "rl" else ()):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
+    if not 0 < args.warmdown_ratio <= 1 or args.init_lr_frac <= 0:
+        raise SystemExit("error: --warmdown-ratio must be in (0, 1] and --init-lr-frac above 0")
     if args.stage != "base" and args.source is None:
         args.source = SOURCE_STAGE[args.stage]
     return args
 
-# -----------------------------------------------------------------------------
-# stages: each returns a namespace the shared loop drives (train_step, lrm, momentum, evaluate, loader state, ...)
-
-class Stage:
-    num_iterations = None       # None: epoch-based, ends when done() says so
-    tokens_per_step = 0
-    momentum = staticmethod(lambda step: None)
-    done = staticmethod(lambda: False)
-    progress = 0.0
-
-    def loader_state(self):
-        return self.loader.state_dict()
-
-    def load_loader_state(self, sd):
-        self.loader.load_state_dict(sd)
-
-    def close(self):
-        getattr(self.loader, "close", lambda: None)()
-
-def setup_lm(stage, args, rt, model, train_model):
-    """base, mid and sft: grad-accumulated LM steps from a loader (masked chat loss for mid/sft)."""
-    S = Stage()
-    tokenizer, device, rank, world = rt["tokenizer"], rt["device"], rt["rank"], rt["world"]
-    B, T = args.device_batch_size, rt["T"]
-    accum = grad_accum_steps(args.total_batch_size, B, T, world)
-    S.tokens_per_step, S.flops_per_token = args.total_batch_size, model.estimate_flops()
-    if stage == "base":
-        S.loader = data.PretrainLoader(tokenizer, B, T, split="train", device=device, rank=rank, world_size=world)
-        n = args.num_iterations if args.num_iterations > 0 else int(args.target_param_data_ratio * model.param_counts()["total"]) // args.total_batch_size
-        S.num_iterations = max(1, n)
-        S.momentum = muon_momentum
-    else:
-        def sized(n):
-            return task_size(n) if n != 0 else 0
-        if stage == "mid":
-            parts = [(data.SmolTalk, ("train",), args.smoltalk_size), (data.MMLU, ("auxiliary_train", "train"), args.mmlu_size),
-                     (data.GSM8K, ("train",), args.gsm8k_size), (data.Identity, (), args.identity_size), (data.Identity, (), args.identity_size)]
-            S.momentum = muon_momentum
-        else:
-            parts = [(data.ARC, ("ARC-Easy", "train"), args.arc_size), (data.ARC, ("ARC-Challenge", "train"), args.arc_size),
-                     (data.GSM8K, ("train",), args.gsm8k_size), (data.SmolTalk, ("train",), args.smoltalk_size),
-                     (data.Identity, (), args.identity_size)]
-        tasks = [cls(*a, size=sized(n)) for cls, a, n in parts if n != 0]
-        tasks += [cls(size=n, split="train") for cls, n in ((data.SimpleSpelling, args.simple_spelling_size),
-                                                             (data.SpellingBee, args.spelling_bee_size)) if n > 0]
-        train_task = data.TaskMixture(tasks, seed=42)
-        vs = task_size(args.val_size)
-        val_task = (data.TaskMixture([data.SmolTalk("test", size=vs), data.MMLU("all", "test", size=vs or 5200),
-                                      data.GSM8K("test", size=vs or 420)], seed=42) if stage == "mid" else data.SmolTalk("test", size=vs))
-        S.loader = data.ChatLoader(train_task, tokenizer, B, T, device=device, rank=rank, world_size=world, completion_only=stage == "sft")
-        S.num_iterations = args.num_iterations if args.num_iterations > 0 else None
-        S.done_flag = False
-        S.done = lambda: S.done_flag
-        print0(f"{stage} mixture: {len(train_task):,} conversations ({', '.join(f'{type(t).__name__} {len(t):,}' for t in tasks)})")
-    masked = stage != "base"  # chat rows carry -1 targets (padding; sft also non-assistant tokens)
-
-    def train_step(step):
-        for _ in range(accum):
-            x, y = next(S.loader)
-            loss = lm_loss(train_model, x, y, masked)
-            (loss / accum).backward()
-        if stage != "base":  # the epoch ends for everyone when it ends for any rank
-            last, prog = common.all_reduce([float(S.loader.last_step), S.loader.progress], device, op=dist.ReduceOp.MAX)
-            S.done_flag, S.progress = bool(last), max(S.progress, prog)
-        return loss.detach(), {}
-    S.train_step = train_step
-    S.lrm = lambda step: lr_multiplier(stage, step, S.num_iterations, None if S.num_iterations else S.progress)
-
-    def eval_steps():
-        return max(0, args.eval_tokens // (B * T * world))
-
-    def val_bpb_base():
-        if S.val_steps is None:  # cap at what this rank's share of the val shard holds (counted once)
-            want, have = eval_steps(), 0
-            for _, _, texts in common.iter_row_groups("val", rank, world):
-                have += sum(len(ids) + 1 for ids in tokenizer.encode(texts))
-                if have >= want * B * T:
-                    break
-            S.val_steps = int(common.all_reduce([min(want, have // (B * T))], device, op=dist.ReduceOp.MIN)[0])
-            if S.val_steps < eval_steps():
-                print0(f"val shard holds {S.val_steps} of the {eval_steps()} requested eval batches; evaluating on {S.val_steps}")
-        if S.val_steps == 0:
-            return None
-        # a fresh loader each time (identical val tokens), built as eval.py builds it, so both report the same bpb
-        loader = data.PretrainLoader(tokenizer, B, T, split="val", device=device, rank=rank, world_size=world)
-        try:
-            return nc_eval.evaluate_bpb(model, loader, S.val_steps, rt["token_bytes"])
-        finally:
-            loader.close()
-    S.val_steps = None
-
-    def chat_val_batches():
-        return repeat_batches(lambda: data.ChatLoader(val_task, tokenizer, B, T, device=device, rank=rank, world_size=world,
-                                                      completion_only=stage == "sft"))
-
-    def every(n, step, last):
-        return n > 0 and (last or step % n == 0)
-
-    def evaluate(step, last):
-        m = {}
-        with torch.no_grad():
-            if stage in ("base", "mid") and (last or every(args.eval_every, step, last)) and eval_steps() > 0:
-                bpb = val_bpb_base() if stage == "base" else nc_eval.evaluate_bpb(model, chat_val_batches(), eval_steps(), rt["token_bytes"])
-                if bpb is not None:
-                    m["val_bpb"] = bpb
-            if stage == "sft" and (last or every(args.eval_every, step, last)) and eval_steps() > 0:
-                batches, total = chat_val_batches(), 0.0
-                for _ in range(eval_steps()):
-                    x, y = next(batches)
-                    total += lm_loss(model, x, y, True).item()
-                m["val_loss"] = common.all_reduce([total / eval_steps()], device)[0] / world
-            if stage == "sft" and every(args.chat_eval_every, step, last) and (step > 0 or last):
-                for name in ("MMLU", "ARC-Easy"):
-                    m[name] = nc_eval.run_chat_eval(name, model, tokenizer, device, max_problems=args.chat_eval_problems)
-                model.train()
-            if stage == "base" and every(args.core_metric_every, step, last) and (step > 0 or last):
-                m["core"] = nc_eval.evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)["core"]
-            if stage == "base" and every(args.sample_every, step, last) and (step > 0 or last) and rank == 0:
-                engine = model_lib.Engine(model, tokenizer)
-                for prompt in SAMPLE_PROMPTS:
-                    rows, _ = engine.generate_batch(tokenizer.encode(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0.0)
-                    print0(tokenizer.decode(rows[0][1:]))
-                model.train()
-        return m
-    S.evaluate = evaluate
-    return S
-
-def setup_rl(args, rt, model):
-    """SPEC 8: on-policy REINFORCE on GSM8K train with a group-mean baseline, token-level normalisation, no KL."""
-    S = Stage()
-    tokenizer, device, rank, world = rt["tokenizer"], rt["device"], rt["rank"], rt["world"]
-    B = args.device_batch_size
-    if args.examples_per_step % world or args.num_samples % B:
-        raise SystemExit(f"error: --examples-per-step {args.examples_per_step} must divide by the world size {world} and "
-                         f"--num-samples {args.num_samples} by --device-batch-size {B}")
-    per_rank, passes = args.examples_per_step // world, args.num_samples // B
-    train_task, test_task = data.GSM8K("train", size=task_size(args.gsm8k_size)), data.GSM8K("test")
-    order = list(range(len(train_task)))
-    random.Random(42).shuffle(order)
-    S.num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
-    S.flops_per_token, S.loader = None, None
-    S.loader_state, S.load_loader_state, S.close = (lambda: {}), (lambda sd: None), (lambda: None)  # the data order is a function of step
-    engine = model_lib.Engine(model, tokenizer)
-    pad = tokenizer.encode_special("<|assistant_end|>")
-
-    def sample(prompt, n, seed):
-        model.eval()
-        with torch.no_grad():
-            rows, masks = engine.generate_batch(prompt, num_samples=n, max_tokens=args.max_new_tokens,
-                                                temperature=args.temperature, top_k=args.top_k, seed=seed)
-        model.train()
-        return rows, masks
-
-    def train_step(step):
-        rewards_all, lengths, loss = [], [], torch.zeros((), device=device)
-        for j in range(per_rank):
-            idx = order[(rank + world * (step * per_rank + j)) % len(order)]  # rank r takes examples r, r+W, ...
-            conv = train_task[idx]
-            prompt, ref = tokenizer.render_for_completion(conv), reference_answer(conv)
-            rows, masks = [], []
-            for s in range(passes):
-                r, m = sample(prompt, B, hash((step, idx, s)) & 0x7FFFFFFF)
-                rows += r
-                masks += m
-            rewards = torch.tensor([rl_reward(tokenizer.decode(r[len(prompt):]), ref) for r in rows], device=device)
-            adv = group_advantages(rewards)
-            for s in range(passes):
-                chunk = slice(s * B, (s + 1) * B)
-                L = max(len(r) for r in rows[chunk])
-                ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows[chunk]], device=device)
-                mask = torch.tensor([m + [0] * (L - len(m)) for m in masks[chunk]], device=device)
-                loss = rl_pass_loss(model, ids, mask, adv[chunk], passes * per_rank)
-                loss.backward()
-            rewards_all += rewards.tolist()
-            lengths += [len(r) - len(prompt) for r in rows]
-        tot = common.all_reduce([sum(rewards_all), len(rewards_all), sum(lengths)], device)
-        S.tokens_per_step = int(tot[2])
-        return loss.detach(), {"reward": tot[0] / tot[1], "seq_len": tot[2] / tot[1]}
-    S.train_step = train_step
-    S.lrm = lambda step: lr_multiplier("rl", step, S.num_iterations)
-
-    def evaluate(step, last):
-        if not (last or (args.eval_every > 0 and step % args.eval_every == 0)):
-            return {}
-        k_max, n = 8, min(len(test_task), args.eval_examples)
-        hits, count = [0.0] * k_max, 0
-        for i in range(rank, n, world):
-            conv = test_task[i]
-            prompt, ref = tokenizer.render_for_completion(conv), reference_answer(conv)
-            rows, _ = sample(prompt, k_max, i)
-            ok = [rl_reward(tokenizer.decode(r[len(prompt):]), ref) for r in rows]
-            for k in range(k_max):
-                hits[k] += float(any(ok[:k + 1]))
-            count += 1
-        tot = common.all_reduce(hits + [count], device)
-        return {f"pass@{k + 1}": tot[k] / max(1, tot[-1]) for k in range(k_max)}
-    S.evaluate = evaluate
-    return S
-
-# -----------------------------------------------------------------------------
-# the shared loop (SPEC 4.4): for step in 0..N: save -> evaluate -> (last: stop) -> train one optimizer step
-
-def run(args):
-    ddp, rank, local_rank, world, device = common.init_runtime(args.device, seed=args.seed)
-    cuda, stage = device.startswith("cuda"), args.stage
-    use_compile = bool((1 if cuda else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile) and stage != "rl"
-    tokenizer = tok_lib.get_tokenizer()
-    rt = dict(tokenizer=tokenizer, device=device, rank=rank, world=world, token_bytes=tok_lib.get_token_bytes(device))
-
-    # where we start from: our own latest checkpoint (--resume), a fresh model (base), or the source stage's checkpoint
-    if stage == "base":
-        common.list_shards("train"), common.list_shards("val")  # fail now, with the download hint, if shards are missing
-        V = tokenizer.get_vocab_size()
-        if args.vocab_size not in (-1, V):
-            raise SystemExit(f"error: --vocab-size {args.vocab_size} does not match the tokenizer's vocabulary ({V}); "
-                             f"retrain it with `python tokenizer.py train --vocab-size {args.vocab_size}` or drop the flag")
-        model_config = asdict(model_lib.config_from_depth(args.depth, V, args.max_seq_len or 2048))
-        tag = args.model_tag or f"d{args.depth}"
-    else:
-        src_tag = args.source_tag or model_lib.default_tag(common.checkpoint_dir(args.source))
-        src_dir = common.checkpoint_dir(args.source, src_tag)
-        if src_tag is None or model_lib.last_step(src_dir) is None:
-            raise SystemExit(f"error: no {args.source} checkpoint in {src_dir}: run `python train.py --stage={args.source}` first")
-        tag = args.model_tag or src_tag
-    ckpt_dir = common.checkpoint_dir(stage, tag)
-    resume_step = model_lib.last_step(ckpt_dir, world) if args.resume else None
-    if args.resume and resume_step is None:
-        print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
-    opt_sd = None
-    if resume_step is not None:
-        model_state, opt_sd, meta = model_lib.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
-        if meta.get("world_size", world) != world:
-            raise SystemExit(f"error: {ckpt_dir} step {resume_step} was saved by {meta['world_size']} ranks; resume with the same number")
-        model_config = meta["model_config"]
-        model = model_lib.build_model(model_config, device)
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_state.items()})
-        print0(f"resuming {stage} from {ckpt_dir} step {resume_step}")
-    elif stage == "base":
-        model = model_lib.build_model(model_config, device)
-    else:
-        model, src_meta = model_lib.load_model(args.source, device, tag=src_tag, step=args.source_step, tokenizer=tokenizer)
-        model_config = src_meta["model_config"]
-        print0(f"{stage}: starting from {args.source} checkpoint {src_dir} step {src_meta.get('step')}")
-    model.train()
-    rt["T"] = args.max_seq_len or model_config["sequence_len"]
-    model_config = dict(model_config, sequence_len=rt["T"])  # the next stage's default T is the one trained here
-    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    S = setup_rl(args, rt, model) if stage == "rl" else setup_lm(stage, args, rt, model, train_model)
-    loop = dict(step=0, smooth_loss=0.0, min_val_bpb=float("inf"), total_time=0.0, timed_steps=0, tokens=0, flops=0.0,
-                done=False, progress=0.0, val_bpb=None)
-    if opt_sd is not None:
-        for opt, sd in zip(optimizers, opt_sd["optimizers"]):
-            load_optimizer_state(opt, sd)
-        S.load_loader_state(opt_sd["loader"])
-        loop.update(opt_sd["loop_state"])
-        S.done_flag, S.progress = loop["done"], loop["progress"]
-        set_rng_state(opt_sd["rng"])
-    counts = model.param_counts()
-    print0(f"{stage}: {counts['total']:,} parameters, T={rt['T']}, device={device}, world={world}, compile={int(use_compile)}, "
-           f"steps={S.num_iterations or 'one epoch'}, tokens/step={S.tokens_per_step:,}")
-
-    wandb_run = None
-    if args.run != "dummy" and rank == 0:
-        try:
-            import wandb
-            wandb_run = wandb.init(project="nanochat", name=args.run, config=vars(args))
-        except ImportError:
-            print0("wandb is not installed: not logging to wandb")
-
-    def save(step):
-        loop.update(done=bool(getattr(S, "done_flag", False)), progress=S.progress)
-        meta = dict(step=step, stage=stage, model_config=model_config, user_config=vars(args), world_size=world,
-                    device_batch_size=args.device_batch_size, max_seq_len=rt["T"], total_batch_size=args.total_batch_size,
-                    val_bpb=loop["val_bpb"], loader_state=S.loader_state(), loop_state=dict(loop))
-        shard = dict(optimizers=[optimizer_state(o) for o in optimizers], loader=S.loader_state(), rng=rng_state(), loop_state=dict(loop))
-        model_lib.save_checkpoint(ckpt_dir, step, model.state_dict(), jsonable(meta), shard, rank=rank)
-        if ddp:
-            dist.barrier()
-        loop["saved_step"] = step
-
-    peak = peak_flops(device)
-    step, t_start, metrics = loop["step"], time.time(), {}
-    while True:
-        last = step == S.num_iterations if S.num_iterations is not None else S.done()
-        if step > 0 and step != resume_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            save(step)  # before the evaluations, so a crash in them loses no training (nanochat #446)
-        metrics = S.evaluate(step, last)
-        if "val_bpb" in metrics:
-            loop["val_bpb"], loop["min_val_bpb"] = metrics["val_bpb"], min(loop["min_val_bpb"], metrics["val_bpb"])
-        if metrics:
-            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if last:
-            if metrics:
-                common.append_log(stage, dict(step=step, **metrics))
-            break
-        # one optimizer step
-        t0 = time.time()
-        lrm, mom = S.lrm(step), S.momentum(step)
-        set_schedule(optimizers, lrm, mom)
-        loss, extra = S.train_step(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        loss = common.all_reduce([loss.item()], device)[0] / world
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        if not math.isfinite(loss):
-            where = (f"the last good checkpoint is step {loop['saved_step']} in {ckpt_dir} (continue with --resume, e.g. at a lower lr)"
-                     if "saved_step" in loop else "no checkpoint was saved yet")
-            common.cleanup_runtime()
-            raise SystemExit(f"error: the training loss became {loss} at step {step}; stopping. {where}")
-        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss
-        smooth = loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
-        if step > 10 or S.num_iterations is not None and S.num_iterations <= 20:
-            loop["total_time"] += dt
-            loop["timed_steps"] += 1
-        loop["tokens"] += S.tokens_per_step
-        tok_per_sec = S.tokens_per_step / dt
-        mfu = 100 * S.flops_per_token * tok_per_sec / (peak * world) if peak and S.flops_per_token else None
-        loop["flops"] += (S.flops_per_token or 0) * S.tokens_per_step
-        elapsed = time.time() - t_start
-        avg_dt = loop["total_time"] / loop["timed_steps"] if loop["timed_steps"] else dt
-        if S.num_iterations is not None:
-            frac, eta = (step + 1) / S.num_iterations, avg_dt * (S.num_iterations - step - 1)
-            head = f"step {step:05d}/{S.num_iterations:05d} ({100 * frac:.2f}%)"
-        else:
-            frac = max(S.progress, 1e-9)
-            eta, head = elapsed * (1 - frac) / frac, f"step {step:05d} ({100 * frac:.2f}% of the epoch)"
-        extras = "".join(f" | {k} {v:.4f}" for k, v in extra.items())
-        print0(f"{head} | loss {smooth:.6f} | lrm {lrm:.4f} | dt {1000 * dt:.2f}ms | tok/s {tok_per_sec:,.0f} | "
-               f"mfu {'n/a' if mfu is None else f'{mfu:.2f}'}{extras} | elapsed {elapsed / 60:.2f}m | eta {eta / 60:.2f}m")
-        record = dict(step=step, train_loss=smooth, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec, tokens=loop["tokens"], **extra, **metrics)
-        common.append_log(stage, record)
-        if wandb_run is not None:
-            wandb_run.log(dict(record, total_training_flops=loop["flops"], mfu=mfu or 0.0), step=step)
-        step += 1
-        loop["step"] = step
-
-    S.close()
-    mem = peak_memory_mib(device)
-    summary = {"stage": stage, "model tag": tag, "parameters": counts["total"], "depth": model_config["n_layer"],
-               "sequence length": rt["T"], "world size": world, "iterations": step, "tokens": loop["tokens"],
-               "FLOPs per token": S.flops_per_token or 0, "total training FLOPs": f"{loop['flops']:.4e}",
-               "training time (min)": loop["total_time"] / 60, "peak memory (MiB)": mem}
-    if stage == "base":
-        summary["tokens : params"] = loop["tokens"] / counts["total"]
-    if peak and S.flops_per_token and loop["timed_steps"]:
-        summary["MFU %"] = 100 * S.flops_per_token * S.tokens_per_step * loop["timed_steps"] / loop["total_time"] / (peak * world)
-    if loop["min_val_bpb"] < float("inf"):
-        summary.update({"min val bpb": loop["min_val_bpb"], "final val bpb": loop["val_bpb"]})
-    summary.update({k: v for k, v in metrics.items()})
-    print0(f"done: {loop['tokens']:,} tokens, {loop['flops']:.3e} FLOPs, {loop['total_time'] / 60:.2f} min of training, "
-           f"peak memory {mem:.0f} MiB" + (f", min val bpb {loop['min_val_bpb']:.4f}" if loop["min_val_bpb"] < float("inf") else ""))
-    config = {k: v for k, v in vars(args).items() if v is not None}
-    common.write_report_section(REPORT_TITLES[stage], [config, summary])
-    if wandb_run is not None:
-        wandb_run.finish()
-    if ddp:
-        dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts otherwise)
-    common.cleanup_runtime()
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        {"base": train_base, "mid": train_chat, "sft": train_chat, "rl": train_rl}[args.stage](args)
     except FileNotFoundError as e:  # missing tokenizer, shards, task data: one clear line, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        common.cleanup_runtime()
         sys.exit(1)
+    finally:
+        common.cleanup_runtime()
 
 if __name__ == "__main__":
     main()
