@@ -1,8 +1,10 @@
 """
 The one GPT definition (nanochat release architecture, SPEC 2.1-2.2), its KV cache and generation Engine with the
-calculator tool (SPEC 10.1-10.4), and checkpoint save/load (SPEC 4.7). Imports only torch and common.py.
+calculator tool (SPEC 10.1-10.4), checkpoint save/load (SPEC 4.7) and the transformers export. Imports only torch and
+common.py (and tokenizer.py inside the export).
 
     python model.py bench      # prefill / decode tok/s and time to first token of random-init models
+    python model.py export --source sft --out DIR   # a Hugging Face transformers folder (weights, tokenizer, chat template)
 """
 import os
 import re
@@ -534,9 +536,104 @@ def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
             common.print0(f"depth {depth:2d} | params {model.param_counts()['total'] / 1e6:7.1f}M | num_samples {num_samples} | "
                           f"prefill {prompt_len / ttft:8.1f} tok/s | TTFT {ttft * 1000:7.1f} ms | decode {decode:7.1f} tok/s")
 
+# -----------------------------------------------------------------------------
+# export: a folder transformers loads as NanoChatForCausalLM + a fast tokenizer (files only; transformers is not imported)
+
+HF_LAYER_NAMES = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
+                  "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# Jinja twin of Tokenizer.render_conversation / render_for_completion (the system message joins the first user message)
+HF_CHAT_TEMPLATE = (
+    "{%- set msgs = messages -%}{%- if msgs and msgs[0]['role'] == 'system' -%}"
+    "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}{%- endif -%}"
+    "<|bos|>{%- for m in msgs -%}"
+    "{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}{{ raise_exception('user and assistant messages must alternate') }}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}<|user_start|>{{ m['content'] }}<|user_end|>"
+    "{%- elif m['content'] is string -%}<|assistant_start|>{{ m['content'] }}<|assistant_end|>"
+    "{%- else -%}<|assistant_start|>{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'python' -%}<|python_start|>{{ p['text'] }}<|python_end|>"
+    "{%- elif p['type'] == 'python_output' -%}<|output_start|>{{ p['text'] }}<|output_end|>"
+    "{%- else -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}<|assistant_end|>{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}")
+
+def hf_merges(ranks):
+    """[(left, right)] in rank order: each token's two parents as tiktoken's BPE forms it from lower ranks only, so
+    HF's merge-list BPE takes the same steps tiktoken takes."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            r, i = min((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1))
+            if r >= rank:
+                raise ValueError(f"token {rank} ({token!r}) is not a merge of two lower-rank tokens: not a BPE vocabulary")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(tuple(parts))
+    return merges
+
+def export_hf(source, out, tag=None, step=None):
+    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json, README.md."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} already exists and is not an empty folder: pick a new path")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ValueError("export writes model.safetensors and needs the safetensors package: pip install safetensors")
+    import tokenizer as tokenizer_lib  # only here: model.py otherwise imports nothing but common.py
+    tok = tokenizer_lib.get_tokenizer()
+    model, meta = load_model(source, "cpu", tag=tag, step=step, tokenizer=tok)
+    c, S = model.config, tok.special
+    state = {}
+    for name, tensor in model.state_dict().items():
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(\w+\.\w+)\.weight", name)
+        name = f"model.layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m else {"transformer.wte.weight": "model.embed_tokens.weight"}.get(name, name)
+        state[name] = tensor.detach().float().contiguous()
+    os.makedirs(out, exist_ok=True)
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    bos, eos = S["<|bos|>"], S["<|assistant_end|>"]
+    config = dict(architectures=["NanoChatForCausalLM"], model_type="nanochat", vocab_size=c.vocab_size, hidden_size=c.n_embd,
+                  intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                  max_position_embeddings=c.sequence_len, hidden_act="relu2", rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default eps
+                  rope_parameters={"rope_type": "default", "rope_theta": float(ROPE_BASE)}, final_logit_softcapping=SOFTCAP,
+                  attention_bias=False, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, dtype="float32")
+    # GPT-2's byte -> printable character map, which HF's ByteLevel pre-tokenizer and decoder use
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cmap = {b: chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b))) for b in range(256)}
+    hf = lambda token: "".join(cmap[b] for b in token)
+    ranks, pattern = tok.enc._mergeable_ranks, tok.enc._pat_str
+    added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True) for s, i in sorted(S.items(), key=lambda kv: kv[1])]
+    tokenizer_json = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None, post_processor=None,
+                          pre_tokenizer=dict(type="Sequence", pretokenizers=[dict(type="Split", pattern=dict(Regex=pattern), behavior="Isolated", invert=False),
+                                                                             dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)]),
+                          decoder=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False),
+                          model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None, fuse_unk=False,
+                                     byte_fallback=False, ignore_merges=True,  # a chunk that is a whole token is that token, as in tiktoken
+                                     vocab={hf(t): i for t, i in ranks.items()}, merges=[[hf(a), hf(b)] for a, b in hf_merges(ranks)]))
+    tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|bos|>", eos_token="<|assistant_end|>", pad_token="<|bos|>",
+                            model_max_length=c.sequence_len, clean_up_tokenization_spaces=False, chat_template=HF_CHAT_TEMPLATE)
+    generation_config = dict(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos)  # our Engine stops at either
+    report = os.path.join(common.get_base_dir(), "report")
+    metrics = [line for slug in ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}") if os.path.exists(p := os.path.join(report, f"{slug}.md"))
+               for line in open(p).read().splitlines() if line.startswith("- ")]
+    tokens = meta.get("loop_state", {}).get("tokens")
+    card = [f"# nanochat {source} model", "", f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary {c.vocab_size:,}, "
+            f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}, trained from "
+            f"`{(meta.get('user_config') or {}).get('source') or 'scratch'}`" + (f"; {tokens:,} tokens seen in this stage." if tokens else "."), "",
+            "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", f"model, tok = AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)",
+            "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, return_tensors='pt', return_dict=False)", "```", ""]
+    for name, obj in (("config.json", config), ("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config),
+                      ("generation_config.json", generation_config), ("README.md", "\n".join(card))):
+        common.atomic_write_text(os.path.join(out, name), obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False))
+    return out
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init models")
-    parser.add_argument("command", choices=["bench"])
+    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init models; "
+                                     "`export --source STAGE --out DIR` writes a Hugging Face transformers folder")
+    parser.add_argument("command", choices=["bench", "export"])
+    parser.add_argument("--source", default=None, help="export: base|mid|sft|rl")
+    parser.add_argument("--tag", default=None, help="export: checkpoint tag (default: the largest d<N>)")
+    parser.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: the last)")
+    parser.add_argument("--out", default=None, help="export: a new (or empty) folder")
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -547,6 +644,14 @@ if __name__ == "__main__":
     parser.add_argument("--device", default=None, help="cpu|cuda (default: autodetect)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.command == "export":
+        try:
+            if not args.source or not args.out:
+                raise ValueError("export needs --source base|mid|sft|rl and --out DIR")
+            print(f"wrote {export_hf(args.source, args.out, args.tag, args.step)}")
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        raise SystemExit(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     bench(args.depths, args.vocab_size, args.prompt_len, args.new_tokens, args.batches, args.device or common.autodetect_device(), args.repeats)

@@ -739,6 +739,98 @@ def test_model_engine_with_real_tokenizer(tokenizer, tiny_model):
     assert [c[1][0] for c in cols][i:out.index(S("<|output_end|>")) + 1] == [0] * (out.index(S("<|output_end|>")) - i + 1)
 
 
+# -----------------------------------------------------------------------------
+# export to a transformers folder (model.py export)
+
+HF_TAG = "hf_test"  # its own tag under the session base dir
+
+
+@pytest.fixture(scope="module")
+def hf_export(base_dir, tokenizer, tiny_config, tmp_path_factory):
+    """A tiny SFT checkpoint with every weight random (no zero-init head: the logits must carry signal), exported by the
+    CLI and loaded once by transformers (a test dependency: absent only outside CI)."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        print("SKIP reason: transformers is not installed (CI installs it)")
+        pytest.skip("transformers not installed")
+    from model import build_model, save_checkpoint
+    torch.manual_seed(0)
+    model = build_model(asdict(tiny_config), "cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if not p.any() else None
+    save_checkpoint(common.checkpoint_dir("sft", HF_TAG), 7, model.state_dict(), {"step": 7, "model_config": asdict(tiny_config), "loop_state": {"tokens": 4321}})
+    out = str(tmp_path_factory.mktemp("hf") / "export")
+    p = run_script(["model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out], env={"NANOCHAT_BASE_DIR": base_dir})
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    return model, AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out), out
+
+
+def _hf_conversation():
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, who are you?"},
+                         {"role": "assistant", "content": "A small model. 🙂"}, {"role": "user", "content": "What is 12*3?\n\nThanks"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "Let me compute:"}, {"type": "python", "text": "12*3"},
+                                                           {"type": "python_output", "text": "36"}, {"type": "text", "text": " It is 36."}]},
+                         {"role": "user", "content": "  and   naïve 日本 123456? "}, {"role": "assistant", "content": "unused"}]}
+
+
+def test_model_export_hf_logits_and_greedy(hf_export, tokenizer):
+    model, hf_model, _, out = hf_export
+    prompt = tokenizer.render_for_completion(_hf_conversation())
+    torch.manual_seed(1)
+    ids = torch.cat((torch.tensor([prompt]), torch.randint(0, tokenizer.get_vocab_size(), (1, 128 - len(prompt)))), dim=1)
+    with torch.no_grad():
+        ours, theirs = model(ids), hf_model(ids).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"max abs logit difference ours vs transformers (fp32, {ids.size(1)} tokens): {diff:.3g}")
+    assert diff <= 1e-4 and ours.std() > 1.0  # logits that carry signal, not a zero head
+    ours_gen = [col[0] for col, _ in Engine(model, tokenizer).generate(prompt, max_tokens=20, temperature=0.0)]
+    theirs_gen = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert theirs_gen == ours_gen and len(set(ours_gen)) > 1
+    card = open(os.path.join(out, "README.md")).read()
+    assert "`sft` checkpoint at step 7" in card and "4,321 tokens" in card
+
+
+def test_model_export_hf_tokenizer(hf_export, tokenizer):
+    hf_tok = hf_export[2]
+    texts = ["The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it?", "def f(x):\n    return x ** 2  # square\n\n\tif a != b: pass\r\n",
+             "1234567890 3.14159 1,000,000 and 2026-12-02", "naïve café Ünïcödé 日本語のテキスト Ελληνικά", "emoji 😀👍🏽👨‍👩‍👧 end",
+             "a <|bos|> b <|assistant_end|>c<|user_start", "   lots   of \n\n  spaces  ", "", *itertools.islice(common.iter_documents("train"), 20)]
+    hf_ids = hf_tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for text, ids in zip(texts, hf_ids):
+        assert ids == tokenizer.encode(text) and hf_tok.decode(ids) == text, text[:80]
+    assert hf_tok("x<|bos|>")["input_ids"] == tokenizer.encode("x") + [tokenizer.get_bos_token_id()]  # HF default: specials in text are specials
+    assert {s: hf_tok.convert_tokens_to_ids(s) for s in tokenizer.get_special_tokens()} == tokenizer.special and len(tokenizer.special) == 9
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>"))
+    assert hf_export[1].generation_config.eos_token_id == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+
+
+def test_model_export_hf_chat_template(hf_export, tokenizer):
+    conversation = _hf_conversation()
+    ids = hf_export[2].apply_chat_template(conversation["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == tokenizer.render_for_completion(conversation)
+    two = {"messages": conversation["messages"][1:3] + [{"role": "user", "content": "ok"}, {"role": "assistant", "content": ""}]}
+    assert list(hf_export[2].apply_chat_template(two["messages"][:-1], add_generation_prompt=True, return_dict=False)) == tokenizer.render_for_completion(two)
+
+
+def test_model_export_cli_bad_input(hf_export, base_dir, tmp_path, monkeypatch):
+    from model import export_hf
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    p = run_script(["model.py", "export", "--source", "pretrain", "--out", str(tmp_path / "new")], env={"NANOCHAT_BASE_DIR": base_dir}, check=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: unknown stage 'pretrain'") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for kwargs, message in [(dict(step=99), "no sft checkpoint at step 99"), (dict(out=str(tmp_path / "full")), "already exists and is not an empty folder")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI prints these as one "error: ..." line
+            export_hf(**{"source": "sft", "out": str(tmp_path / "new"), "tag": HF_TAG, **kwargs})
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if safetensors were not installed
+    with pytest.raises(ValueError, match="needs the safetensors package: pip install safetensors"):
+        export_hf("sft", str(tmp_path / "new"), tag=HF_TAG)
+    assert os.listdir(tmp_path / "full") == ["keep.txt"] and not os.path.exists(tmp_path / "new")
+
+
 # =============================================================================
 # data.py
 # =============================================================================
