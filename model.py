@@ -587,8 +587,6 @@ def export_hf(source, out, tag=None, step=None):
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(\w+\.\w+)\.weight", name)
         name = f"model.layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m else {"transformer.wte.weight": "model.embed_tokens.weight"}.get(name, name)
         state[name] = tensor.detach().float().contiguous()
-    os.makedirs(out, exist_ok=True)
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     bos, eos = S["<|bos|>"], S["<|assistant_end|>"]
     config = dict(architectures=["NanoChatForCausalLM"], model_type="nanochat", vocab_size=c.vocab_size, hidden_size=c.n_embd,
                   intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
@@ -613,14 +611,17 @@ def export_hf(source, out, tag=None, step=None):
     generation_config = dict(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos)  # our Engine stops at either
     report = os.path.join(common.get_base_dir(), "report")
     metrics = [line for slug in ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}") if os.path.exists(p := os.path.join(report, f"{slug}.md"))
-               for line in open(p).read().splitlines() if line.startswith("- ")]
+               for line in open(p).read().splitlines() if line.startswith(("- ", "## "))]
     tokens = meta.get("loop_state", {}).get("tokens")
     card = [f"# nanochat {source} model", "", f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary {c.vocab_size:,}, "
             f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}, trained from "
             f"`{(meta.get('user_config') or {}).get('source') or 'scratch'}`" + (f"; {tokens:,} tokens seen in this stage." if tokens else "."), "",
-            "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer", f"model, tok = AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)",
+            "## Metrics (from the training report)", "", *([f"#{m}" if m[0] == "#" else m for m in metrics] or ["none recorded"]), "", "## Use", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "model, tok = AutoModelForCausalLM.from_pretrained('DIR'), AutoTokenizer.from_pretrained('DIR')",
             "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, return_tensors='pt', return_dict=False)", "```", ""]
+    os.makedirs(out, exist_ok=True)  # only now: every check above can fail without leaving a half-written folder
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # safetensors writes it owner-only
     for name, obj in (("config.json", config), ("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config),
                       ("generation_config.json", generation_config), ("README.md", "\n".join(card))):
         common.atomic_write_text(os.path.join(out, name), obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False))
