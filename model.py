@@ -541,6 +541,7 @@ def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
 
 HF_LAYER_NAMES = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
                   "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+HF_TRAIN_SECTIONS = {"base": "base-model-training", "mid": "midtraining", "sft": "chat-sft", "rl": "chat-rl"}  # train.py's REPORT_TITLES
 # Jinja twin of Tokenizer.render_conversation / render_for_completion (the system message joins the first user message)
 HF_CHAT_TEMPLATE = (
     "{%- set msgs = messages -%}{%- if msgs and msgs[0]['role'] == 'system' -%}"
@@ -610,13 +611,16 @@ def export_hf(source, out, tag=None, step=None):
                             model_max_length=c.sequence_len, clean_up_tokenization_spaces=False, chat_template=HF_CHAT_TEMPLATE)
     generation_config = dict(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos)  # our Engine stops at either
     report = os.path.join(common.get_base_dir(), "report")
-    metrics = [line for slug in ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}") if os.path.exists(p := os.path.join(report, f"{slug}.md"))
-               for line in open(p).read().splitlines() if line.startswith(("- ", "## "))]
-    tokens = meta.get("loop_state", {}).get("tokens")
+    read = lambda slug: open(p).read().splitlines() if os.path.exists(p := os.path.join(report, f"{slug}.md")) else []
+    stages = list(common.CHECKPOINT_DIRS)[:list(common.CHECKPOINT_DIRS).index(source) + 1]  # base, mid, sft, rl
+    seen = [f"{s} ({line[10:]} tokens)" for s in stages for line in read(HF_TRAIN_SECTIONS[s]) if line.startswith("- tokens: ")]
+    metrics = [f"#{line}" if line[0] == "#" else line for slug in ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}")
+               for line in read(slug) if line.startswith(("- ", "## "))]
     card = [f"# nanochat {source} model", "", f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary {c.vocab_size:,}, "
-            f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}, trained from "
-            f"`{(meta.get('user_config') or {}).get('source') or 'scratch'}`" + (f"; {tokens:,} tokens seen in this stage." if tokens else "."), "",
-            "## Metrics (from the training report)", "", *([f"#{m}" if m[0] == "#" else m for m in metrics] or ["none recorded"]), "", "## Use", "", "```python",
+            f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}"
+            + (f", validation bpb {meta['val_bpb']:.4f}." if meta.get("val_bpb") else "."), "",
+            f"Stages and tokens seen (training report): {' → '.join(seen) or 'not recorded'}", "",
+            "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "model, tok = AutoModelForCausalLM.from_pretrained('DIR'), AutoTokenizer.from_pretrained('DIR')",
             "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, return_tensors='pt', return_dict=False)", "```", ""]
     os.makedirs(out, exist_ok=True)  # only now: every check above can fail without leaving a half-written folder

@@ -762,11 +762,16 @@ def hf_export(base_dir, tokenizer, tiny_config, tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if not p.any() else None
-    save_checkpoint(common.checkpoint_dir("sft", HF_TAG), 7, model.state_dict(), {"step": 7, "model_config": asdict(tiny_config), "loop_state": {"tokens": 4321}})
-    out = str(tmp_path_factory.mktemp("hf") / "export")
-    p = run_script(["model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out], env={"NANOCHAT_BASE_DIR": base_dir})
+    base = str(tmp_path_factory.mktemp("hf"))  # its own base dir: the model card reads the report
+    shutil.copytree(os.path.join(base_dir, "tokenizer"), os.path.join(base, "tokenizer"))
+    os.makedirs(os.path.join(base, "report"))
+    for slug, text in [("base-model-training", "- tokens: 1,234,567"), ("chat-sft", "- tokens: 4,321"), ("chat-evaluation-sft", "- ARC-Easy: 0.3100")]:
+        open(os.path.join(base, "report", f"{slug}.md"), "w").write(f"## {slug}\ntimestamp: now\n\n{text}\n")
+    save_checkpoint(os.path.join(base, common.CHECKPOINT_DIRS["sft"], HF_TAG), 7, model.state_dict(), {"step": 7, "model_config": asdict(tiny_config), "val_bpb": 1.5})
+    out = os.path.join(base, "export")
+    p = run_script(["model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out], env={"NANOCHAT_BASE_DIR": base})
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    return model, AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out), out
+    return model, AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out), base
 
 
 def _hf_conversation():
@@ -778,7 +783,7 @@ def _hf_conversation():
 
 
 def test_model_export_hf_logits_and_greedy(hf_export, tokenizer):
-    model, hf_model, _, out = hf_export
+    model, hf_model, _, base = hf_export
     prompt = tokenizer.render_for_completion(_hf_conversation())
     torch.manual_seed(1)
     ids = torch.cat((torch.tensor([prompt]), torch.randint(0, tokenizer.get_vocab_size(), (1, 128 - len(prompt)))), dim=1)
@@ -790,8 +795,9 @@ def test_model_export_hf_logits_and_greedy(hf_export, tokenizer):
     ours_gen = [col[0] for col, _ in Engine(model, tokenizer).generate(prompt, max_tokens=20, temperature=0.0)]
     theirs_gen = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
     assert theirs_gen == ours_gen and len(set(ours_gen)) > 1
-    card = open(os.path.join(out, "README.md")).read()
-    assert "`sft` checkpoint at step 7" in card and "4,321 tokens" in card
+    card = open(os.path.join(base, "export", "README.md")).read()
+    assert "`sft` checkpoint at step 7, validation bpb 1.5000." in card and "base (1,234,567 tokens) → sft (4,321 tokens)" in card
+    assert "### chat-evaluation-sft\n- ARC-Easy: 0.3100" in card
 
 
 def test_model_export_hf_tokenizer(hf_export, tokenizer):
@@ -816,11 +822,12 @@ def test_model_export_hf_chat_template(hf_export, tokenizer):
     assert list(hf_export[2].apply_chat_template(two["messages"][:-1], add_generation_prompt=True, return_dict=False)) == tokenizer.render_for_completion(two)
 
 
-def test_model_export_cli_bad_input(hf_export, base_dir, tmp_path, monkeypatch):
+def test_model_export_cli_bad_input(hf_export, tmp_path, monkeypatch):
     from model import export_hf
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", hf_export[3])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    p = run_script(["model.py", "export", "--source", "pretrain", "--out", str(tmp_path / "new")], env={"NANOCHAT_BASE_DIR": base_dir}, check=False)
+    p = run_script(["model.py", "export", "--source", "pretrain", "--out", str(tmp_path / "new")], check=False)
     assert p.returncode != 0 and p.stderr.startswith("error: unknown stage 'pretrain'") and len(p.stderr.strip().splitlines()) == 1, p.stderr
     for kwargs, message in [(dict(step=99), "no sft checkpoint at step 99"), (dict(out=str(tmp_path / "full")), "already exists and is not an empty folder")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI prints these as one "error: ..." line
