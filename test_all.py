@@ -1515,10 +1515,13 @@ def test_train_rl_reward_and_advantages(tiny_model):
 
 
 def test_train_bad_input_messages(base_dir, tokenizer, tmp_path):
+    import train
     for flag, value in (("--device-batch-size", "0"), ("--depth", "0"), ("--max-seq-len", "-3"), ("--warmdown-ratio", "0")):
-        p = run_script(["train.py", *TINY_BASE, flag, value], check=False)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode != 0 and len(lines) == 1 and flag in lines[0] and ("at least" in lines[0] or "(0, 1]" in lines[0]), p.stderr
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([*TINY_BASE, flag, value])
+        assert flag in str(e.value.code) and ("at least" in str(e.value.code) or "(0, 1]" in str(e.value.code)), e.value.code
+    p = run_script(["train.py", *TINY_BASE, "--device-batch-size", "0"], check=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --device-batch-size must be at least 1 (got 0)", p.stderr
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": empty}, check=False)
@@ -1723,10 +1726,11 @@ def test_train_ddp_real_script_ranks_stay_identical(base_dir, tokenizer, tiny_ch
         base = _clone_base(base_dir, str(tmp_path / f"r{ranks}"))
         out = _train(base, ["--stage=base", *TINY_BASE, "--total-batch-size", "128", "--num-iterations", "20", "--check-sync", "1"], ranks)
         assert ("weights were identical on all 2 ranks after every step" in out) == (ranks == 2), out[-1500:]
-        losses[ranks] = [r["loss"] for s, r in sorted(_records(base, "base").items()) if "loss" in r]
-    for ranks, curve in losses.items():
-        assert len(curve) == 20 and sum(curve[-5:]) / 5 < curve[0] - 0.5, (ranks, curve)
-    assert abs(sum(losses[2][-5:]) - sum(losses[1][-5:])) / 5 < 0.3, losses
+        losses[ranks] = [r["train_loss"] for s, r in sorted(_records(base, "base").items()) if "loss" in r]
+    print({r: [round(x, 3) for x in c] for r, c in losses.items()})
+    for ranks, curve in losses.items():  # the smoothed loss: the same fall on one rank and on two (other documents per step)
+        assert len(curve) == 20 and curve[-1] < curve[0] - 0.5, (ranks, curve)
+    assert abs(losses[2][-1] - losses[1][-1]) < 0.1 * losses[1][-1], losses
     # a chat stage (SFT from the chain's mid checkpoint) on 2 ranks
     sft = _clone_base(base_dir, str(tmp_path / "sft"))
     shutil.copytree(os.path.join(tiny_chain, "mid_checkpoints"), os.path.join(sft, "mid_checkpoints"))
