@@ -49,8 +49,8 @@ STAGE_DEFAULTS = {
                 init_lr_frac=1.0, warmdown_ratio=0.2, chat_eval_every=-1, smoltalk_size=-1, simple_spelling_size=200000,
                 spelling_bee_size=80000, pack=1, source_optimizer=0),
     "sft": dict(device_batch_size=4, total_batch_size=65536, eval_every=100, eval_tokens=100 * 4 * 2048, save_every=-1,
-                init_lr_frac=0.02, warmdown_ratio=1.0, chat_eval_every=200, smoltalk_size=10000, simple_spelling_size=300,
-                spelling_bee_size=300, pack=1, source_optimizer=0),
+                init_lr_frac=0.8, warmdown_ratio=0.5, chat_eval_every=200, smoltalk_size=10000, simple_spelling_size=300,
+                spelling_bee_size=300, pack=1, source_optimizer=1),
     "rl": dict(device_batch_size=8, total_batch_size=-1, eval_every=60, eval_tokens=0, save_every=60, init_lr_frac=0.05,
                warmdown_ratio=1.0, chat_eval_every=-1),
 }
@@ -250,7 +250,7 @@ def set_schedule(optimizers, lrm, momentum=None):
 
 def lr_multiplier(progress, warmdown=0.2):
     """1 until the last `warmdown` fraction of the run, then linear to 0 (progress in [0, 1]; warmdown 1 = linear decay).
-    base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68); sft and rl decay from the start."""
+    base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68), sft 0.5, rl decays from the start."""
     return 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
 
 def muon_momentum(step):
@@ -312,10 +312,9 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     src_dir = common.checkpoint_dir(args.source, src_tag)
     print0(f"{args.stage}: starting from {args.source} checkpoint {src_dir} step {meta.get('step')}")
     trainer = None
-    if args.source_optimizer:  # carry the source's optimizer moments over (its own learning rates are not kept)
-        if meta.get("world_size", 1) != rt.world:
-            raise SystemExit(f"error: --source-optimizer 1 needs the {args.source} run's world size ({meta.get('world_size', 1)}); "
-                             f"run with that many ranks or pass --source-optimizer 0")
+    if args.source_optimizer and meta.get("world_size", 1) != rt.world:  # each rank's shard of the moments is its own
+        print0(f"note: the {args.source} run had {meta.get('world_size', 1)} ranks, this one {rt.world}: starting from fresh optimizer moments")
+    elif args.source_optimizer:  # carry the source's optimizer moments over (its own learning rates are not kept)
         _, trainer, _ = model_lib.load_checkpoint(src_dir, meta["step"], rt.device, load_optimizer=True, rank=rt.rank)
     model.train()
     return model, meta["model_config"], trainer, 0
@@ -734,7 +733,7 @@ def parse_args(argv=None):
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=None, help="all lrs times this (base/mid 1.0; sft, rl: see STAGE_DEFAULTS)")
+    p.add_argument("--init-lr-frac", type=float, default=None, help="all lrs times this (base/mid 1.0, sft 0.8, rl 0.05)")
     p.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the run over which the lr decays linearly to 0")
     # evaluation, sampling, saving
     p.add_argument("--eval-every", type=int, default=None, help="val bpb (base/mid/sft), pass@k (rl) every N steps and at the end")
