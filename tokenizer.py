@@ -39,13 +39,30 @@ def _count_batch(findall, texts, counts):
         counts.update(findall(text))
 
 
+def _packed(counts):
+    """{chunk: count} -> (the chunks in UTF-8 joined by 0xff, a byte UTF-8 never uses; their counts): two flat buffers,
+    cheap to send between processes, instead of a dict of many small objects."""
+    return b"\xff".join(chunk.encode("utf-8") for chunk in counts), np.fromiter(counts.values(), np.int64, len(counts))
+
+
+def _merged(packs):
+    """Sum the packed counts of the workers -> one pack, each distinct chunk once."""
+    keys = [blob.split(b"\xff") for blob, n in packs if len(n)]
+    index = dict.fromkeys(itertools.chain.from_iterable(keys))
+    index = dict(zip(index, itertools.count()))
+    counts = np.zeros(len(index), dtype=np.int64)
+    for ks, (_, n) in zip(keys, [p for p in packs if len(p[1])]):
+        counts[np.fromiter(map(index.__getitem__, ks), np.int64, len(ks))] += n  # a worker lists a chunk once
+    return b"\xff".join(index), counts
+
+
 def _count_worker(pattern, inbox, outbox):
-    """Worker process: count the chunks of every batch it receives; at the end send back its whole {chunk: count}."""
+    """Worker process: count the chunks of every batch it receives; at the end send back its counts, packed."""
     try:
         findall, counts = regex.compile(pattern).findall, Counter()
         for texts in iter(inbox.get, None):
             _count_batch(findall, texts, counts)
-        outbox.put(dict(counts))
+        outbox.put(_packed(counts))
     except BaseException as e:  # hand the error to the parent instead of leaving it waiting forever
         outbox.put(RuntimeError(f"chunk counting failed in a worker: {type(e).__name__}: {e}"))
 
@@ -65,8 +82,9 @@ def _batches(texts):
 
 
 def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
-    """Global {chunk: count} over an iterable of texts. Counting runs in `num_workers` processes (default: all cores),
-    each keeping its own Counter, so memory grows with the distinct chunks, not with the corpus."""
+    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). Counting runs
+    in `num_workers` processes (default: all cores), each keeping its own Counter, so memory grows with the distinct
+    chunks, not with the corpus."""
     num_workers = num_workers or os.cpu_count() or 1
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
@@ -77,7 +95,7 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
             _count_batch(findall, batch, counts)
             done += size
             progress and progress(done)
-        return counts
+        return _packed(counts)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     inbox, outbox = ctx.Queue(maxsize=2 * num_workers), ctx.Queue()  # bounded: the reader never runs far ahead
     procs = [ctx.Process(target=_count_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(num_workers)]
@@ -102,11 +120,7 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
                 inbox.cancel_join_thread()  # and do not wait at exit to flush batches nobody will read
                 p.terminate()
             p.join()
-    results.sort(key=len, reverse=True)
-    counts = Counter(results[0])
-    for r in results[1:]:
-        counts.update(r)
-    return counts
+    return _merged(results)
 
 
 def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
@@ -115,15 +129,12 @@ def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN, num_workers=None, progre
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
         raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), got {vocab_size}")
-    chunk_counts = count_chunks(texts, pattern, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
-    if not chunk_counts:
+    chunks, counts = count_chunks(texts, pattern, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
+    if not len(counts):
         raise ValueError("no text to train on: the corpus is empty")
     if progress:
-        progress("counted", len(chunk_counts), 0, 0)
-    chunks = [chunk.encode("utf-8") for chunk in chunk_counts]
-    wcounts = list(chunk_counts.values())
-    del chunk_counts
-    merges = _merge_loop(chunks, wcounts, num_merges, progress)
+        progress("counted", len(counts), 0, 0)
+    merges = _merge_loop(chunks, counts, num_merges, progress)
     ranks = {bytes([i]): i for i in range(256)}
     token_bytes = [bytes([i]) for i in range(256)]
     for new_id, (a, b) in enumerate(merges, start=256):
@@ -133,34 +144,70 @@ def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN, num_workers=None, progre
 
 
 def _initial_pairs(chunks, wcounts, shift):
-    """Byte-pair counts and pair -> words index over all chunks at once with numpy: {key: count}, {key: word ids}."""
-    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
-    flat = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.uint16)
-    word_of = np.repeat(np.arange(len(chunks), dtype=np.int32), lens)  # int32 halves the index for big corpora
-    inside = word_of[1:] == word_of[:-1]  # adjacent positions within one word
-    codes, wids = ((flat[:-1] << 8) | flat[1:])[inside], word_of[:-1][inside]
-    counts = np.bincount(codes, weights=np.asarray(wcounts, dtype=np.float64)[wids], minlength=1 << 16)  # exact below 2**53
-    order = np.argsort(codes, kind="stable")  # radix sort on 16-bit codes; word ids stay ascending inside a pair
-    codes, wids = codes[order], wids[order]
-    keep = np.ones(len(codes), dtype=bool)
-    keep[1:] = (codes[1:] != codes[:-1]) | (wids[1:] != wids[:-1])  # a word once per pair
-    codes, wids = codes[keep], wids[keep]
+    """The packed chunks laid out in one array, each word after a -1: tok, the count of the word at every position, and
+    the byte pairs: {key: count} and {key: positions of its first token, ascending}."""
+    tok = np.frombuffer(b"\xff" + chunks + b"\xff", dtype=np.uint8).astype(np.int32)
+    tok[tok == 255] = -1
+    cnt = np.append(np.asarray(wcounts, dtype=np.int64), 0)[np.cumsum(tok < 0) - 1]
+    pos = np.flatnonzero((tok[:-1] >= 0) & (tok[1:] >= 0)).astype(np.int32)
+    codes = (tok[pos] << 8) | tok[pos + 1]
+    counts = np.bincount(codes, weights=cnt[pos], minlength=1 << 16)  # exact below 2**53
+    order = np.argsort(codes, kind="stable")  # radix sort on 16-bit codes; positions stay ascending inside a pair
+    codes, pos = codes[order], pos[order]
     present = np.flatnonzero(counts)
-    starts, ends = np.searchsorted(codes, present, "left").tolist(), np.searchsorted(codes, present, "right").tolist()
+    bounds = np.searchsorted(codes, present, "left").tolist() + [len(codes)]
     keys = (((present >> 8) << shift) | (present & 255)).tolist()
-    return dict(zip(keys, counts[present].astype(np.int64).tolist())), {k: wids[s:e] for k, s, e in zip(keys, starts, ends)}
+    return tok, cnt, dict(zip(keys, counts[present].astype(np.int64).tolist())), {k: pos[s:e] for k, s, e in zip(keys, bounds, bounds[1:])}
+
+
+MANY = 128  # a merge with at least this many listed positions runs in numpy (_merge_many), fewer in plain Python
+
+
+def _merge_many(tok, nxt, prv, cnt, ps, a, b, new, shift, pair_count):
+    """The merge of (a, b) at the listed positions `ps` all at once with numpy, on the arrays of _merge_loop: subtract the
+    counts of the pairs it breaks from pair_count and return the pairs it makes as (key, count, positions)."""
+    ps = ps[(tok[ps] == a) & (tok[nxt[ps]] == b)]
+    if a == b:  # in a run of a's, merge the 1st, 3rd, ... from the left, as the plain loop does
+        first, n = np.ones(len(ps), dtype=bool), np.arange(len(ps))
+        first[1:] = nxt[ps[:-1]] != ps[1:]
+        ps = ps[(n - np.maximum.accumulate(np.where(first, n, 0))) % 2 == 0]
+    q, left, c = nxt[ps], prv[ps], cnt[ps]
+    right = nxt[q]
+    x, y = tok[left].astype(np.int64), tok[right].astype(np.int64)  # keys need 64 bits past 32K
+    # the pairs (x, a) at `left` and (b, y) at q go; a pair between two occurrences is listed by both: once by position
+    gone, first = np.unique(np.concatenate([left[x >= 0], q[y >= 0]]), return_index=True)
+    keys = np.concatenate([(x[x >= 0] << shift) | a, (b << shift) | y[y >= 0]])[first]
+    order = np.argsort(keys)
+    keys, gone = keys[order], gone[order]
+    starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    for k, n in zip(keys[starts].tolist(), np.add.reduceat(cnt[gone], starts).tolist()):
+        pair_count[k] -= n
+    tok[ps], tok[q], nxt[ps], prv[right] = new, -2, right, ps
+    left = prv[ps]  # the previous occurrence itself where two were adjacent
+    x, y = tok[left].astype(np.int64), tok[right].astype(np.int64)
+    # the pairs (x, new) at `left` and (new, y) at the occurrence come
+    made, first = np.unique(np.concatenate([left[x >= 0], ps[y >= 0]]), return_index=True)
+    keys = np.concatenate([(x[x >= 0] << shift) | new, (new << shift) | y[y >= 0]])[first]
+    order = np.argsort(keys, kind="stable")  # positions stay ascending inside a pair
+    keys, made = keys[order], made[order]
+    starts = np.flatnonzero(np.diff(keys, prepend=-1)).tolist()
+    counts = np.add.reduceat(cnt[made], starts).tolist() if starts else []
+    return zip(keys[starts].tolist(), counts, [made[s:e] for s, e in zip(starts, starts[1:] + [len(made)])])
 
 
 def _merge_loop(chunks, wcounts, num_merges, progress=None):
-    """Incremental BPE on the distinct chunks (bytes) with their counts -> [(a, b), ...] in merge order.
-    A pair is the int key a << SHIFT | b; a heap entry is the int -count << KEYBITS | key, so the min-heap pops the
-    highest count, then the smallest key, i.e. the smallest (a, b).
-    Each merge visits only the words indexed under its pair and updates the counts of the pairs around it."""
+    """Incremental BPE on the packed distinct chunks with their counts (see count_chunks) -> [(a, b), ...] in order.
+    The words sit in one array `tok` linked by nxt/prv (a merge unlinks the second token; -1 parts words, -2 is a gap).
+    A pair is the int key a << SHIFT | b, listed with the positions of its first token; a heap entry is the int
+    -count << KEYBITS | key, so the min-heap pops the highest count, then the smallest key, i.e. the smallest (a, b).
+    Each merge visits only the positions listed under its pair and updates the counts of the pairs around them."""
     SHIFT = (255 + num_merges).bit_length()  # keys stay below 2**30 (one-digit Python ints, the fast path) up to 32K
     MASK, KEYBITS = (1 << SHIFT) - 1, 2 * SHIFT
     KEYMASK = (1 << KEYBITS) - 1
-    pair_count, pair_words = _initial_pairs(chunks, wcounts, SHIFT)
-    words = [c.decode("latin-1") for c in chunks]  # a word is a str with one character per token: chr(token id)
+    tok, cnt, pair_count, pair_pos = _initial_pairs(chunks, wcounts, SHIFT)
+    nxt, prv = np.arange(1, len(tok) + 1, dtype=np.int32), np.arange(-1, len(tok) - 1, dtype=np.int32)
+    arrays = tok, nxt, prv, cnt
+    T, N, P, C = map(memoryview, arrays)  # the plain loop reads single items through these, faster than from numpy
     heap = [(-c << KEYBITS) | k for k, c in pair_count.items()]  # one int per entry: -count, then the key, in its bits
     heapq.heapify(heap)
     merges, t0 = [], time.time()
@@ -177,66 +224,45 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
         a, b = key >> SHIFT, key & MASK
         new = 256 + len(merges)
         merges.append((a, b))
-        created = {}  # pair made by this merge -> [its count, word ids holding it...]
-        cget = created.get
-        wids = pair_words.pop(key)
-        ab, NEW = chr(a) + chr(b), chr(new)
-        for wi in (wids[1:] if isinstance(wids, list) else wids.tolist()):
-            w = words[wi]
-            i = w.find(ab)  # str search runs in C, and finds the pair itself, not just its first token
-            if i < 0:
-                continue  # an index entry gone stale
-            c, last, j = wcounts[wi], len(w) - 2, w.find(ab, i + 2)
-            if j < 0:  # the common case: one occurrence
-                if i:
-                    x = ord(w[i - 1]) << SHIFT
-                    pair_count[x | a] -= c
-                    e = cget(x | new)
+        ps = pair_pos.pop(key)
+        ps = ps[1:] if isinstance(ps, list) else ps  # positions after the count, or an array from numpy
+        if len(ps) >= MANY:
+            made = _merge_many(*arrays, np.asarray(ps, dtype=np.int32), a, b, new, SHIFT, pair_count)
+        else:
+            created = {}  # pair made by this merge -> [its count, positions...]
+            cget = created.get
+            for p in (ps if isinstance(ps, list) else ps.tolist()):  # ascending: a run of a's merges from the left
+                if T[p] != a or T[N[p]] != b:
+                    continue  # a listed position gone stale
+                q, c, left = N[p], C[p], P[p]
+                right = N[q]
+                x, y = T[left], T[right]
+                T[p], T[q], N[p], P[right] = new, -2, right, p
+                if x >= 0:
+                    if x == new:  # the occurrence just before this one: its (new, a), made a moment ago, goes
+                        created[(new << SHIFT) | a][0] -= c
+                    else:
+                        pair_count[(x << SHIFT) | a] -= c
+                    e = cget((x << SHIFT) | new)
                     if e is None:
-                        created[x | new] = [c, wi]
+                        created[(x << SHIFT) | new] = [c, left]
                     else:
                         e[0] += c
-                        e.append(wi)
-                if i < last:
-                    y = ord(w[i + 2])
+                        e.append(left)
+                if y >= 0:
                     pair_count[(b << SHIFT) | y] -= c
-                    k = (new << SHIFT) | y
-                    e = cget(k)
+                    e = cget((new << SHIFT) | y)
                     if e is None:
-                        created[k] = [c, wi]
+                        created[(new << SHIFT) | y] = [c, p]
                     else:
                         e[0] += c
-                        e.append(wi)
-                words[wi] = w[:i] + NEW + w[i + 2:]
-                continue
-            end = -1  # several occurrences, left to right without overlap, exactly as str.replace takes them
-            while i >= 0:
-                touched = []
-                if i == end:  # the left neighbour is the previous occurrence, just merged: (new, a) becomes (new, new)
-                    created[(new << SHIFT) | a][0] -= c
-                    touched.append((new << SHIFT) | new)
-                elif i:
-                    x = ord(w[i - 1]) << SHIFT
-                    pair_count[x | a] -= c
-                    touched.append(x | new)
-                if i < last:
-                    y = ord(w[i + 2])
-                    pair_count[(b << SHIFT) | y] -= c
-                    touched.append((new << SHIFT) | y)
-                for k in touched:
-                    e = created.setdefault(k, [0])
-                    e[0] += c
-                    if len(e) == 1 or e[-1] != wi:
-                        e.append(wi)
-                end = i + 2
-                i = w.find(ab, end)
-            words[wi] = w.replace(ab, NEW)
+                        e.append(p)
+            made = ((k, e[0], e) for k, e in created.items())
         del pair_count[key]  # no occurrence of (a, b) is left anywhere
-        for k, e in created.items():
-            pair_count[k] = e[0]
-            pair_words[k] = e
-            if e[0] > 0:
-                heappush(heap, (-e[0] << KEYBITS) | k)
+        for k, count, ps in made:
+            pair_count[k], pair_pos[k] = count, ps
+            if count > 0:
+                heappush(heap, (-count << KEYBITS) | k)
         if progress and (len(merges) % 256 == 0 or len(merges) == num_merges):
             progress("merge", len(merges), num_merges, time.time() - t0)
     return merges
