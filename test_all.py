@@ -191,6 +191,9 @@ def test_tokenizer_train_matches_reference_bpe(monkeypatch):
     want = _reference_bpe(texts, 700, T.SPLIT_PATTERN)
     assert len(want) > 256 + 200, "the corpus should allow a few hundred merges"
     assert T.train_bpe(texts, 700, num_workers=1) == want
+    for many in (1, 10**9):  # every merge through numpy, then every merge through the plain loop
+        monkeypatch.setattr(T, "MANY", many)
+        assert T.train_bpe(texts, 700, num_workers=1) == want
     monkeypatch.setattr(T, "BATCH_CHARS", 2000)  # many small batches through 2 worker processes
     assert T.train_bpe(texts, 700, num_workers=2) == want
     assert not multiprocessing.active_children()

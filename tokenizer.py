@@ -4,7 +4,7 @@ and the chat rendering used by every later stage (SPEC 1).
 
     python tokenizer.py train [--input FILE ...] [--vocab-size 65536] [--max-chars 2000000000] [--doc-cap 10000]
     python tokenizer.py eval     # compression table vs GPT-2 / GPT-4 (when tiktoken can load them)
-    python tokenizer.py bench    # trainer timing vs rustbpe / HF tokenizers when installed
+    python tokenizer.py bench    # trainer time and memory vs rustbpe (when installed), interleaved rounds
 
 Imports nothing of ours but common.py.
 """
@@ -14,6 +14,7 @@ import copy
 import time
 import heapq
 import pickle
+import statistics
 import argparse
 import itertools
 import multiprocessing as mp
@@ -47,13 +48,10 @@ def _packed(counts):
 
 def _merged(packs):
     """Sum the packed counts of the workers -> one pack, each distinct chunk once."""
-    keys = [blob.split(b"\xff") for blob, n in packs if len(n)]
-    index = dict.fromkeys(itertools.chain.from_iterable(keys))
-    index = dict(zip(index, itertools.count()))
-    counts = np.zeros(len(index), dtype=np.int64)
-    for ks, (_, n) in zip(keys, [p for p in packs if len(p[1])]):
-        counts[np.fromiter(map(index.__getitem__, ks), np.int64, len(ks))] += n  # a worker lists a chunk once
-    return b"\xff".join(index), counts
+    counts = Counter()
+    for blob, n in packs:
+        counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
+    return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
 def _count_worker(pattern, inbox, outbox):
@@ -163,6 +161,15 @@ def _initial_pairs(chunks, wcounts, shift):
 MANY = 128  # a merge with at least this many listed positions runs in numpy (_merge_many), fewer in plain Python
 
 
+def _grouped(pos, keys):
+    """Pairs listed by the position of their first token, a pair between two occurrences listed twice -> keys ascending,
+    positions in that order (ascending inside a key), the index where each key starts."""
+    pos, first = np.unique(pos, return_index=True)
+    order = np.argsort(keys[first], kind="stable")
+    keys, pos = keys[first][order], pos[order]
+    return keys, pos, np.flatnonzero(np.diff(keys, prepend=-1))
+
+
 def _merge_many(tok, nxt, prv, cnt, ps, a, b, new, shift, pair_count):
     """The merge of (a, b) at the listed positions `ps` all at once with numpy, on the arrays of _merge_loop: subtract the
     counts of the pairs it breaks from pair_count and return the pairs it makes as (key, count, positions)."""
@@ -171,27 +178,21 @@ def _merge_many(tok, nxt, prv, cnt, ps, a, b, new, shift, pair_count):
         first, n = np.ones(len(ps), dtype=bool), np.arange(len(ps))
         first[1:] = nxt[ps[:-1]] != ps[1:]
         ps = ps[(n - np.maximum.accumulate(np.where(first, n, 0))) % 2 == 0]
-    q, left, c = nxt[ps], prv[ps], cnt[ps]
+    q, left = nxt[ps], prv[ps]
     right = nxt[q]
     x, y = tok[left].astype(np.int64), tok[right].astype(np.int64)  # keys need 64 bits past 32K
-    # the pairs (x, a) at `left` and (b, y) at q go; a pair between two occurrences is listed by both: once by position
-    gone, first = np.unique(np.concatenate([left[x >= 0], q[y >= 0]]), return_index=True)
-    keys = np.concatenate([(x[x >= 0] << shift) | a, (b << shift) | y[y >= 0]])[first]
-    order = np.argsort(keys)
-    keys, gone = keys[order], gone[order]
-    starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    # the pairs (x, a) at `left` and (b, y) at q go
+    keys, gone, starts = _grouped(np.concatenate([left[x >= 0], q[y >= 0]]),
+                                  np.concatenate([(x[x >= 0] << shift) | a, (b << shift) | y[y >= 0]]))
     for k, n in zip(keys[starts].tolist(), np.add.reduceat(cnt[gone], starts).tolist()):
         pair_count[k] -= n
     tok[ps], tok[q], nxt[ps], prv[right] = new, -2, right, ps
     left = prv[ps]  # the previous occurrence itself where two were adjacent
     x, y = tok[left].astype(np.int64), tok[right].astype(np.int64)
     # the pairs (x, new) at `left` and (new, y) at the occurrence come
-    made, first = np.unique(np.concatenate([left[x >= 0], ps[y >= 0]]), return_index=True)
-    keys = np.concatenate([(x[x >= 0] << shift) | new, (new << shift) | y[y >= 0]])[first]
-    order = np.argsort(keys, kind="stable")  # positions stay ascending inside a pair
-    keys, made = keys[order], made[order]
-    starts = np.flatnonzero(np.diff(keys, prepend=-1)).tolist()
-    counts = np.add.reduceat(cnt[made], starts).tolist() if starts else []
+    keys, made, starts = _grouped(np.concatenate([left[x >= 0], ps[y >= 0]]),
+                                  np.concatenate([(x[x >= 0] << shift) | new, (new << shift) | y[y >= 0]]))
+    counts, starts = np.add.reduceat(cnt[made], starts).tolist(), starts.tolist()
     return zip(keys[starts].tolist(), counts, [made[s:e] for s, e in zip(starts, starts[1:] + [len(made)])])
 
 
@@ -238,25 +239,19 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
                 right = N[q]
                 x, y = T[left], T[right]
                 T[p], T[q], N[p], P[right] = new, -2, right, p
-                if x >= 0:
-                    if x == new:  # the occurrence just before this one: its (new, a), made a moment ago, goes
-                        created[(new << SHIFT) | a][0] -= c
-                    else:
-                        pair_count[(x << SHIFT) | a] -= c
-                    e = cget((x << SHIFT) | new)
-                    if e is None:
-                        created[(x << SHIFT) | new] = [c, left]
-                    else:
-                        e[0] += c
-                        e.append(left)
+                if x == new:  # the occurrence just before this one: its (new, a), made a moment ago, goes
+                    created[(new << SHIFT) | a][0] -= c
+                elif x >= 0:
+                    pair_count[(x << SHIFT) | a] -= c
                 if y >= 0:
                     pair_count[(b << SHIFT) | y] -= c
-                    e = cget((new << SHIFT) | y)
-                    if e is None:
-                        created[(new << SHIFT) | y] = [c, p]
-                    else:
+                for k, at in (((x << SHIFT) | new, left), ((new << SHIFT) | y, p)):  # a key < 0: no neighbour there
+                    e = cget(k)
+                    if e is not None:
                         e[0] += c
-                        e.append(p)
+                        e.append(at)
+                    elif k >= 0:
+                        created[k] = [c, at]
             made = ((k, e[0], e) for k, e in created.items())
         del pair_count[key]  # no occurrence of (a, b) is left anywhere
         for k, count, ps in made:
@@ -494,9 +489,9 @@ def training_documents(inputs, max_chars, doc_cap, stats):
             return
 
 
-def _tree_memory():
-    """(RSS, PSS) in bytes summed over this process and all its descendants (the counting workers), from /proc.
-    Forked workers share their parent's pages, so the RSS sum counts shared pages twice; PSS splits them fairly."""
+def _tree_pss():
+    """PSS in MB summed over this process and all its descendants (the counting workers), from /proc: forked workers
+    share their parent's pages, which a sum of RSS would count twice and PSS splits fairly."""
     children = {}
     for name in os.listdir("/proc"):
         try:
@@ -504,31 +499,27 @@ def _tree_memory():
                 children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
         except (ValueError, OSError):
             continue
-    rss = pss = 0
-    stack = [os.getpid()]
+    pss, stack = 0, [os.getpid()]
     while stack:
         pid = stack.pop()
         stack += children.get(pid, [])
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                fields = dict(line.split(":")[:2] for line in f.read().splitlines()[1:])
-            rss += int(fields["Rss"].split()[0]) * 1024
-            pss += int(fields["Pss"].split()[0]) * 1024
+                pss += int(dict(line.split(":")[:2] for line in f.read().splitlines()[1:])["Pss"].split()[0]) / 1024
         except (OSError, KeyError, ValueError):
             pass
-    return rss, pss
+    return pss
 
 
 class PeakMemory:
-    """Samples the process tree's memory every 50 ms in a thread while the block runs; .rss and .pss peaks in MB."""
+    """Samples the process tree's PSS every 50 ms in a thread while the block runs: .start and .peak in MB."""
     def __enter__(self):
         import threading
-        self.rss, self.pss = _tree_memory()
+        self.start = self.peak = _tree_pss()
         self._stop = threading.Event()
         def sample():
             while not self._stop.wait(0.05):
-                rss, pss = _tree_memory()
-                self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+                self.peak = max(self.peak, _tree_pss())
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
@@ -536,7 +527,6 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.rss, self.pss = self.rss / 2**20, self.pss / 2**20
 
 
 class Progress:
@@ -576,12 +566,11 @@ def cmd_train(args):
               f"not {args.vocab_size:,}; read it from the tokenizer, not from the flag")
     lengths = np.array([n for n in tok.token_byte_lengths() if n > 0])
     print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: vocab {tok.get_vocab_size():,} "
-          f"({len(ranks) - 256:,} merges), peak memory of the process tree {mem.pss:,.0f} MB PSS ({mem.rss:,.0f} MB RSS "
-          f"summed); saved to {tokenizer_dir()}")
+          f"({len(ranks) - 256:,} merges), peak memory of the process tree {mem.peak:,.0f} MB PSS; saved to {tokenizer_dir()}")
     write_report_section("Tokenizer training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
-        "train_time_s": train_time, "peak_pss_mb": mem.pss, "peak_rss_sum_mb": mem.rss,
+        "train_time_s": train_time, "peak_pss_mb": mem.peak,
         "token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
         "token_bytes_mean": float(lengths.mean()), "token_bytes_std": float(lengths.std())})
 
@@ -660,6 +649,23 @@ def cmd_eval(args):
     write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
+def _timed_in_child(fn):
+    """(wall seconds, CPU seconds of it and its workers, result) of fn() run in a forked child: every run starts from the
+    same heap and none reuses memory an earlier one freed, so the peaks of the process tree's memory compare fairly."""
+    def child():
+        t0, c0 = time.time(), sum(os.times()[:4])  # CPU: user + system, of this process and its reaped workers
+        out = fn()
+        send.send((time.time() - t0, sum(os.times()[:4]) - c0, out))
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child)
+    proc.start()
+    send.close()  # so that recv() fails instead of waiting forever if the child dies
+    out = recv.recv()
+    proc.join()
+    return out
+
+
 def cmd_bench(args):
     # common.py imports torch, which forked workers would then carry: this command reads the shards without it
     import pyarrow.parquet as pq
@@ -674,46 +680,35 @@ def cmd_bench(args):
     V = args.vocab_size
     print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
-    results = {}
-
-    def run(name, fn):
-        before = _tree_memory()[0] / 2**20
-        with PeakMemory() as mem:
-            t0 = time.time()
-            ranks = fn()
-            dt = time.time() - t0
-        results[name] = (dt, mem.rss, ranks)
-        print(f"{name:<8} {dt:7.2f} s   peak of the process tree: RSS {mem.rss:6,.0f} MB, PSS {mem.pss:6,.0f} MB "
-              f"(RSS before the call {before:,.0f} MB)")
-
+    trainers = {"ours": lambda: train_bpe(docs, V, num_workers=args.workers)}
     try:
         import rustbpe
         def train_rustbpe():
             tok = rustbpe.Tokenizer()
             tok.train_from_iterator(docs, V - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
             return {bytes(k): v for k, v in tok.get_mergeable_ranks()}
-        run("rustbpe", train_rustbpe)
+        trainers["rustbpe"] = train_rustbpe
     except ImportError:
         print("rustbpe not installed (pip install rustbpe): no reference run")
-    run("ours", lambda: train_bpe(docs, V, num_workers=args.workers))
-    try:
-        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers, Regex
-        def train_hf():
-            tok = HFTokenizer(models.BPE())
-            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), "isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=V - len(SPECIAL_TOKENS), show_progress=False,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        run("hf", train_hf)
-    except ImportError:
-        print("HF tokenizers not installed: skipped")
-    if "rustbpe" in results:
-        (tr, mr, rr), (to, mo, ro) = results["rustbpe"], results["ours"]
-        print(f"ranks equal rustbpe's: {ro == rr}   time ours/rustbpe {to / tr:.2f}x   peak RSS ours/rustbpe {mo / mr:.2f}x")
+    runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, peak PSS over the start in MB, ranks)]
+    for r in range(args.rounds):  # interleaved, in turned order: a busy machine slows every trainer alike
+        for name in list(trainers)[::1 if r % 2 else -1]:
+            with PeakMemory() as mem:
+                dt, cpu, ranks = _timed_in_child(trainers[name])
+            runs[name].append((dt, cpu, mem.peak - mem.start, ranks))
+            print(f"round {r + 1} {name:<8} {dt:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS of the process tree "
+                  f"{mem.peak:5,.0f} MB ({mem.peak - mem.start:+,.0f} MB over the start)")
+    med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
+    for name, (t, c, m) in med.items():
+        print(f"median of {args.rounds} {name:<8} {t:6.2f} s wall, {c:6.2f} s CPU, {m:+,.0f} MB")
+    if "rustbpe" in runs:
+        ratio = [o / r for o, r in zip(med["ours"], med["rustbpe"])]
+        print(f"ours/rustbpe: wall {ratio[0]:.2f}x, CPU {ratio[1]:.2f}x, memory {ratio[2]:.2f}x; "
+              f"ranks equal rustbpe's: {all(o[3] == runs['rustbpe'][0][3] for o in runs['ours'])}")
     # the runtime: our batch encode against tiktoken's raw batch call on the same ranks (best of 15, interleaved), and
     # the time of our own work on top of tiktoken's call (prepending <|bos|> to every row), measured alone
     # one thread on both sides: thread scheduling on a loaded machine would drown a difference of a few percent
-    tok, sample = Tokenizer.from_ranks(results["ours"][2]), docs[:200]
+    tok, sample = Tokenizer.from_ranks(runs["ours"][0][3]), docs[:200]
     calls = {"raw encode_ordinary_batch": lambda: tok.enc.encode_ordinary_batch(sample, num_threads=1),
              "Tokenizer.encode(list)": lambda: tok.encode(sample, num_threads=1),
              "... prepend=<|bos|>": lambda: tok.encode(sample, prepend="<|bos|>", num_threads=1)}
@@ -745,12 +740,13 @@ def main():
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
     p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (default: all cores)")
     sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
-    p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe / HF tokenizers when installed")
+    p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read")
     p.add_argument("--data-dir", default=None, help="folder holding the shards (default: the fineweb folder of $NANOCHAT_MIRROR)")
     p.add_argument("--doc-cap", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer; the medians are compared")
     args = parser.parse_args()
     try:
         {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
