@@ -699,8 +699,7 @@ def cmd_bench(args):
             print(f"round {r + 1} {name:<8} {dt:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS of the process tree "
                   f"{mem.peak:5,.0f} MB ({mem.peak - mem.start:+,.0f} MB over the start)")
     med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
-    for name, (t, c, m) in med.items():
-        print(f"median of {args.rounds} {name:<8} {t:6.2f} s wall, {c:6.2f} s CPU, {m:+,.0f} MB")
+    print(f"medians of {args.rounds}: " + ", ".join(f"{name} {t:.2f} s wall, {c:.2f} s CPU, {m:+,.0f} MB" for name, (t, c, m) in med.items()))
     if "rustbpe" in runs:
         ratio = [o / r for o, r in zip(med["ours"], med["rustbpe"])]
         print(f"ours/rustbpe: wall {ratio[0]:.2f}x, CPU {ratio[1]:.2f}x, memory {ratio[2]:.2f}x; "
