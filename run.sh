@@ -76,7 +76,7 @@ case $PROFILE in
     FIRST_SHARDS=11; SHARDS=11; CHATTEXT=""; TOK="--vocab-size 8192 --max-chars 20000000"
     BASE="--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 --num-iterations 300 --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every 200 --save-every 50 --compile 1"
     MID="--device-batch-size 8 --total-batch-size 4096 --num-iterations 150 --smoltalk-size 3000 --mmlu-size 500 --gsm8k-size 500 --identity-size 250 --simple-spelling-size 300 --spelling-bee-size 300 --val-size 200 --eval-every 100 --eval-tokens 32768 --save-every 50 --compile 0"
-    SFT="--device-batch-size 8 --total-batch-size 4096 --num-iterations 100 --smoltalk-size 2000 --arc-size 300 --gsm8k-size 300 --identity-size 250 --val-size 100 --eval-every 50 --eval-tokens 32768 --chat-eval-every -1 --save-every 50 --compile 0"
+    SFT="--device-batch-size 8 --total-batch-size 4096 --num-iterations 100 --smoltalk-size 2000 --arc-size 300 --gsm8k-size 300 --identity-size 50 --val-size 100 --eval-every 50 --eval-tokens 32768 --chat-eval-every -1 --save-every 50 --compile 0"
     RL="--num-iterations 16 --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every -1 --eval-examples 20 --save-every 8"
     BPB="--device-batch-size 8 --eval-tokens 65536"; CORE="--max-per-task 20"; CHAT="--max-problems 20 --max-new-tokens 256"; EVALRL="--max-problems 40 --max-new-tokens 256"; ENDINGS="--num-prompts 50"
     ;;

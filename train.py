@@ -369,7 +369,7 @@ def log_step(args, rt, step, num_steps, loss, lrm, dt, tokens, flops_per_token, 
     """Average the loss over ranks, stop on a non-finite one, update the running stats, print and log the step line."""
     loss = common.all_reduce([loss], rt.device)[0] / rt.world
     if not math.isfinite(loss):
-        where = f"the last checkpoint is step {stats['saved']} (continue with --resume, e.g. at a lower lr)" if stats["saved"] else "no checkpoint was saved yet"
+        where = f"the last good checkpoint is step {stats['saved']} (continue with --resume, e.g. at a lower lr)" if stats["saved"] else "no checkpoint was saved yet"
         raise SystemExit(f"error: the training loss became {loss} at step {step}; stopping. {where}")
     stats["smooth_loss"] = 0.9 * stats["smooth_loss"] + 0.1 * loss
     smooth = stats["smooth_loss"] / (1 - 0.9 ** (step + 1))
