@@ -2039,27 +2039,17 @@ def test_eval_chatcore_centering():
 
 # ---- sandbox --------------------------------------------------------------------------------------------------------
 
-def _gone(pid):
-    for _ in range(50):
-        try:
-            state = open(f"/proc/{pid}/status").read()
-        except FileNotFoundError:
-            return True
-        if "\nState:\tZ" in state:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_eval_sandbox_passes_and_fails():
     r = ev.execute_code("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')")
     assert r["success"] and r["stdout"].strip() == "ok" and not r["timeout"] and r["error"] is None
     r = ev.execute_code("assert 1 == 2")
     assert not r["success"] and "AssertionError" in r["error"]
     for code in ("import os\nos.system('echo hi')", "import subprocess\nsubprocess.run(['echo', 'hi'])",
-                 "input()", "import sys\nsys.stdin.read()", "import os\nos.remove('x')", "import shutil\nshutil.rmtree('.')"):
-        r = ev.execute_code(code)
+                 "open('x', 'w').close()\nimport os\nos.remove('x')", "import shutil\nshutil.rmtree('.')"):
+        r = ev.execute_code(code)  # each runs without the guard (os.remove of a file that exists, rmtree of the temp dir)
         assert not r["success"] and "hi" not in r["stdout"], code
+    for code in ("input()", "import sys\nsys.stdin.read()"):  # without the guard: EOFError and '' (stdin is /dev/null)
+        assert "not allowed in the sandbox" in ev.execute_code(code)["error"], code
     r = ev.execute_code("import os\nprint(sorted(os.environ))")
     assert r["success"] and "NANOCHAT_BASE_DIR" not in r["stdout"] and "PATH" in r["stdout"]
 
@@ -2072,11 +2062,114 @@ def test_eval_sandbox_limits():
     r = ev.execute_code("while True:\n    print('x' * 4096)", timeout=2.0)  # endless output is capped by the file-size limit
     assert not r["success"] and len(r["stdout"]) <= 16 * 1024 * 1024
     t0 = time.time()
-    r = ev.execute_code("import os, posix\nprint(os.getpid(), flush=True)\nif posix.fork() == 0:\n    pass\nelse:\n    pass\n"
-                        "print(os.getpid(), flush=True)\nwhile True:\n    pass", timeout=1.0)
+    r = ev.execute_code("while True:\n    pass", timeout=1.0)
     assert r["timeout"] and not r["success"] and time.time() - t0 < 10
-    pids = {int(p) for p in r["stdout"].split()}
-    assert len(pids) == 2 and all(_gone(p) for p in pids)  # parent and forked child are both dead
+
+
+# the escapes of issue 16: each writes a file outside the sandbox's temp dir (in a folder anyone may write to) if it can
+SANDBOX_ESCAPES = {
+    "posix.system": "import posix\nposix.system('echo x > {target}')",
+    "ctypes system": "import ctypes\nctypes.CDLL(None).system(b'echo x > {target}')",
+    "posix_spawn": "import posix\npid = posix.posix_spawn('/bin/sh', ['sh', '-c', 'echo x > {target}'], {{}})\nposix.waitpid(pid, 0)",
+    "reload(os)": "import importlib, os\nimportlib.reload(os)\nos.system('echo x > {target}')",
+    "plain write": "open('{target}', 'w').write('x')",
+    "setsid double fork": ("import posix, time\nprint(posix.getcwd(), flush=True)\nif posix.fork() == 0:\n    posix.setsid()\n"
+                           "    if posix.fork() == 0:\n        time.sleep(1.0)\n        open('{target}', 'w').write('x')\n        posix._exit(0)\n"
+                           "    posix._exit(0)\n"),
+}
+SANDBOX_SECRETS = {"the caller's environment": "print(open('/proc/{ppid}/environ').read())",
+                   "/etc/shadow": "print(open('/etc/shadow').read())"}  # root-only; a missing file fails too
+
+
+SANDBOX_PROBES = ["tcp to 127.0.0.1", *SANDBOX_ESCAPES, *SANDBOX_SECRETS]
+
+
+def sandbox_probe(name, folder):
+    """Run one probe through eval.execute_code -> what got out (a string), or None when the sandbox held."""
+    if name in SANDBOX_SECRETS:
+        r = ev.execute_code(SANDBOX_SECRETS[name].format(ppid=os.getpid()))
+        return r["stdout"][:40] if r["success"] else None
+    if name in SANDBOX_ESCAPES:
+        target = os.path.join(folder, re.sub(r"\W", "_", name) + ".txt")
+        r = ev.execute_code(SANDBOX_ESCAPES[name].format(target=target), timeout=3.0)
+        if "fork" not in name:
+            return "wrote the file" if os.path.exists(target) else None
+        time.sleep(1.5)  # the survivor would write its file a second after execute_code returned
+        tmp = r["stdout"].split()[0] if r["stdout"].strip() else "\0"  # the program's path holds its temp dir
+        left = [p for p in os.listdir("/proc") if p.isdigit() and tmp in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+        return "wrote the file" if os.path.exists(target) else f"processes {left} survived" if left else None
+    with socket.socket() as server:  # a TCP server on the loopback
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(0.5)
+        r = ev.execute_code(f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)\nprint('connected')")
+        try:
+            server.accept()[0].close()
+            return "a connection reached the server"
+        except socket.timeout:
+            return "the program says it connected" if r["success"] else None
+
+
+def sandbox_probes(folder):
+    mounts = open("/proc/self/mountinfo").read()
+    leaks = {name: sandbox_probe(name, folder) for name in SANDBOX_PROBES}
+    leaks["host mounts"] = "changed" if open("/proc/self/mountinfo").read() != mounts else None
+    return leaks
+
+
+@pytest.fixture
+def world_writable_folder():
+    folder = tempfile.mkdtemp(prefix="sandbox_escape_")  # under /tmp, so anyone can reach it
+    os.chmod(folder, 0o777)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name", SANDBOX_PROBES)
+def test_eval_sandbox_blocks_escape(name, world_writable_folder):
+    mounts = open("/proc/self/mountinfo").read()
+    assert sandbox_probe(name, world_writable_folder) is None
+    assert open("/proc/self/mountinfo").read() == mounts  # the sandbox's mounts never reach the host
+
+
+def test_eval_sandbox_blocks_escapes_when_not_root(world_writable_folder):
+    """The same probes run by an unprivileged user (as root: in a child that drops to uid 65534 first)."""
+    script = f"import sys, json\nsys.path.insert(0, {REPO!r})\nimport test_all\nprint(json.dumps(test_all.sandbox_probes({world_writable_folder!r})))"
+    p = subprocess.run([sys.executable, "-c", script], preexec_fn=drop_to_nobody if os.getuid() == 0 else None, cwd=REPO,
+                       capture_output=True, text=True, timeout=240, env=dict(os.environ))
+    assert p.returncode == 0, p.stderr[-3000:]
+    leaks = json.loads(p.stdout.splitlines()[-1])
+    assert leaks == dict.fromkeys(leaks), leaks
+
+
+def drop_to_nobody():
+    """preexec_fn: become uid/gid 65534. Where the interpreter sits in a folder only root may enter (a pyenv under /root),
+    a private mount namespace shows that folder as a tmpfs with just the interpreter's prefix bound into it."""
+    import ctypes
+    libc, prefix = ctypes.CDLL(None, use_errno=True), os.path.realpath(sys.base_prefix)
+    parts = prefix.split(os.sep)
+    hidden = [f for f in (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1)) if not os.stat(f).st_mode & 1]
+    def mount(source, target, fstype, flags):
+        if libc.mount(source and os.fsencode(source), os.fsencode(target), fstype, flags, None):
+            raise OSError(ctypes.get_errno(), f"mount {target}")
+    if hidden:
+        if libc.unshare(0x20000):  # CLONE_NEWNS: never mount anything in the host's namespace
+            raise OSError(ctypes.get_errno(), "unshare")
+        fd = os.open(prefix, os.O_PATH)
+        mount(None, "/", None, 16384 | (1 << 18))  # MS_REC | MS_PRIVATE
+        mount("tmpfs", hidden[0], b"tmpfs", 0)
+        os.makedirs(prefix, 0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", prefix, None, 4096 | 16384)  # MS_BIND | MS_REC
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_eval_sandbox_warns_once_about_refused_protections(monkeypatch, capsys):
+    monkeypatch.setattr(ev, "NAMESPACES", {**ev.NAMESPACES, "time namespace of the test": 1})  # unshare(1): EINVAL, refused
+    monkeypatch.setattr(ev, "_warned", set())
+    assert all(ev.execute_code("print('ok')")["success"] for _ in range(2))
+    assert capsys.readouterr().err.count("warning: the code sandbox runs without: time namespace of the test") == 1
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
