@@ -2481,13 +2481,18 @@ def test_chat_bad_inputs_get_4xx_with_reason(chat_server):
              ("/chat/completions", {"messages": user, "max_tokens": True}, 400),
              ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 3000}] * 20}, 400),  # over the model's context
              ("/v1/chat/completions", {"messages": user, "n": 3}, 400), ("/v1/chat/completions", {"messages": user, "max_completion_tokens": 0}, 400),
-             ("/chat/completions", b"x" * (2 << 20) + b"xyz", 413), ("/nope", {"messages": user}, 404)]
+             ("/chat/completions", b"x" * (2 << 20) + b"xyz", 413), ("/nope", {"messages": user}, 404),
+             ("/chat/completions", b"[" * 200_000, 400), ("/chat/completions", b'{"a":' * 100_000, 400)]  # nested too deep
     for path, body, expected in cases:
         status, headers, data = http_request(port, "POST", path, body)
         reason = json.loads(data)["error"]["message"]
         assert status == expected and reason and "Traceback" not in reason, (path, str(body)[:80], status, data[:200])
     assert http_request(port, "GET", "/missing")[0] == 404
     assert http_request(port, "POST", "/chat/completions", b"{}", {"Content-Length": "abc"})[0] in (400, 411)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # two Content-Length headers
+        s.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}")
+        answer = s.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 400") and b"one Content-Length" in answer, answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # garbage instead of HTTP
         s.sendall(b"\x16\x03\x01 hello there\r\n\r\n")
         assert s.recv(1000).startswith(b"HTTP/1.1 400")
@@ -2571,6 +2576,63 @@ def test_chat_cli_history_eof_and_bad_flags(chat_checkpoint, tokenizer, monkeypa
         with pytest.raises(SystemExit) as e:
             chat.main()
         assert e.value.code != 0 and message in (str(e.value.code) + capsys.readouterr().err)
+
+
+def start_limited_server(monkeypatch, deadline, max_connections):
+    """chat.py's HTTP server in this process with a stub app (the limits act before any model is used) -> (port, log, server)."""
+    import chat
+    monkeypatch.setattr(chat, "REQUEST_DEADLINE_S", deadline, raising=False)
+    monkeypatch.setattr(chat, "MAX_CONNECTIONS", max_connections, raising=False)
+    log = []
+    server = chat.make_server({"log": log.append}, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1], log, server
+
+
+def test_chat_request_deadline_cuts_slowloris(monkeypatch):
+    port, log, server = start_limited_server(monkeypatch, 1.0, 8)
+    try:
+        head = b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        for quick, slow in ((b"", head + b"{" * 100), (head, b"{" * 100)):  # headers trickling in; then a body trickling in
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(quick)
+                s.settimeout(0.1)
+                t0 = time.time()
+                for byte in slow:  # a byte every 0.1 s: every read is quick, the whole request is slow
+                    try:
+                        s.sendall(bytes([byte]))
+                        if s.recv(100) == b"":
+                            break  # the server closed the connection
+                    except socket.timeout:
+                        continue
+                    except ConnectionError:
+                        break
+                assert time.time() - t0 < 3, "a request trickling in kept its connection past the 1 s deadline"
+        assert sum("request not in after 1.0s" in line for line in log) == 2
+        assert http_request(port, "OPTIONS", "/health")[0] == 204  # a quick request still gets through
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_chat_connection_cap_answers_503(monkeypatch):
+    port, log, server = start_limited_server(monkeypatch, 30.0, 2)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]  # hold both slots
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            answer = s.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 2" in answer and b"too many open connections" in answer
+        for s in idle:
+            s.close()
+        for _ in range(50):  # the slots come back once those connections end
+            status = http_request(port, "OPTIONS", "/health", timeout=10)[0]
+            if status == 204:
+                break
+            time.sleep(0.1)
+        assert status == 204
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
