@@ -722,9 +722,11 @@ def cmd_chat(args, model, meta, tokenizer, device):
         results[name] = run_chat_eval(name, model, tokenizer, device, args.max_problems, args.batch_size, args.num_samples,
                                       args.max_new_tokens, args.temperature, args.top_k)
         print0(f"{name} took {time.time() - t0:.1f}s")
-    section = dict(results)
-    if set(results) == set(CHAT_BASELINES):
-        section["ChatCORE"] = chatcore(results)
+    path = os.path.join(common.report_dir(), f"chat-evaluation-{args.stage}.md")  # keep the rows of tasks not run now
+    kept = _section_values(open(path, encoding="utf-8").read()) if os.path.exists(path) else {}
+    section = {k: results[k] if k in results else float(kept[k]) for k in CHAT_BASELINES if k in results or k in kept}
+    if set(section) == set(CHAT_BASELINES):
+        section["ChatCORE"] = chatcore(section)
         print0(f"ChatCORE: {section['ChatCORE']:.4f}")
     common.write_report_section(f"Chat evaluation {args.stage}", [{"source": args.stage, "max problems": args.max_problems or "all"}, section])
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from collections import Counter
 from dataclasses import asdict
+import argparse
 import ast as _ast
 import concurrent.futures
 import functools
@@ -2198,6 +2199,24 @@ def test_eval_report_assembles(tmp_path, monkeypatch):
     assert open(cwd / "report.md").read() == text.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})")
     svg = ET.parse(os.path.join(rdir, "loss.svg")).getroot()
     assert svg.tag.endswith("svg") and len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 2
+
+
+def test_eval_report_single_task_keeps_other_rows(tmp_path, monkeypatch):
+    """`eval.py --stage sft chat -a MMLU` after a full chat eval updates MMLU and ChatCORE, and keeps every other figure."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    ev.report_reset()
+    scores = {"ARC-Easy": 0.5, "ARC-Challenge": 0.4, "MMLU": 0.3, "GSM8K": 0.2, "HumanEval": 0.1, "SpellingBee": 0.6}
+    monkeypatch.setattr(ev, "run_chat_eval", lambda name, *a: scores[name])
+    args = argparse.Namespace(stage="sft", task_name=None, max_problems=None, batch_size=8, num_samples=1, max_new_tokens=8,
+                              temperature=0.0, top_k=50)
+    ev.cmd_chat(args, None, {}, None, "cpu")
+    scores["MMLU"] = 0.35
+    ev.cmd_chat(argparse.Namespace(**{**vars(args), "task_name": "MMLU", "max_problems": 500}), None, {}, None, "cpu")
+    text = ev.report_generate()
+    values = {k: "%.4f" % v for k, v in scores.items()}
+    for k, v in values.items():
+        assert f"| {k} | - | - | {v} | - |" in text, k
+    assert f"| ChatCORE | - | - | {ev.chatcore(scores):.4f} | - |" in text
 
 
 def test_eval_report_cli(tmp_path):
