@@ -19,6 +19,7 @@ import argparse
 import threading
 import socket
 import traceback
+import contextlib
 import http.client
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
@@ -270,12 +271,9 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # one line per request is written by `_logged` instead
         pass
 
-    def handle_one_request(self):  # Server.service_actions cuts the connection if the request is not in by its deadline
+    def handle_one_request(self):  # Server.service_actions cuts the connection if the request is not all in by its deadline
         self.server.deadlines[self.connection] = time.time() + REQUEST_DEADLINE_S
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.deadlines.pop(self.connection, None)
+        super().handle_one_request()
 
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON too
         self.close_connection = True
@@ -419,29 +417,23 @@ class Server(ThreadingHTTPServer):
     def process_request(self, request, client_address):  # beyond MAX_CONNECTIONS: 503 at once, without a thread
         if self.slots.acquire(blocking=False):
             return super().process_request(request, client_address)
+        self.app["log"](f"{client_address[0]} 503 over {MAX_CONNECTIONS} open connections")
         body = json.dumps(error_json(503, "too many open connections; retry shortly")).encode()
-        try:
+        with contextlib.suppress(OSError):
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        except OSError:
-            pass
-        self.shutdown_request(request)
-        self.app["log"](f"{client_address[0]} 503 over {MAX_CONNECTIONS} open connections")
+        request.close()
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def shutdown_request(self, request):  # the end of a connection's thread: its slot is free again
+        super().shutdown_request(request)
+        self.slots.release()
 
-    def service_actions(self):  # serve_forever calls this about twice a second: cut requests still arriving past their deadline
+    def service_actions(self):  # serve_forever calls this twice a second: cut requests still arriving past their deadline
         for conn, deadline in list(self.deadlines.items()):
             if time.time() > deadline and self.deadlines.pop(conn, None):
-                self.app["log"](f"request not in after {REQUEST_DEADLINE_S}s: connection closed")
-                try:
+                with contextlib.suppress(OSError):  # a closed connection (its request was answered) raises here
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                    self.app["log"](f"request not in after {REQUEST_DEADLINE_S}s: connection closed")
 
 def make_server(app, host, port):
     server = Server((host, port), Handler)

@@ -284,10 +284,10 @@ def core_csv(out):
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
-# sandboxed execution (SPEC 9.3, the newer design). On Linux a boundary from the standard library alone: the program is
-# pid 1 of a new pid namespace (its whole tree dies with it), in new network (only a down loopback), mount (all read-only
-# but its temp dir; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started as root (in a
-# user namespace of its own otherwise). What the kernel refuses is printed once. The guard only stops honest mistakes.
+# sandboxed execution (SPEC 9.3, the newer design). On Linux a boundary from the standard library alone: the program is pid 1
+# of a new pid namespace (its whole tree dies with it), in new network (a down loopback), mount (all read-only but its temp
+# dir; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started as root (else in a user
+# namespace of its own). What the kernel refuses is printed once. The guard only stops honest mistakes.
 
 _GUARD = r'''
 import builtins, faulthandler, os, shutil, subprocess, sys
@@ -313,17 +313,6 @@ NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid 
 CLONE_NEWUSER, NOBODY, MS_BIND, MS_REC, MS_PRIVATE, MS_RO_REMOUNT = 0x10000000, 65534, 4096, 16384, 1 << 18, 4096 | 32 | 2 | 1
 MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}  # kept on remount
 _warned = set()
-
-def _set_limits(memory_mb, cpu_s, fsize_mb):
-    import resource
-    mem = memory_mb * 1024 * 1024
-    for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
-                        ("RLIMIT_FSIZE", fsize_mb * 1024 * 1024), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
-        if hasattr(resource, name):
-            try:
-                resource.setrlimit(getattr(resource, name), (value, value))
-            except (ValueError, OSError):
-                pass  # the platform refuses this limit: go on without it
 
 def _private_folder(path):
     """The outermost folder on `path` that other users cannot enter (e.g. /root holding a pyenv), or None."""
@@ -371,7 +360,14 @@ def _sandbox(tmp, limits, report_fd, prefix, hidden):
         os.setuid(NOBODY)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary gives rights back
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the relay
-    _set_limits(*limits)
+    import resource
+    mem, cpu_s, fsize = limits
+    for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
+                        ("RLIMIT_FSIZE", fsize), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError):
+            pass  # over the hard limit the parent was given: go on without it
     os.write(report_fd, ", ".join(missing + ["uid nobody"] * (uid == 0 and os.getuid() == 0)).encode())
     os.close(report_fd)
 
@@ -387,7 +383,7 @@ def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
         if linux and root:
             os.chown(tmp, NOBODY, NOBODY)  # the program runs as nobody: its one writable folder
         report_r, report_w = os.pipe()
-        limits = (memory_mb, int(math.ceil(timeout)) + 1, fsize_mb)
+        limits = (memory_mb << 20, int(math.ceil(timeout)) + 1, fsize_mb << 20)
         setup = (lambda: _sandbox(tmp, limits, report_w, prefix, root and _private_folder(prefix))) if linux else None
         env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp}
         with open(out_path, "wb") as out, open(err_path, "wb") as err:  # files, so RLIMIT_FSIZE also caps the output
