@@ -2157,23 +2157,26 @@ def test_eval_sandbox_blocks_escapes_when_not_root(world_writable_folder):
 
 
 def drop_to_nobody():
-    """preexec_fn: become uid/gid 65534. Where the interpreter sits in a folder only root may enter (a pyenv under /root),
-    a private mount namespace shows that folder as a tmpfs with just the interpreter's prefix bound into it."""
+    """preexec_fn: become uid/gid 65534. Where the interpreter or this repo sits in a folder only root may enter (a pyenv or a
+    clone under /root), a private mount namespace covers that folder with a tmpfs and binds just those two back into it."""
     import ctypes
-    libc, prefix = ctypes.CDLL(None, use_errno=True), os.path.realpath(sys.base_prefix)
-    parts = prefix.split(os.sep)
-    hidden = [f for f in (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1)) if not os.stat(f).st_mode & 1]
+    libc, paths = ctypes.CDLL(None, use_errno=True), [os.path.realpath(p) for p in (sys.base_prefix, REPO)]
+
     def mount(source, target, fstype, flags):
         if libc.mount(source and os.fsencode(source), os.fsencode(target), fstype, flags, None):
             raise OSError(ctypes.get_errno(), f"mount {target}")
+    hidden = {next((f for f in (os.sep.join(p.split(os.sep)[:i]) for i in range(2, p.count(os.sep) + 2)) if not os.stat(f).st_mode & 1), None)
+              for p in paths} - {None}
     if hidden:
         if libc.unshare(0x20000):  # CLONE_NEWNS: never mount anything in the host's namespace
             raise OSError(ctypes.get_errno(), "unshare")
-        fd = os.open(prefix, os.O_PATH)
+        fds = [os.open(p, os.O_PATH) for p in paths]
         mount(None, "/", None, 16384 | (1 << 18))  # MS_REC | MS_PRIVATE
-        mount("tmpfs", hidden[0], b"tmpfs", 0)
-        os.makedirs(prefix, 0o755, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", prefix, None, 4096 | 16384)  # MS_BIND | MS_REC
+        for folder in hidden:
+            mount("tmpfs", folder, b"tmpfs", 0)
+        for p, fd in zip(paths, fds):
+            os.makedirs(p, 0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", p, None, 4096 | 16384)  # MS_BIND | MS_REC
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
