@@ -42,6 +42,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # every test has a time limit, so a hang fails instead of stalling CI (pytest-timeout, from requirements.txt; slow tests
 # carry their own larger mark). Under CI=true the plugin must be there.
 pytestmark = pytest.mark.timeout(300)
+SLOW = pytest.mark.timeout(900)  # the tests that start several processes or train: 20-100 s each on 2 loaded cores
 if os.environ.get("CI") == "true":
     import pytest_timeout  # noqa: F401
 sys.path.insert(0, REPO)
@@ -348,6 +349,7 @@ def test_tokenizer_save_load(tokenizer, base_dir, tmp_path, monkeypatch):
         T.get_tokenizer()
 
 
+@SLOW
 def test_tokenizer_cli_train_eval_and_bad_input(tmp_path):
     env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}  # never the fixture's base dir: train would overwrite its tokenizer
     corpus = tmp_path / "corpus.jsonl"
@@ -964,6 +966,7 @@ def test_data_download_truncated_file_is_fetched_again(http_mirror, tmp_path):
     assert len(http_mirror.log) == 2
 
 
+@SLOW
 def test_data_download_cli_with_relative_mirror_from_another_cwd(tmp_path):
     os.symlink(MIRROR, tmp_path / "mirror")
     base = tmp_path / "base"
@@ -1528,6 +1531,7 @@ def test_train_rl_reward_and_advantages(tiny_model):
     assert loss.item() == 0.0 and all(p.grad is None or (p.grad == 0).all() for p in tiny_model.parameters())
 
 
+@SLOW
 def test_train_bad_input_messages(base_dir, tokenizer, tmp_path):
     import train
     for flag, value in (("--device-batch-size", "0"), ("--depth", "0"), ("--max-seq-len", "-3"), ("--warmdown-ratio", "0")):
@@ -1615,6 +1619,7 @@ def _ddp_check(tmp_path, V, launch):
     return shards, full
 
 
+@SLOW
 def test_train_ddp_equivalence_two_processes(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     port = _free_port()
@@ -1623,6 +1628,7 @@ def test_train_ddp_equivalence_two_processes(tmp_path):
     assert full["adamw_rows"] == [256, 256] and all(s["adamw_rows"] == [128, 128] for s in shards)
 
 
+@SLOW
 def test_train_ddp_equivalence_two_nodes(tmp_path):
     """Two single-process 'nodes' on loopback; an odd vocabulary (255 rows) takes the all-reduce fallback for AdamW."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -1703,6 +1709,7 @@ def _kill_and_resume(base_dir, tmp_path, stage_args, stage, tag, ranks, kill_at,
     return runs
 
 
+@SLOW
 def test_train_kill_and_resume_two_ranks_base(base_dir, tokenizer, tmp_path):
     args = ["--stage=base", *TINY_BASE, "--num-iterations", "24", "--save-every", "6"]
     runs = _kill_and_resume(base_dir, tmp_path, args, "base", "d1", ranks=2, kill_at=14)
@@ -1720,6 +1727,7 @@ def tiny_chain(base_dir, tokenizer, tmp_path_factory):
     return base
 
 
+@SLOW
 @pytest.mark.parametrize("stage", ["mid", "sft", "rl"])
 def test_train_kill_and_resume_chat_stages(stage, base_dir, tiny_chain, tmp_path):
     source = {"mid": "base", "sft": "mid", "rl": "sft"}[stage]
@@ -1732,6 +1740,7 @@ def test_train_kill_and_resume_chat_stages(stage, base_dir, tiny_chain, tmp_path
                      kill_at=5, prepare=prepare)
 
 
+@SLOW
 def test_train_ddp_real_script_ranks_stay_identical(base_dir, tokenizer, tiny_chain, tmp_path):
     """train.py itself under torchrun (2 ranks; and as two 1-rank 'nodes'): --check-sync compares a hash of every rank's
     weights after each optimizer step, and the losses fall as the one-process run's do."""
@@ -1760,6 +1769,7 @@ def test_train_ddp_real_script_ranks_stay_identical(base_dir, tokenizer, tiny_ch
     assert all(p.returncode == 0 for p in procs) and "identical on all 2 ranks" in outs[0], outs[0][-2000:] + outs[1][-2000:]
 
 
+@SLOW
 def test_train_end_to_end_base_mid_sft_rl(base_dir, tokenizer, tiny_chain):
     from model import load_model, Engine
     out = _train(tiny_chain, [*STAGE_TINY["rl"], "--num-iterations", "2", "--eval-every", "1"])
@@ -1796,6 +1806,7 @@ train.main(sys.argv[1:])
 '''
 
 
+@SLOW
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer, tmp_path):
     script = tmp_path / "nan_helper.py"
     script.write_text(NAN_HELPER)
@@ -2146,6 +2157,7 @@ def test_eval_sandbox_blocks_escape(name, world_writable_folder):
     assert open("/proc/self/mountinfo").read() == mounts  # the sandbox's mounts never reach the host
 
 
+@SLOW
 def test_eval_sandbox_blocks_escapes_when_not_root(world_writable_folder):
     """The same probes run by an unprivileged user (as root: in a child that drops to uid 65534 first)."""
     script = f"import sys, json\nsys.path.insert(0, {REPO!r})\nimport test_all\nprint(json.dumps(test_all.sandbox_probes({world_writable_folder!r})))"
@@ -2235,6 +2247,7 @@ def test_eval_report_single_task_keeps_other_rows(tmp_path, monkeypatch):
     assert f"| ChatCORE | - | - | {ev.chatcore(scores):.4f} | - |" in text
 
 
+@SLOW
 def test_eval_report_cli(tmp_path):
     env = {"NANOCHAT_BASE_DIR": str(tmp_path)}
     run_script(["eval.py", "report", "reset"], env=env)
@@ -2299,6 +2312,7 @@ def tiny_checkpoints(base_dir, tokenizer):
     return cfg
 
 
+@SLOW
 def test_eval_cli_core_bpb_chat(base_dir, tiny_checkpoints):
     env = {"NANOCHAT_BASE_DIR": base_dir}
     p = run_script(["eval.py", "--stage", "base", "core", "--max-per-task", "3"], env=env)
@@ -2336,6 +2350,7 @@ common.cleanup_runtime()
 '''
 
 
+@SLOW
 def test_eval_ddp_striding_matches_single_process(tmp_path):
     """torchrun with 2 CPU ranks (gloo): CORE and bpb all-reduced equal the single-process numbers."""
     import inspect
@@ -2583,6 +2598,7 @@ def test_chat_client_disconnect_frees_worker(chat_server):
     assert status == 200 and sse_events(data)[-1] == {"done": True}
 
 
+@SLOW
 def test_chat_cli_prompt_and_interactive(chat_checkpoint):
     p = run_script(["chat.py", "-g", CHAT_TAG, "-p", "Why is the sky blue?", "-m", "16", "-t", "0"])
     assert "Traceback" not in p.stderr and "User:" not in p.stdout and p.stdout.strip()  # greedy: the same non-empty reply each run
