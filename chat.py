@@ -17,7 +17,9 @@ import queue
 import random
 import argparse
 import threading
+import socket
 import traceback
+import contextlib
 import http.client
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
@@ -32,6 +34,8 @@ MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 TEMPERATURE_RANGE, TOP_K_RANGE, MAX_TOKENS_RANGE = (0.0, 2.0), (0, 200), (1, 4096)
 MAX_BODY_BYTES = 1 << 20     # 32,000 characters of content fit many times over; larger bodies get 413
 QUEUE_WAIT_S = 120           # a request that waits this long for a free worker gets 503
+REQUEST_DEADLINE_S = 30      # a request's line, headers and body must all arrive within this, however slowly they trickle
+MAX_CONNECTIONS = 256        # open connections beyond this get 503 at once (each holds a thread)
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 # tool calls are shown readably instead of as raw special tokens
 TOOL_MARKERS = {"<|python_start|>": "[python: ", "<|python_end|>": "]", "<|output_start|>": " [output: ", "<|output_end|>": "] "}
@@ -146,6 +150,8 @@ def error_json(status, message):  # OpenAI's error shape, for every endpoint
 def read_json_body(handler):
     if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
         raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
+    if len(handler.headers.get_all("Content-Length", [])) > 1:
+        raise ApiError(400, "send one Content-Length header, not several")
     try:
         length = int(handler.headers.get("Content-Length", ""))
     except ValueError:
@@ -160,8 +166,10 @@ def read_json_body(handler):
         handler.close_connection = True
         raise ApiError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
     try:
-        data = json.loads(handler.rfile.read(length).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        body = handler.rfile.read(length)
+        handler.server.deadlines.pop(handler.connection, None)  # all arrived: generation may take as long as it takes
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise ApiError(400, f"malformed JSON body: {e}")
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
@@ -263,6 +271,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # one line per request is written by `_logged` instead
         pass
 
+    def handle_one_request(self):  # Server.service_actions cuts the connection if the request is not all in by its deadline
+        self.server.deadlines[self.connection] = time.time() + REQUEST_DEADLINE_S
+        super().handle_one_request()
+
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON too
         self.close_connection = True
         self.send_json(code, error_json(code, message or self.responses.get(code, ("error",))[0]))
@@ -289,6 +301,8 @@ class Handler(BaseHTTPRequestHandler):
     def _logged(self, route):
         app, t0 = self.server.app, time.time()
         self.status, self.note = None, ""
+        if self.command != "POST":  # no body to wait for (a POST's deadline ends in read_json_body)
+            self.server.deadlines.pop(self.connection, None)
         try:
             route()
         except ApiError as e:
@@ -400,9 +414,30 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):  # a broken connection is one log line, not a traceback
         self.app["log"](f"{client_address[0]} connection error: {sys.exc_info()[1]!r}")
 
+    def process_request(self, request, client_address):  # beyond MAX_CONNECTIONS: 503 at once, without a thread
+        if self.slots.acquire(blocking=False):
+            return super().process_request(request, client_address)
+        self.app["log"](f"{client_address[0]} 503 over {MAX_CONNECTIONS} open connections")
+        body = json.dumps(error_json(503, "too many open connections; retry shortly")).encode()
+        with contextlib.suppress(OSError):
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        request.close()
+
+    def shutdown_request(self, request):  # the end of a connection's thread: its slot is free again
+        super().shutdown_request(request)
+        self.slots.release()
+
+    def service_actions(self):  # serve_forever calls this twice a second: cut requests still arriving past their deadline
+        for conn, deadline in list(self.deadlines.items()):
+            if time.time() > deadline and self.deadlines.pop(conn, None):
+                with contextlib.suppress(OSError):  # a closed connection (its request was answered) raises here
+                    conn.shutdown(socket.SHUT_RDWR)
+                    self.app["log"](f"request not in after {REQUEST_DEADLINE_S}s: connection closed")
+
 def make_server(app, host, port):
     server = Server((host, port), Handler)
-    server.app = app
+    server.app, server.deadlines, server.slots = app, {}, threading.BoundedSemaphore(MAX_CONNECTIONS)
     return server
 
 # -----------------------------------------------------------------------------

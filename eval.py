@@ -16,6 +16,7 @@ import sys
 import csv
 import json
 import math
+import ctypes
 import time
 import random
 import signal
@@ -283,8 +284,10 @@ def core_csv(out):
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
-# sandboxed execution (SPEC 9.3, the newer design). NOT a security boundary: there is no network, filesystem
-# or kernel isolation, and running as root ignores RLIMIT_NPROC. It only stops honest mistakes of generated code.
+# sandboxed execution (SPEC 9.3, the newer design). On Linux a boundary from the standard library alone: the program is pid 1
+# of a new pid namespace (its whole tree dies with it), in new network (a down loopback), mount (all read-only but its temp
+# dir; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started as root (else in a user
+# namespace of its own). What the kernel refuses is printed once. The guard only stops honest mistakes.
 
 _GUARD = r'''
 import builtins, faulthandler, os, shutil, subprocess, sys
@@ -306,53 +309,116 @@ class _NoStdin:
 sys.stdin = _NoStdin()
 del _n
 '''
+NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid namespace": 0x20000000, "ipc namespace": 0x8000000}
+CLONE_NEWUSER, NOBODY, MS_BIND, MS_REC, MS_PRIVATE, MS_RO_REMOUNT = 0x10000000, 65534, 4096, 16384, 1 << 18, 4096 | 32 | 2 | 1
+MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}  # kept on remount
+_warned = set()
 
-def _set_limits(memory_mb, cpu_s, fsize_mb):
+def _private_folder(path):
+    """The outermost folder on `path` that other users cannot enter (e.g. /root holding a pyenv), or None."""
+    parts = path.split(os.sep)
+    return next((f for f in (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1)) if not os.stat(f).st_mode & 1), None)
+
+def _mount(libc, source, target, fstype, flags):
+    if libc.mount(*(a if a is None else os.fsencode(a) for a in (source, target, fstype)), flags, None):
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+
+def _sandbox(tmp, limits, report_fd, prefix, hidden):
+    """execute_code's preexec_fn: new namespaces, then a second fork, so that the program is pid 1 of its pid namespace."""
+    libc, uid, gid = ctypes.CDLL(None, use_errno=True), os.getuid(), os.getgid()
+    if uid and libc.unshare(CLONE_NEWUSER) == 0:  # not root: a user namespace of our own grants the rights for the rest
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    made = {name for name, flag in NAMESPACES.items() if libc.unshare(flag) == 0}  # only these may be changed below
+    missing = [name for name in NAMESPACES if name not in made]
+    pid = os.fork()
+    if pid:  # the relay, outside the pid namespace: passes on the exit status; SIGTERM kills the program's namespace
+        os.closerange(3, 1 << 16)
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 255)
+    if "mount namespace" in made:
+        _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing done below reaches the host
+        _mount(libc, tmp, tmp, None, MS_BIND)  # stays writable when the rest turns read-only
+        if "pid namespace" in made:
+            _mount(libc, "proc", "/proc", "proc", MOUNT_OPTIONS["nosuid"])  # shows the sandbox's processes only
+        if hidden:  # cover the private folder (e.g. /root); show through it only the interpreter's prefix
+            fd = os.open(prefix, os.O_PATH)
+            _mount(libc, "tmpfs", hidden, "tmpfs", 0)
+            os.makedirs(prefix, 0o755, exist_ok=True)
+            _mount(libc, f"/proc/self/fd/{fd}", prefix, None, MS_BIND | MS_REC)
+        for line in open("/proc/self/mountinfo"):
+            f = line.split()
+            flags = MS_RO_REMOUNT | sum(MOUNT_OPTIONS.get(o, 0) for o in f[5].split(","))
+            target = f[4].encode().decode("unicode_escape").encode("latin-1")
+            if target != os.fsencode(tmp) and libc.mount(None, target, None, flags, None):
+                missing.append(f"read-only {f[4]}")
+        os.chdir(tmp)  # the old working directory lies on the mount below the bind
+    if uid == 0 and (not hidden or "mount namespace" in made):  # nobody could not reach a hidden interpreter
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary gives rights back
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the relay
     import resource
-    def apply():
-        mem = memory_mb * 1024 * 1024
-        for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
-                            ("RLIMIT_FSIZE", fsize_mb * 1024 * 1024), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
-            if hasattr(resource, name):
-                try:
-                    resource.setrlimit(getattr(resource, name), (value, value))
-                except (ValueError, OSError):
-                    pass  # the platform refuses this limit (e.g. RLIMIT_AS on macOS): go on without it
-    return apply
+    mem, cpu_s, fsize = limits
+    for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
+                        ("RLIMIT_FSIZE", fsize), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError):
+            pass  # over the hard limit the parent was given: go on without it
+    os.write(report_fd, ", ".join(missing + ["uid nobody"] * (uid == 0 and os.getuid() == 0)).encode())
+    os.close(report_fd)
 
 def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
     """Run `code` in a fresh isolated python in a temp dir. -> dict(success, stdout, stderr, error, timeout, memory_exceeded)."""
     result = dict(success=False, stdout="", stderr="", error=None, timeout=False, memory_exceeded=False)
+    linux, root, prefix = sys.platform.startswith("linux"), os.getuid() == 0, os.path.realpath(sys.base_prefix)
     with tempfile.TemporaryDirectory(prefix="sandbox_") as tmp:
+        tmp = os.path.realpath(tmp)
         path, out_path, err_path = (os.path.join(tmp, n) for n in ("program.py", "stdout.txt", "stderr.txt"))
         with open(path, "w", encoding="utf-8") as f:
             f.write(_GUARD + "\n" + code + "\n")
-        limits = _set_limits(memory_mb, int(math.ceil(timeout)) + 1, fsize_mb) if sys.platform.startswith("linux") else None
-        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+        if linux and root:
+            os.chown(tmp, NOBODY, NOBODY)  # the program runs as nobody: its one writable folder
+        report_r, report_w = os.pipe()
+        limits = (memory_mb << 20, int(math.ceil(timeout)) + 1, fsize_mb << 20)
+        setup = (lambda: _sandbox(tmp, limits, report_w, prefix, root and _private_folder(prefix))) if linux else None
+        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp}
         with open(out_path, "wb") as out, open(err_path, "wb") as err:  # files, so RLIMIT_FSIZE also caps the output
-            proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, preexec_fn=limits, start_new_session=True)  # own process group
+            proc = subprocess.Popen([os.path.realpath(sys.executable), "-I", "-S", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, preexec_fn=setup, start_new_session=True, pass_fds=(report_w,))
+            os.close(report_w)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 result["timeout"] = True
+                proc.terminate()  # the relay kills the program, pid 1 of its namespace, and so all it started
             finally:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
-                except (ProcessLookupError, PermissionError):
+                    proc.wait(timeout=5)
+                    os.killpg(proc.pid, signal.SIGKILL)  # its process group too, where there is no pid namespace
+                except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
+        missing = os.read(report_r, 1 << 16).decode()
+        os.close(report_r)
         for key, p in (("stdout", out_path), ("stderr", err_path)):
             with open(p, "rb") as f:
                 result[key] = f.read().decode("utf-8", "replace")
-    result["timeout"] |= proc.returncode == -signal.SIGXCPU  # the CPU-time limit
+    if missing and missing not in _warned:
+        _warned.add(missing)
+        print(f"warning: the code sandbox runs without: {missing} (refused here)", file=sys.stderr)
+    rc = proc.returncode if proc.returncode < 128 else proc.returncode - 256  # the relay passes signal s on as 256 - s
+    result["timeout"] |= rc == -signal.SIGXCPU  # the CPU-time limit
     result["memory_exceeded"] = "MemoryError" in result["stderr"]
-    result["success"] = proc.returncode == 0 and not result["timeout"]
+    result["success"] = rc == 0 and not result["timeout"]
     if result["timeout"]:
         result["error"] = f"timed out after {timeout}s"
     elif not result["success"]:
         tail = result["stderr"].strip().splitlines()
-        result["error"] = tail[-1] if tail else f"exit code {proc.returncode}"
+        result["error"] = tail[-1] if tail else f"exit code {rc}"
     return result
 
 # -----------------------------------------------------------------------------
@@ -652,9 +718,11 @@ def cmd_chat(args, model, meta, tokenizer, device):
         results[name] = run_chat_eval(name, model, tokenizer, device, args.max_problems, args.batch_size, args.num_samples,
                                       args.max_new_tokens, args.temperature, args.top_k)
         print0(f"{name} took {time.time() - t0:.1f}s")
-    section = dict(results)
-    if set(results) == set(CHAT_BASELINES):
-        section["ChatCORE"] = chatcore(results)
+    path = os.path.join(common.report_dir(), f"chat-evaluation-{args.stage}.md")  # keep the rows of tasks not run now
+    kept = _section_values(open(path, encoding="utf-8").read()) if os.path.exists(path) else {}
+    section = {k: results[k] if k in results else float(kept[k]) for k in CHAT_BASELINES if k in results or k in kept}
+    if set(section) == set(CHAT_BASELINES):
+        section["ChatCORE"] = chatcore(section)
         print0(f"ChatCORE: {section['ChatCORE']:.4f}")
     common.write_report_section(f"Chat evaluation {args.stage}", [{"source": args.stage, "max problems": args.max_problems or "all"}, section])
 
