@@ -6,7 +6,7 @@ a self-contained web page, the SSE endpoint of SPEC 10.6 and an OpenAI-compatibl
     python chat.py -p "Why is the sky blue?"     answer once and exit
     python chat.py --web [--port 8000]           GET / (ui.html), POST /chat/completions (SSE), POST /v1/chat/completions,
                                                  GET /v1/models, GET /health, GET /stats
-    python chat.py --bench                       time to first token and tokens/s, 1 and 8 concurrent streams, over HTTP
+    python chat.py --bench                       time to first token and tokens/s, 1, 8 and 32 concurrent streams, over HTTP
 """
 import os
 import sys
@@ -21,21 +21,24 @@ import socket
 import traceback
 import contextlib
 import http.client
+from collections import namedtuple
+from dataclasses import asdict
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 import torch
 
 import common
 from tokenizer import get_tokenizer
-from model import Engine, TextStreamer, load_model
+from model import Engine, RowState, TextStreamer, load_model, build_model, config_from_depth, sample_next_token, _BenchTokenizer
 
 # abuse limits of SPEC 10.6 (HTTP 400 beyond them)
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 TEMPERATURE_RANGE, TOP_K_RANGE, MAX_TOKENS_RANGE = (0.0, 2.0), (0, 200), (1, 4096)
 MAX_BODY_BYTES = 1 << 20     # 32,000 characters of content fit many times over; larger bodies get 413
-QUEUE_WAIT_S = 120           # a request that waits this long for a free worker gets 503
+QUEUE_WAIT_S = 120           # a request that waits this long for a place in a batch gets 503
 REQUEST_DEADLINE_S = 30      # a request's line, headers and body must all arrive within this, however slowly they trickle
 MAX_CONNECTIONS = 256        # open connections beyond this get 503 at once (each holds a thread)
+REPLY_SHARE = 4              # older turns are dropped until the prompt leaves context // REPLY_SHARE tokens (or max_tokens) for the reply
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 # tool calls are shown readably instead of as raw special tokens
 TOOL_MARKERS = {"<|python_start|>": "[python: ", "<|python_end|>": "]", "<|output_start|>": " [output: ", "<|output_end|>": "] "}
@@ -48,7 +51,7 @@ class Reply:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.encode_special("<|bos|>")}
         self.markers = {tokenizer.encode_special(name): text for name, text in TOOL_MARKERS.items()}
         self.streamer = TextStreamer(tokenizer)
         self.ids, self.finish = [], "length"
@@ -75,24 +78,29 @@ class Reply:
 
 def special_ids(tokenizer):
     names = ["<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
-    return [tokenizer.get_bos_token_id()] + [tokenizer.encode_special(n) for n in names]
+    return [tokenizer.encode_special(n) for n in ["<|bos|>"] + names]
 
 def render_prompt(tokenizer, messages):
-    """SPEC 10.6: <|bos|>, then each (role, text) wrapped in its start/end tokens, then <|assistant_start|> to prime the reply."""
+    """SPEC 10.6: <|bos|>, then each (role, text) wrapped in its start/end tokens, then <|assistant_start|> to prime the reply.
+    A leading system message is merged into the first user message (SPEC 1.7)."""
     bos, us, ue, ast, aend = special_ids(tokenizer)
+    if messages[0][0] == "system":
+        messages = [("user", messages[0][1] + "\n\n" + messages[1][1])] + messages[2:]
     ids = [bos]
     for role, text in messages:
         ids += ([us] + tokenizer.encode(text) + [ue]) if role == "user" else ([ast] + tokenizer.encode(text) + [aend])
     return ids + [ast]
 
-def fit_context(tokens, limit, user_start):
-    """Drop the oldest whole turns (keeping <|bos|>) until the history fits in `limit` tokens."""
-    while len(tokens) > limit:
+def fit_context(tokens, context, max_tokens, user_start):
+    """Drop the oldest whole turns (never <|bos|> nor the last user message) until the history leaves
+    min(max_tokens, context // REPLY_SHARE) tokens for the reply -> (tokens, turns dropped)."""
+    dropped = 0
+    while len(tokens) + min(max_tokens, context // REPLY_SHARE) > context:
         later = [i for i, t in enumerate(tokens) if t == user_start and i > 1]
         if not later:
-            return tokens[:1] + tokens[len(tokens) - limit + 1:]
-        tokens = tokens[:1] + tokens[later[0]:]
-    return tokens
+            break
+        tokens, dropped = tokens[:1] + tokens[later[0]:], dropped + 1
+    return tokens, dropped
 
 # -----------------------------------------------------------------------------
 # command-line chat (SPEC 10.5)
@@ -121,8 +129,13 @@ def chat_cli(args, tokenizer, engine, context):
             continue
         if not text.strip():
             continue
-        history = fit_context(history + [us] + tokenizer.encode(text) + [ue, ast], context - min(max_tokens, context // 2), us)
-        reply = Reply(tokenizer)
+        prompt, dropped = fit_context(history + [us] + tokenizer.encode(text) + [ue, ast], context, max_tokens, us)
+        if len(prompt) >= context:
+            print(f"(that message needs {len(prompt)} tokens; this model's context is {context} tokens: not sent)")
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest turn(s) were left out to fit the model's {context}-token context)")
+        history, reply = prompt, Reply(tokenizer)
         if args.prompt is None:
             print("\nAssistant: ", end="", flush=True)
         try:
@@ -188,7 +201,7 @@ def parse_content(i, content):
     return content
 
 def parse_messages(data):
-    """-> [(role, text)] of user/assistant messages, a leading system message merged into the first user message (SPEC 1.7)."""
+    """-> [(role, text)]: user/assistant messages after an optional leading system message."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list")
@@ -205,11 +218,24 @@ def parse_messages(data):
     total = sum(len(text) for _, text in out)
     if total > MAX_TOTAL_CHARS:
         raise ApiError(400, f"the messages hold {total} characters; the limit is {MAX_TOTAL_CHARS}")
-    if out[0][0] == "system":
-        if len(out) < 2 or out[1][0] != "user":
-            raise ApiError(400, "a system message must be followed by a user message")
-        out = [("user", out[0][1] + "\n\n" + out[1][1])] + out[2:]
+    if out[0][0] == "system" and (len(out) < 2 or out[1][0] != "user"):
+        raise ApiError(400, "a system message must be followed by a user message")
     return out
+
+def fit_messages(tokenizer, messages, context, max_tokens):
+    """-> (prompt ids, messages dropped, max_tokens): the most recent turns (from a user message on; the system message always
+    kept) whose prompt leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, max_tokens capped to what fits."""
+    system = messages[:1] if messages[0][0] == "system" else []
+    first = len(system)
+    prompt = start = None
+    for i in reversed([first] + [i for i, (role, _) in enumerate(messages) if role == "user" and i > first]):
+        ids = render_prompt(tokenizer, system + messages[i:])  # one more turn back, while it fits
+        if prompt is not None and len(ids) + min(max_tokens, context // REPLY_SHARE) > context:
+            break
+        prompt, start = ids, i
+    if len(prompt) >= context:
+        raise ApiError(400, f"the last message needs {len(prompt)} tokens; this model's context is {context} tokens")
+    return prompt, start - first, min(max_tokens, context - len(prompt))
 
 def parse_number(data, key, bounds, default, integer):
     value = data.get(key)
@@ -233,32 +259,99 @@ def parse_sampling(data, defaults):
                 seed=seed % 2**63 if isinstance(seed, int) and not isinstance(seed, bool) else random.randint(0, 2**31 - 1))
 
 # -----------------------------------------------------------------------------
-# the worker pool: one model replica + Engine per GPU (one on CPU); a bounded queue of waiting requests
+# the worker pool: one model replica + Engine per GPU (one on CPU), each decoding a batch of up to `cap` requests at once
+
+Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, text pieces, then None (or an exception)
 
 class WorkerPool:
-    def __init__(self, workers, max_queue):
-        self.workers, self.max_queue, self.waiting = workers, max_queue, 0
-        self.free = queue.Queue()
-        for w in workers:
-            self.free.put(w)
+    def __init__(self, workers, max_queue, cap, context):
+        self.workers, self.max_queue, self.cap, self.context = workers, max_queue, cap, context
         self.lock = threading.Lock()
+        for w in workers:
+            w["inbox"], w["load"] = queue.Queue(), 0  # load: its requests, in the batch or waiting
+            threading.Thread(target=decode_loop, args=(self, w), daemon=True).start()
 
-    def acquire(self):
-        """A free worker, or None when the queue is full or the wait too long (the caller answers 503)."""
+    def waiting(self):
+        return sum(max(0, w["load"] - self.cap) for w in self.workers)
+
+    def start(self, prompt, params, reply):
+        """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every batch
+        and the queue are full or the wait is too long (the caller answers 503)."""
         with self.lock:
-            if self.free.empty() and self.waiting >= self.max_queue:
+            worker = min(self.workers, key=lambda w: w["load"])
+            if worker["load"] >= self.cap and self.waiting() >= self.max_queue:
                 return None
-            self.waiting += 1
+            worker["load"] += 1
+        job = Job(prompt, params, reply, queue.Queue(), threading.Event(), worker)
+        worker["inbox"].put(job)
         try:
-            return self.free.get(timeout=QUEUE_WAIT_S)
+            admitted = job.out.get(timeout=QUEUE_WAIT_S)
         except queue.Empty:
+            job.cancel.set()  # the worker drops it without decoding
             return None
-        finally:
-            with self.lock:
-                self.waiting -= 1
+        if isinstance(admitted, Exception):
+            raise admitted
+        return job
 
-    def release(self, worker):
-        self.free.put(worker)
+    def finish(self, worker):
+        with self.lock:
+            worker["load"] -= 1
+
+def job_pieces(job):
+    for piece in iter(job.out.get, None):
+        if isinstance(piece, Exception):
+            raise piece
+        yield piece
+
+@torch.inference_mode()
+def decode_loop(pool, worker):
+    """Continuous batching: each step samples one token for every active request (its own settings, seed and tool state) and
+    runs them all through one batched forward. Waiting requests are prefilled and join between steps; finished or cancelled
+    ones leave at once, the last row taking over their cache row so the batch stays packed at the front."""
+    engine, special = worker["engine"], worker["engine"].specials()
+    kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
+    while True:
+        try:
+            while len(rows) < pool.cap:  # admit; block only when idle
+                try:
+                    job = worker["inbox"].get(block=not rows)
+                except queue.Empty:
+                    break
+                if job.cancel.is_set():
+                    pool.finish(worker)
+                    continue
+                rows.append((job, RowState(), torch.Generator(device=engine.model.get_device()).manual_seed(job.params["seed"])))
+                kv1, first = engine.prefill(job.prompt)
+                kv.prefill(kv1, row=len(rows) - 1)
+                logits = first if len(rows) == 1 else torch.cat((logits, first))
+                job.out.put(True)
+            sampled = torch.cat([sample_next_token(logits[i:i + 1], rng, job.params["temperature"], job.params["top_k"] or None)
+                                 for i, (job, _, rng) in enumerate(rows)]).view(-1).tolist()  # a sample even when forced: same rng use as alone
+            tokens = [engine.row_step(state, s, special)[0] for (_, state, _), s in zip(rows, sampled)]
+            for i in reversed(range(len(rows))):
+                job, state, _ = rows[i]
+                if state.completed:
+                    job.reply.finish = "stop"
+                elif not job.cancel.is_set():
+                    job.reply.ids.append(tokens[i])
+                    piece = job.reply.push(tokens[i])
+                    if piece:
+                        job.out.put(piece)
+                if state.completed or job.cancel.is_set() or len(job.reply.ids) >= job.params["max_tokens"]:
+                    pool.finish(worker)
+                    job.out.put(None)
+                    if i != len(rows) - 1:
+                        kv.move_row(len(rows) - 1, i)
+                        rows[i], tokens[i] = rows[-1], tokens[-1]
+                    rows.pop(), tokens.pop()
+            if rows:
+                logits = engine.forward_last(torch.tensor(tokens, device=logits.device).view(-1, 1), kv)
+        except Exception as e:  # a bug: every request in the batch ends with an error, the worker keeps serving
+            traceback.print_exc()
+            for job, _, _ in rows:
+                pool.finish(worker)
+                job.out.put(RuntimeError(f"generation failed: {type(e).__name__}"))
+            rows = []
 
 # -----------------------------------------------------------------------------
 # HTTP: one handler for the page, the SSE endpoint, the OpenAI API, health and stats
@@ -337,7 +430,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_get(self):
         app, pool, path = self.server.app, self.server.app["pool"], self.path.split("?")[0]
-        free = pool.free.qsize()
+        free = sum(w["load"] < pool.cap for w in pool.workers)
         if path in ("/", "/index.html"):
             with open(UI_PATH, "rb") as f:
                 body = f.read()
@@ -347,8 +440,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"status": "ok", "ready": True, "num_gpus": app["num_gpus"], "available_workers": free,
                                  "model": app["model_id"], "defaults": app["defaults"]})
         elif path == "/stats":
-            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": len(pool.workers) - free,
-                                 "waiting_requests": pool.waiting, "max_queue": pool.max_queue,
+            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": sum(w["load"] > 0 for w in pool.workers),
+                                 "active_requests": sum(min(w["load"], pool.cap) for w in pool.workers), "batch_cap": pool.cap,
+                                 "waiting_requests": pool.waiting(), "max_queue": pool.max_queue,
                                  "workers": [{"gpu_id": w["id"], "device": w["device"]} for w in pool.workers]})
         elif path == "/v1/models" or path.startswith("/v1/models/"):  # one model; any id asked for is this one
             card = {"id": app["model_id"], "object": "model", "created": app["created"], "owned_by": "nanochat"}
@@ -364,41 +458,40 @@ class Handler(BaseHTTPRequestHandler):
         data = read_json_body(self)
         messages = parse_messages(data)
         params = parse_sampling(data, app["defaults"])
-        prompt = render_prompt(app["tokenizer"], messages)
-        room = app["context"] - len(prompt)
-        if room < 1:
-            raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {app['context']} tokens")
-        params["max_tokens"] = min(params["max_tokens"], room)
-        worker = app["pool"].acquire()
-        if worker is None:
-            raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
+        asked = params["max_tokens"]
+        prompt, dropped, params["max_tokens"] = fit_messages(app["tokenizer"], messages, app["context"], asked)
+        note = {"note": f"the {dropped} oldest message(s) were left out and the reply may use {params['max_tokens']} tokens, to fit "
+                        f"the model's {app['context']}-token context"} if dropped or params["max_tokens"] < min(asked, app["context"] // REPLY_SHARE) else {}
         reply = Reply(app["tokenizer"])
-        pieces = reply.stream(worker["engine"], prompt, **params)
+        job = app["pool"].start(prompt, params, reply)
+        if job is None:
+            raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
         try:
             if path == "/chat/completions":
                 self.send_headers(200, "text/event-stream; charset=utf-8")
-                for piece in pieces:
-                    self.send_event({"token": piece, "gpu": worker["id"]})
+                if note:
+                    self.send_event(note)
+                for piece in job_pieces(job):
+                    self.send_event({"token": piece, "gpu": job.worker["id"]})
                 self.send_event({"done": True})
             else:
-                self.openai_response(data, pieces, reply, len(prompt))
+                self.openai_response(data, job_pieces(job), reply, len(prompt), note)
         finally:
-            pieces.close()  # stops generation at once when the client went away
-            app["pool"].release(worker)
-            self.note = f"worker={worker['id']} prompt={len(prompt)} completion={len(reply.ids)} finish={reply.finish} {self.note}"
+            job.cancel.set()  # a client that went away leaves the batch at the next step
+            self.note = f"worker={job.worker['id']} prompt={len(prompt)} dropped={dropped} completion={len(reply.ids)} finish={reply.finish} {self.note}"
 
-    def openai_response(self, data, pieces, reply, n_prompt):
+    def openai_response(self, data, pieces, reply, n_prompt, note):
         app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": len(reply.ids), "total_tokens": n_prompt + len(reply.ids)}
         if not data.get("stream"):
             text = "".join(pieces)
             self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": app["model_id"],
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish}],
-                                 "usage": usage()})
+                                 "usage": usage(), **note})
             return
         chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created, "model": app["model_id"], "choices": choices, **kw}
         self.send_headers(200, "text/event-stream; charset=utf-8")
-        self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+        self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **note))
         for piece in pieces:
             self.send_event(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         self.send_event(chunk([{"index": 0, "delta": {}, "finish_reason": reply.finish}]))
@@ -456,15 +549,30 @@ def worker_devices(device, num_gpus):
         return [f"cuda:{i}" for i in range(num_gpus or torch.cuda.device_count())]
     return [device]
 
+def batch_cap(device, config):
+    """CPU: 32 rows (beyond that a step's cost grows with the rows); CUDA: the rows whose KV cache fits in half the free memory."""
+    if not device.startswith("cuda"):
+        return 32
+    row_bytes = 2 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * config.sequence_len * 2  # k and v, bf16
+    return int(max(1, min(256, torch.cuda.mem_get_info(device)[0] // 2 // row_bytes)))
+
 def build_app(args):
-    tokenizer = get_tokenizer()
-    workers = []
+    workers, random_init = [], False
     for i, device in enumerate(worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1)):
-        model, _ = load_model(args.source, device, tag=args.tag, step=args.step, tokenizer=tokenizer)  # in eval mode
+        try:
+            tokenizer = get_tokenizer()
+            model, _ = load_model(args.source, device, tag=args.tag, step=args.step, tokenizer=tokenizer)  # in eval mode
+        except FileNotFoundError:
+            if not args.bench:
+                raise
+            random_init, tokenizer = True, _BenchTokenizer(65536)  # no checkpoint: time a random-init depth-4 model (as model.py bench)
+            torch.manual_seed(0)
+            model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
         workers.append({"id": i, "device": device, "model": model, "engine": Engine(model, tokenizer)})
     config = workers[0]["model"].config
-    return {"tokenizer": tokenizer, "pool": WorkerPool(workers, args.max_queue), "context": config.sequence_len,
-            "model_id": f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", "created": int(time.time()),
+    cap = args.batch_cap or batch_cap(workers[0]["device"], config)
+    return {"tokenizer": tokenizer, "pool": WorkerPool(workers, args.max_queue, cap, config.sequence_len), "context": config.sequence_len,
+            "model_id": "random-init-d4" if random_init else f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", "created": int(time.time()),
             "num_gpus": sum(w["device"].startswith("cuda") for w in workers), "log": log_line,
             "defaults": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512}}
 
@@ -482,13 +590,13 @@ def bench_stream(port, max_tokens, out):
     out.append((first or 0.0, tokens, time.time() - t0 - (first or 0.0)))
 
 def bench(app, max_tokens=128):
-    """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 concurrent ones."""
+    """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 and 32 concurrent ones."""
     server, app["log"] = make_server(app, "127.0.0.1", 0), lambda line: None
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bench_stream(server.server_address[1], 8, [])  # warm-up
-    print(f"{app['model_id']} on {app['pool'].workers[0]['device']}, {len(app['pool'].workers)} worker(s), {torch.get_num_threads()} torch "
-          f"threads, load average {os.getloadavg()[0]:.2f} before (a shared machine: figures move with the load)")
-    for n in (1, 8):
+    print(f"{app['model_id']} on {app['pool'].workers[0]['device']}, {len(app['pool'].workers)} worker(s) of up to {app['pool'].cap} rows, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f} before (a shared machine: figures move with the load)")
+    for n in (1, 8, 32):
         results, t0 = [], time.time()
         threads = [threading.Thread(target=bench_stream, args=(server.server_address[1], max_tokens, results)) for _ in range(n)]
         for t in threads:
@@ -496,7 +604,7 @@ def bench(app, max_tokens=128):
         for t in threads:
             t.join()
         wall, ttft, tokens = time.time() - t0, sorted(r[0] for r in results), sum(r[1] for r in results)
-        print(f"{n} stream(s): time to first token median {ttft[n // 2] * 1000:.0f} ms (max {ttft[-1] * 1000:.0f} ms); {tokens} tokens "
+        print(f"{n:2d} stream(s): time to first token p50 {ttft[n // 2] * 1000:.0f} ms, p95 {ttft[min(n - 1, int(0.95 * n))] * 1000:.0f} ms; {tokens} tokens "
               f"in {wall:.2f} s = {tokens / wall:.1f} tok/s overall, {sum(r[1] / max(r[2], 1e-9) for r in results) / n:.1f} tok/s per stream once started")
     server.shutdown()
 
@@ -516,11 +624,14 @@ def main():
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
     parser.add_argument("-n", "--num-gpus", type=int, default=0, help="web: GPUs to serve from, one worker each (0 = all visible)")
-    parser.add_argument("--max-queue", type=int, default=32, help="web: requests that may wait for a worker before 503")
-    parser.add_argument("--bench", action="store_true", help="time to first token and tokens/s for 1 and 8 concurrent streams")
+    parser.add_argument("--max-queue", type=int, default=32, help="web: requests that may wait for a place in a batch before 503")
+    parser.add_argument("--batch-cap", type=int, default=0, help="web: requests decoded together per worker (0 = sized for the device)")
+    parser.add_argument("--bench", action="store_true", help="time to first token and tokens/s for 1, 8 and 32 concurrent streams")
     args = parser.parse_args()
     if not 0.0 <= args.temperature <= 2.0 or not 0 <= args.top_k <= 200 or (args.max_tokens is not None and not 1 <= args.max_tokens <= 4096):
         parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
+    if args.batch_cap < 0:
+        parser.error("--batch-cap must be >= 1 (or 0 for the device's default)")
     try:
         app = build_app(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
