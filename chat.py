@@ -102,6 +102,12 @@ def fit_context(tokens, context, max_tokens, user_start):
         tokens, dropped = tokens[:1] + tokens[later[0]:], dropped + 1
     return tokens, dropped
 
+def fit_note(dropped, room, asked, context):
+    """What fitting the context cost, said to the user ('' when nothing worth saying: no turn dropped, a full reply's room)."""
+    if dropped or room < min(asked, context // REPLY_SHARE):
+        return f"the {dropped} oldest message(s) were left out and the reply may use {room} tokens, to fit the model's {context}-token context"
+    return ""
+
 # -----------------------------------------------------------------------------
 # command-line chat (SPEC 10.5)
 
@@ -133,13 +139,15 @@ def chat_cli(args, tokenizer, engine, context):
         if len(prompt) >= context:
             print(f"(that message needs {len(prompt)} tokens; this model's context is {context} tokens: not sent)")
             continue
-        if dropped:
-            print(f"(the {dropped} oldest turn(s) were left out to fit the model's {context}-token context)")
+        room = min(max_tokens, context - len(prompt))
+        note = fit_note(2 * dropped, room, max_tokens, context)  # a CLI turn is two messages
+        if note:
+            print(f"({note})")
         history, reply = prompt, Reply(tokenizer)
         if args.prompt is None:
             print("\nAssistant: ", end="", flush=True)
         try:
-            for piece in reply.stream(engine, history, min(max_tokens, context - len(history)), args.temperature,
+            for piece in reply.stream(engine, history, room, args.temperature,
                                       args.top_k, random.randint(0, 2**31 - 1)):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
@@ -460,8 +468,8 @@ class Handler(BaseHTTPRequestHandler):
         params = parse_sampling(data, app["defaults"])
         asked = params["max_tokens"]
         prompt, dropped, params["max_tokens"] = fit_messages(app["tokenizer"], messages, app["context"], asked)
-        note = {"note": f"the {dropped} oldest message(s) were left out and the reply may use {params['max_tokens']} tokens, to fit "
-                        f"the model's {app['context']}-token context"} if dropped or params["max_tokens"] < min(asked, app["context"] // REPLY_SHARE) else {}
+        note = fit_note(dropped, params["max_tokens"], asked, app["context"])
+        note = {"note": note} if note else {}
         reply = Reply(app["tokenizer"])
         job = app["pool"].start(prompt, params, reply)
         if job is None:
@@ -478,7 +486,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.openai_response(data, job_pieces(job), reply, len(prompt), note)
         finally:
             job.cancel.set()  # a client that went away leaves the batch at the next step
-            self.note = f"worker={job.worker['id']} prompt={len(prompt)} dropped={dropped} completion={len(reply.ids)} finish={reply.finish} {self.note}"
+            self.note = f"worker={job.worker['id']} prompt={len(prompt)} completion={len(reply.ids)} finish={reply.finish} {self.note}"
 
     def openai_response(self, data, pieces, reply, n_prompt, note):
         app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
