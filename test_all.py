@@ -2613,12 +2613,13 @@ def test_chat_long_conversation_keeps_its_latest_turns(chat_server, tokenizer):
     turns = [("user" if i % 2 == 0 else "assistant", f"Turn {i}: the sea is wide and the ships sail far away today.") for i in range(9)]
     system = ("system", "Be brief.")
     messages = [{"role": r, "content": t} for r, t in [system, *turns]]
-    kept = max(k for k in range(1, 10, 2) if len(render_prompt(tokenizer, [system, *turns[-k:]])) + 24 <= 128)  # -m 24 < 128 // 4
+    kept = max(k for k in range(1, 10, 2) if len(render_prompt(tokenizer, [system, *turns[-k:]])) + 32 <= 128)  # a reply of 128 // 4
     assert kept < 9
     body = json.loads(http_request(port, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 100})[2])
-    assert body["usage"]["prompt_tokens"] == len(render_prompt(tokenizer, [system, *turns[-kept:]]))
+    n_prompt = len(render_prompt(tokenizer, [system, *turns[-kept:]]))
+    assert body["usage"]["prompt_tokens"] == n_prompt and body["usage"]["completion_tokens"] <= 128 - n_prompt
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and f"the {9 - kept} oldest message(s) were left out" in body["note"]
-    status, _, data = http_request(port, "POST", "/chat/completions", {"messages": messages})
+    status, _, data = http_request(port, "POST", "/chat/completions", {"messages": messages, "max_tokens": 100})
     events = sse_events(data)
     assert status == 200 and events[0] == {"note": body["note"]} and events[-1] == {"done": True} and len(events) > 2
     long = [*messages[:-1], {"role": "user", "content": "word " * 200}]
