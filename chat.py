@@ -147,8 +147,7 @@ def chat_cli(args, tokenizer, engine, context):
         if args.prompt is None:
             print("\nAssistant: ", end="", flush=True)
         try:
-            for piece in reply.stream(engine, history, room, args.temperature,
-                                      args.top_k, random.randint(0, 2**31 - 1)):
+            for piece in reply.stream(engine, history, room, args.temperature, args.top_k, random.randint(0, 2**31 - 1)):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" (interrupted)", end="")

@@ -56,9 +56,8 @@ def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 def linear(x, w):
-    """x @ w.T without bias. For a few rows on CPU (decode) F.linear reads w at about a third of memory speed (measured on
-    this 2-core AMD machine); the same fp32 product as one bmm over the two halves of w (a view, no copy) runs ~3x faster,
-    and still ~1.5x at the 9-64 rows of a continuous batch (the lm_head)."""
+    """x @ w.T without bias. For a few rows on CPU (decode) F.linear reads w at about a third of memory speed (this 2-core AMD
+    machine); the same fp32 product as one bmm over the two halves of w (a view) is ~3x faster, ~1.5x at a batch's 9-64 rows."""
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or rows > 64 or w.size(0) % 2:
         return F.linear(x, w)
@@ -233,9 +232,8 @@ def build_model(model_config, device):
 
 class KVCache:
     """Keys/values (L, B, Hkv, capacity, hd), allocated at the first insert; pos advances after the last layer inserts.
-    With `lengths` (a LongTensor (B,)) the rows hold different conversations (continuous batching): each decode step writes
-    row b's one new token at lengths[b] and masks the keys past it. Per-row positions rather than left padding, so a row
-    that joins or leaves never moves the others and every row keeps the rotary positions it would have alone."""
+    Ragged (continuous batching): row b holds lengths[b] tokens and a decode step writes its new one there, masking later keys.
+    Per-row positions, not left padding: a row joining or leaving never moves the others, each keeps its rotary positions."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, ragged=False):
         self.shape = [num_layers, batch_size, num_heads, seq_len, head_dim]

@@ -2666,12 +2666,8 @@ def test_chat_client_disconnect_leaves_the_batch(chat_server):
             assert s.recv(200).startswith(b"HTTP/1.1 200")
     together = sse_events(b"".join(lines) + stream.read())
     conn.close()
-    for _ in range(100):
-        stats = json.loads(http_request(port, "GET", "/stats")[2])
-        if stats["active_requests"] == 0:
-            break
-        time.sleep(0.1)
-    assert stats["active_requests"] == 0 and stats["waiting_requests"] == 0
+    stats = json.loads(http_request(port, "GET", "/stats")[2])  # the others had ~120 tokens of room: they left, not finished
+    assert stats["active_requests"] == 0 and stats["waiting_requests"] == 0, stats
     for _ in range(50):
         if "client disconnected" in open(log).read():
             break
