@@ -469,8 +469,7 @@ class Handler(BaseHTTPRequestHandler):
         prompt, dropped, params["max_tokens"] = fit_messages(app["tokenizer"], messages, app["context"], asked)
         note = fit_note(dropped, params["max_tokens"], asked, app["context"])
         note = {"note": note} if note else {}
-        reply = Reply(app["tokenizer"])
-        job = app["pool"].start(prompt, params, reply)
+        job = app["pool"].start(prompt, params, Reply(app["tokenizer"]))
         if job is None:
             raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
         try:
@@ -482,10 +481,10 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_event({"token": piece, "gpu": job.worker["id"]})
                 self.send_event({"done": True})
             else:
-                self.openai_response(data, job_pieces(job), reply, len(prompt), note)
+                self.openai_response(data, job_pieces(job), job.reply, len(prompt), note)
         finally:
             job.cancel.set()  # a client that went away leaves the batch at the next step
-            self.note = f"worker={job.worker['id']} prompt={len(prompt)} completion={len(reply.ids)} finish={reply.finish} {self.note}"
+            self.note = f"worker={job.worker['id']} prompt={len(prompt)} completion={len(job.reply.ids)} finish={job.reply.finish} {self.note}"
 
     def openai_response(self, data, pieces, reply, n_prompt, note):
         app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())

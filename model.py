@@ -244,8 +244,7 @@ class KVCache:
     def _allocate(self, like):
         self.k = torch.empty(self.shape, dtype=like.dtype, device=like.device)
         self.v = torch.empty_like(self.k)
-        if self.lengths is not None:
-            self.lengths = self.lengths.to(like.device)
+        self.lengths = None if self.lengths is None else self.lengths.to(like.device)
 
     def _grow(self, needed):
         """Allocate a larger buffer and copy the stored entries over (never an in-place resize)."""
@@ -257,8 +256,8 @@ class KVCache:
         self.v[:, :, :, :self.pos] = v[:, :, :, :self.pos]
 
     def insert(self, layer, k, v):
-        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer; return views of all keys/values so far.
-        Ragged: one token for each of the first B rows, at that row's own length."""
+        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer (ragged: one token per row at its length); return
+        views of all keys/values so far."""
         if self.k is None:
             self._allocate(k)
         if self.lengths is not None:
