@@ -112,7 +112,7 @@ def chat_cli(args, tokenizer, engine, context):
             except (EOFError, KeyboardInterrupt):
                 print()
                 break
-        command = text.strip().lower()
+        command = text.strip().lower() if args.prompt is None else ""  # -p answers its text once, whatever it says
         if command in ("quit", "exit"):
             break
         if command == "clear":
@@ -521,6 +521,8 @@ def main():
     args = parser.parse_args()
     if not 0.0 <= args.temperature <= 2.0 or not 0 <= args.top_k <= 200 or (args.max_tokens is not None and not 1 <= args.max_tokens <= 4096):
         parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
+    if args.prompt is not None and not args.prompt.strip():
+        sys.exit("error: -p/--prompt is empty: give the text to answer, or leave -p out to chat")
     try:
         app = build_app(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
