@@ -4,7 +4,6 @@ distributed ranks, atomic file writes, pretraining shard iteration and the repor
 Imports nothing else of ours.
 """
 import os
-import re
 import json
 import datetime
 import contextlib
@@ -14,11 +13,7 @@ class UserError(SystemExit):
     """A bad input or broken file, in one line naming it and the fix. Uncaught, Python prints the message and exits 1 with
     no traceback, so every entry point (and every torchrun rank) reports it without a handler of its own."""
     def __init__(self, message):
-        super().__init__(f"error: {message}")
-
-def first_line(e):
-    """An exception's message cut to one line (its type when it has none), for one-line errors."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
+        super().__init__("error: " + " ".join(message.split()))  # one line, whatever a quoted library error holds
 
 # -----------------------------------------------------------------------------
 # where things live
@@ -168,14 +163,12 @@ def list_shards(split):
 
 @contextlib.contextmanager
 def shard_errors(path):
-    """pyarrow's error about an unreadable shard (ArrowInvalid is a ValueError, ArrowIOError an OSError) becomes one line
-    naming the file and the download that checks and repairs it (train shards 0..n-1 and the val shard)."""
+    """pyarrow's error about an unreadable shard (ArrowInvalid is a ValueError) -> one line naming it and the repair."""
     try:
         yield
     except (OSError, ValueError) as e:
-        index = int(re.search(r"(\d+)\.parquet$", path).group(1))
-        n = 1 if index == VAL_SHARD_INDEX else index + 1
-        raise UserError(f"{path} is unreadable ({first_line(e)}): repair it with `python data.py download -n {n}`") from None
+        n = 1 if path == shard_path(VAL_SHARD_INDEX) else int(os.path.basename(path)[6:-8]) + 1  # shard_NNNNN.parquet
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): repair it with `python data.py download -n {n}`") from None
 
 def iter_row_groups(split, start=0, step=1, paths=None):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""

@@ -6,8 +6,7 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtur
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
     python data.py bench                                          loader throughput and resume time
 """
-import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib
-import urllib.parse
+import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
 import concurrent.futures as cf
 
 import numpy as np
@@ -85,32 +84,19 @@ def _is_valid(path, kind):
 @functools.cache
 def _mirror_sums(mirror):
     """{HOST/PATH: sha256} from the mirror's SHA256SUMS (sha256sum's format); {} when it has none."""
-    try:
-        if not mirror.startswith(("http://", "https://")):
-            text = open(os.path.join(mirror, "SHA256SUMS")).read()
-        else:
-            r = requests.get(f"{mirror}/SHA256SUMS", timeout=TIMEOUT)
-            text = r.text if r.ok else ""
+    try:  # (an http 404 page has no line of that format)
+        is_url = mirror.startswith(("http://", "https://"))
+        text = requests.get(f"{mirror}/SHA256SUMS", timeout=TIMEOUT).text if is_url else open(os.path.join(mirror, "SHA256SUMS")).read()
     except (OSError, requests.RequestException):
         return {}
     return {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64}) [ *](.+)$", text, re.M)}
 
-def _source_size(src):
-    """The size the source gives (a mirror file's size, an HTTP HEAD's Content-Length), or None."""
-    try:
-        if not src.startswith(("http://", "https://")):
-            return os.path.getsize(src)
-        r = requests.head(src, allow_redirects=True, timeout=TIMEOUT, headers={"Accept-Encoding": "identity"})
-        return int(r.headers["Content-Length"]) if r.ok else None
-    except (OSError, requests.RequestException, KeyError, ValueError):
-        return None
-
 def _problem(url, path, kind):
-    """Why `path` is not a good copy of `url`, or None: the size the source gives, then the sha256 where the mirror's
-    SHA256SUMS lists one, else a full read (parquet: every row group; zip: every CRC)."""
-    size, want = os.path.getsize(path), _source_size(common.resolve_url(url))
-    if want is not None and size != want:
-        return f"{size:,} bytes where the source has {want:,}"
+    """Why `path` is not a good copy of `url`, or None: the size of a mirror directory's file, then the sha256 where the
+    mirror's SHA256SUMS lists one, else a full read (parquet: every row group; zip: every CRC)."""
+    src, size = common.resolve_url(url), os.path.getsize(path)
+    if os.path.isfile(src) and os.path.getsize(src) != size:
+        return f"{size:,} bytes where the mirror has {os.path.getsize(src):,}"
     u = urllib.parse.urlsplit(url)
     if want := _mirror_sums(common.get_mirror()).get(u.netloc + urllib.parse.unquote(u.path)) if common.get_mirror() else None:
         with open(path, "rb") as f:
@@ -122,7 +108,7 @@ def _problem(url, path, kind):
         for rg in range(pf.num_row_groups):
             pf.read_row_group(rg)
     except (OSError, ValueError) as e:  # pyarrow's errors
-        return f"unreadable ({common.first_line(e)})"
+        return f"unreadable ({type(e).__name__}: {e})"
 
 def _fetch_http(src, url, tmp, progress):
     """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
@@ -156,8 +142,7 @@ def _fetch_http(src, url, tmp, progress):
 def download_file(url, dest_path, validate="auto", progress=None, recheck=False):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
     validation by _problem (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several
-    processes ask for the same file at once. An existing dest_path is kept when its footer or zip reads, with recheck
-    only when it passes _problem. -> dest_path"""
+    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes)."""
     dest_path = os.path.abspath(dest_path)
     kind = {".parquet": "parquet", ".zip": "zip"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
@@ -180,8 +165,7 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
                     shutil.copyfile(src, tmp)
                     if progress:
                         progress(os.path.getsize(tmp))
-                reason = _problem(url, tmp, kind)
-                if reason is None:
+                if (reason := _problem(url, tmp, kind)) is None:
                     os.replace(tmp, dest_path)
                     return dest_path
                 os.remove(tmp)
@@ -195,8 +179,7 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
         raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
 
 def download_shards(n, workers=4):
-    """Train shards 0..n-1 (n = -1: all) plus the validation shard into base_data/, in parallel, with a progress line.
-    Shards already there are checked (see _problem) and fetched again when bad."""
+    """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those already there are rechecked."""
     if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
@@ -276,10 +259,6 @@ def _task_rows(repo, subset, split):
 # =============================================================================
 # pretraining loader: BOS-aligned best fit; cropped remainders go back into the buffer as BOS-prefixed pieces
 
-def _shard_metadata(path):
-    with common.shard_errors(path):
-        return pq.ParquetFile(path).metadata
-
 class PretrainLoader:
     """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
     when none fits, the shortest is cropped to fill the row and (crop="keep") its rest stays buffered as a piece that
@@ -296,7 +275,10 @@ class PretrainLoader:
         self.prefetch = prefetch
         self.bos = tokenizer.get_bos_token_id()
         self.paths = common.list_shards(split)
-        metas = [_shard_metadata(p) for p in self.paths]
+        metas = []
+        for p in self.paths:
+            with common.shard_errors(p):
+                metas.append(pq.ParquetFile(p).metadata)
         units = [(fi, rg) for fi, md in enumerate(metas) for rg in range(md.num_row_groups)]
         self.units = units[rank::world_size]  # ranks stride over all row groups of the split: disjoint documents
         if not self.units:

@@ -443,30 +443,25 @@ def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, ran
     if optimizer_state is not None:
         common.atomic_write(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"), lambda f: torch.save(optimizer_state, f))
 
-def config_problem(cfg):
-    """Why a meta's model_config cannot build a GPT, or None."""
-    if not isinstance(cfg, dict) or set(cfg) != set(GPTConfig.__dataclass_fields__):
-        return f"model_config needs exactly the keys {', '.join(GPTConfig.__dataclass_fields__)}"
-    if not all(type(v) is int and v > 0 for v in cfg.values()):
-        return "every model_config value must be a positive integer"
-    if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] // cfg["n_head"] % 2:
-        return "n_embd must split into n_head heads of even size and n_head into n_kv_head groups"
-
 def _read_meta(path):
-    """-> (meta, None), or (None, one line naming the file and what is wrong with it)."""
+    """-> (meta, None), or (None, one line naming the file and what is wrong: unreadable, or no model_config a GPT takes)."""
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         return None, f"{path} is unreadable ({e})"
-    problem = config_problem(meta.get("model_config")) if isinstance(meta, dict) else "not a JSON object"
-    return (None, f"{path}: {problem}") if problem else (meta, None)
+    cfg, keys = meta.get("model_config") if isinstance(meta, dict) else None, list(GPTConfig.__dataclass_fields__)
+    if not isinstance(cfg, dict) or sorted(cfg) != sorted(keys) or not all(type(v) is int and v > 0 for v in cfg.values()):
+        return None, f"{path}: model_config must give {', '.join(keys)}, each a positive integer"
+    if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] // cfg["n_head"] % 2:
+        return None, f"{path}: model_config's n_embd must split into n_head heads of even size, n_head into n_kv_head groups"
+    return meta, None
 
 def _torch_load(path, device, weights_only=True):
     try:
         return torch.load(path, map_location=device, weights_only=weights_only)
     except Exception as e:  # torch says "failed finding central directory", pickle says other things: name the file
-        raise common.UserError(f"{path} is unreadable ({common.first_line(e)})") from None
+        raise common.UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokenizer=None):
     """-> (model_state, optimizer_state or None, meta). An unreadable file is a UserError naming it; a tokenizer, when
@@ -475,8 +470,7 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokeni
     meta, problem = _read_meta(meta_path)
     if problem:
         raise common.UserError(problem)
-    want, V = meta.get("tokenizer_hash"), meta["model_config"]["vocab_size"]
-    have = getattr(tokenizer, "hash", None)
+    want, V, have = meta.get("tokenizer_hash"), meta["model_config"]["vocab_size"], getattr(tokenizer, "hash", None)
     if tokenizer is not None and (tokenizer.get_vocab_size() != V or want not in (None, have)):
         raise common.UserError(f"{meta_path} was trained with tokenizer {want or '?'} (vocab {V}) but {getattr(tokenizer, 'path', 'the tokenizer')} "
                                f"is {have} (vocab {tokenizer.get_vocab_size()}): put that tokenizer back, or train from this one again")
@@ -489,23 +483,21 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokeni
         optimizer_state = _torch_load(path, device, weights_only=False)  # our own file
     return model_state, optimizer_state, meta
 
-def _zip_problem(path, full):
-    """torch.save writes a zip: its directory (at the end) catches a truncated file, its CRCs (full) any damaged byte."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip() if full else None
-    except Exception as e:
-        return f"{path} is unreadable ({e})"
-    return f"{path} is corrupt (CRC mismatch in {bad})" if bad else None
-
 def step_problem(ckpt_dir, step, world=0):
-    """Why checkpoint `step` cannot be loaded, in one line naming the file, or None: the meta, the model's CRCs, and (world
-    > 0) the zip directory of every rank's optimizer shard."""
-    _, problem = _read_meta(os.path.join(ckpt_dir, f"meta_{step:06d}.json"))
-    names = [f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in range(world)]
-    return problem or next(filter(None, (_zip_problem(os.path.join(ckpt_dir, n), i == 0) for i, n in enumerate(names))), None)
+    """Why checkpoint `step` cannot be loaded, in one line naming the file, or None: the meta, then the model's zip (torch.save
+    writes one) with every CRC, then (world > 0) the zip directory at the end of every rank's optimizer shard."""
+    if problem := _read_meta(os.path.join(ckpt_dir, f"meta_{step:06d}.json"))[1]:
+        return problem
+    for i, name in enumerate([f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in range(world)]):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            with zipfile.ZipFile(path) as z:
+                if i == 0 and (bad := z.testzip()):
+                    return f"{path} is corrupt (CRC mismatch in {bad})"
+        except Exception as e:  # missing, truncated, a damaged header
+            return f"{path} is unreadable ({e})"
 
-_warned = set()  # problems already reported (last_step runs more than once per process)
+_warned = set()  # problems already reported: last_step runs once per chat worker, and train checks the source first
 
 def last_step(ckpt_dir, world=0):
     """The newest step that step_problem passes (a kill mid-save or a damaged file leaves an older one), with a one-line

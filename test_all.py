@@ -373,7 +373,7 @@ def test_tokenizer_cli_train_eval_and_bad_input(tmp_path):
         p = run_script(["tokenizer.py", "train", *args], env=env, check=False)
         assert p.returncode != 0 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
     for size in ("10000000", "265", "-3"):  # one line with the valid range
-        p = run_script(["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", size], env=env, check=False, timeout=60)
+        p = run_script(["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", size], env=env, check=False)
         assert p.returncode == 1 and p.stderr == (f"error: --vocab-size must be 266..1048576 (256 bytes + 9 special tokens + at least "
                                                   f"one merge; at most 2^20), not {size}\n"), p.stderr
     p = run_script(["tokenizer.py", "eval"], env={"NANOCHAT_BASE_DIR": str(tmp_path / "none")}, check=False)
@@ -389,7 +389,7 @@ def test_tokenizer_truncated_pickle_is_one_line_in_chat_eval_train(tokenizer, ba
     path = str(tmp_path / "tokenizer" / "tokenizer.pkl")
     env = {"NANOCHAT_BASE_DIR": str(tmp_path)}
     for args in (["chat.py", "-p", "hi"], ["eval.py", "core"], ["train.py", *TINY_BASE]):
-        p = run_script(args, env=env, check=False, timeout=120)
+        p = run_script(args, env=env, check=False)
         assert p.returncode == 1 and p.stderr.startswith(f"error: {path} is unreadable (") and p.stderr.count("\n") == 1, (args, p.stderr)
         assert p.stderr.endswith("): rebuild it with `python tokenizer.py train`\n"), p.stderr
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -965,7 +965,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         srv = self.server
         path = urllib.parse.unquote(self.path)
-        srv.log.append((path, self.headers.get("Range")))
+        if path != "/SHA256SUMS":  # read once per mirror by data._mirror_sums; the log is about the files themselves
+            srv.log.append((path, self.headers.get("Range")))
         modes = srv.modes.get(path)
         mode = modes.pop(0) if modes else "ok"
         if mode == "503":
@@ -1432,7 +1433,7 @@ def test_data_download_repairs_damaged_shards(mirror, tmp_path, monkeypatch, cap
 
 
 def test_data_download_bad_shard_counts(tmp_path, monkeypatch):
-    p = run_script(["data.py", "download", "-n", "-5"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False, timeout=120)
+    p = run_script(["data.py", "download", "-n", "-5"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
     assert p.returncode == 1 and p.stderr == "error: -n/--num-shards must be -1 (all) or 1..1822, not -5\n", p.stderr
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     for n in (0, -2, 1823):
@@ -1458,7 +1459,7 @@ def test_data_unreadable_shard_stops_with_one_line(tokenizer, base_dir, tmp_path
     damage(path, "truncate")
     with pytest.raises(common.UserError, match=message):
         data.PretrainLoader(tokenizer, 2, 32)
-    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], check=False, env={"NANOCHAT_BASE_DIR": str(tmp_path)}, timeout=120)
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], check=False, env={"NANOCHAT_BASE_DIR": str(tmp_path)})
     assert p.returncode == 1 and re.fullmatch(message, p.stderr.strip()) and p.stderr.count("\n") == 1, p.stderr
 
 
@@ -2840,7 +2841,7 @@ def test_chat_connection_cap_answers_503(monkeypatch):
 
 def test_chat_cli_prompt_empty_or_a_command(chat_checkpoint, monkeypatch, capsys):
     for prompt in ("", "   "):
-        p = run_script(["chat.py", "-g", CHAT_TAG, "-p", prompt], check=False, timeout=60)
+        p = run_script(["chat.py", "-g", CHAT_TAG, "-p", prompt], check=False, timeout=300)  # bounds the old endless loop
         assert p.returncode == 1 and p.stderr == "error: -p/--prompt is empty: give the text to answer, or leave -p out to chat\n", p.stderr
     import chat
     printed, replies, real_stream = [], [], chat.Reply.stream
@@ -2868,10 +2869,10 @@ def test_chat_cli_falls_back_past_a_damaged_checkpoint(tokenizer, base_dir, tiny
         save_checkpoint(ckpt, step, build_model(dataclasses.asdict(tiny_config), "cpu").state_dict(), {"model_config": dataclasses.asdict(tiny_config)})
     damage(os.path.join(ckpt, "model_000002.pt"), "truncate")
     args, env = ["chat.py", "-p", "hi", "-m", "2"], {"NANOCHAT_BASE_DIR": str(tmp_path)}
-    p = run_script(args, env=env, timeout=120)
+    p = run_script(args, env=env)
     assert re.fullmatch(f"warning: skipping step 2: {re.escape(ckpt)}/model_000002.pt is unreadable \\(.+\\)\n", p.stderr), p.stderr
     damage(os.path.join(ckpt, "model_000001.pt"), "empty")
-    p = run_script(args, env=env, check=False, timeout=120)
+    p = run_script(args, env=env, check=False)
     assert p.returncode == 1 and p.stderr.splitlines()[-1] == (f"error: no complete, readable sft checkpoint in {ckpt}: "
                                                                "run `python train.py --stage=sft` first"), p.stderr
     assert len(p.stderr.splitlines()) == 3 and "Traceback" not in p.stderr  # two warnings, then the error

@@ -425,8 +425,8 @@ def tokenizer_dir():
 
 
 def _unreadable(path, e):
-    from common import UserError, first_line
-    return UserError(f"{path} is unreadable ({first_line(e)}): rebuild it with `python tokenizer.py train`")
+    from common import UserError
+    return UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
 
 
 def get_tokenizer():
