@@ -380,6 +380,7 @@ def test_tokenizer_cli_train_eval_and_bad_input(tmp_path):
     assert p.returncode != 0 and "python tokenizer.py train" in p.stderr
 
 
+@SLOW
 def test_tokenizer_truncated_pickle_is_one_line_in_chat_eval_train(tokenizer, base_dir, tmp_path, monkeypatch):
     import tokenizer as T
     os.makedirs(tmp_path / "tokenizer")
@@ -1442,6 +1443,7 @@ def test_data_download_bad_shard_counts(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "base_data")
 
 
+@SLOW
 def test_data_unreadable_shard_stops_with_one_line(tokenizer, base_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     os.makedirs(tmp_path / "base_data")
@@ -2839,9 +2841,10 @@ def test_chat_connection_cap_answers_503(monkeypatch):
         server.server_close()
 
 
+@SLOW
 def test_chat_cli_prompt_empty_or_a_command(chat_checkpoint, monkeypatch, capsys):
     for prompt in ("", "   "):
-        p = run_script(["chat.py", "-g", CHAT_TAG, "-p", prompt], check=False, timeout=300)  # bounds the old endless loop
+        p = run_script(["chat.py", "-g", CHAT_TAG, "-p", prompt], check=False, timeout=200)  # bounds the old endless loop
         assert p.returncode == 1 and p.stderr == "error: -p/--prompt is empty: give the text to answer, or leave -p out to chat\n", p.stderr
     import chat
     printed, replies, real_stream = [], [], chat.Reply.stream
@@ -2861,6 +2864,7 @@ def test_chat_cli_prompt_empty_or_a_command(chat_checkpoint, monkeypatch, capsys
     assert len(replies) == 3 and "(conversation cleared)" not in printed
 
 
+@SLOW
 def test_chat_cli_falls_back_past_a_damaged_checkpoint(tokenizer, base_dir, tiny_config, tmp_path):
     from model import build_model, save_checkpoint
     shutil.copytree(os.path.join(base_dir, "tokenizer"), tmp_path / "tokenizer")
