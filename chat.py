@@ -126,7 +126,7 @@ def chat_cli(args, tokenizer, engine, context):
             except (EOFError, KeyboardInterrupt):
                 print()
                 break
-        command = text.strip().lower()
+        command = text.strip().lower() if args.prompt is None else ""  # -p answers its text once, whatever it says
         if command in ("quit", "exit"):
             break
         if command == "clear":
@@ -638,6 +638,8 @@ def main():
         parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
     if args.batch_cap < 0:
         parser.error("--batch-cap must be >= 1 (or 0 for the device's default)")
+    if args.prompt is not None and not args.prompt.strip():
+        sys.exit("error: -p/--prompt is empty: give the text to answer, or leave -p out to chat")
     try:
         app = build_app(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

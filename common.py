@@ -9,6 +9,12 @@ import datetime
 import contextlib
 import urllib.parse
 
+class UserError(SystemExit):
+    """A bad input or broken file, in one line naming it and the fix. Uncaught, Python prints the message and exits 1 with
+    no traceback, so every entry point (and every torchrun rank) reports it without a handler of its own."""
+    def __init__(self, message):
+        super().__init__("error: " + " ".join(message.split()))  # one line, whatever a quoted library error holds
+
 # -----------------------------------------------------------------------------
 # where things live
 
@@ -155,13 +161,23 @@ def list_shards(split):
         raise FileNotFoundError(f"no {split} shards in {data_dir}: run `python data.py download -n 8` first")
     return paths
 
+@contextlib.contextmanager
+def shard_errors(path):
+    """pyarrow's error about an unreadable shard (ArrowInvalid is a ValueError) -> one line naming it and the repair."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        n = 1 if path == shard_path(VAL_SHARD_INDEX) else int(os.path.basename(path)[6:-8]) + 1  # shard_NNNNN.parquet
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): repair it with `python data.py download -n {n}`") from None
+
 def iter_row_groups(split, start=0, step=1, paths=None):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
     import pyarrow.parquet as pq
     for fi, path in enumerate(paths or list_shards(split)):
-        pf = pq.ParquetFile(path)
-        for rg in range(start, pf.num_row_groups, step):
-            yield fi, rg, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        with shard_errors(path):
+            pf = pq.ParquetFile(path)
+            for rg in range(start, pf.num_row_groups, step):
+                yield fi, rg, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
 
 def iter_documents(split, start=0, step=1):
     """Every document of a split, in order (row groups strided by start/step)."""

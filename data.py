@@ -6,7 +6,7 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtur
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
     python data.py bench                                          loader throughput and resume time
 """
-import os, re, sys, json, time, queue, random, shutil, socket, zipfile, argparse, functools, threading, contextlib
+import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
 import concurrent.futures as cf
 
 import numpy as np
@@ -81,6 +81,35 @@ def _is_valid(path, kind):
     except Exception:
         return False
 
+@functools.cache
+def _mirror_sums(mirror):
+    """{HOST/PATH: sha256} from the mirror's SHA256SUMS (sha256sum's format); {} when it has none."""
+    try:  # (an http 404 page has no line of that format)
+        is_url = mirror.startswith(("http://", "https://"))
+        text = requests.get(f"{mirror}/SHA256SUMS", timeout=TIMEOUT).text if is_url else open(os.path.join(mirror, "SHA256SUMS")).read()
+    except (OSError, requests.RequestException):
+        return {}
+    return {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64}) [ *](.+)$", text, re.M)}
+
+def _problem(url, path, kind):
+    """Why `path` is not a good copy of `url`, or None: the size of a mirror directory's file, then the sha256 where the
+    mirror's SHA256SUMS lists one, else a full read (parquet: every row group; zip: every CRC)."""
+    src, size = common.resolve_url(url), os.path.getsize(path)
+    if os.path.isfile(src) and os.path.getsize(src) != size:
+        return f"{size:,} bytes where the mirror has {os.path.getsize(src):,}"
+    u = urllib.parse.urlsplit(url)
+    if want := _mirror_sums(common.get_mirror()).get(u.netloc + urllib.parse.unquote(u.path)) if common.get_mirror() else None:
+        with open(path, "rb") as f:
+            return None if hashlib.file_digest(f, "sha256").hexdigest() == want else "sha256 differs from the mirror's SHA256SUMS"
+    if kind != "parquet":
+        return None if _is_valid(path, kind) else f"not a valid {kind} file"
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            pf.read_row_group(rg)
+    except (OSError, ValueError) as e:  # pyarrow's errors
+        return f"unreadable ({type(e).__name__}: {e})"
+
 def _fetch_http(src, url, tmp, progress):
     """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
@@ -110,18 +139,21 @@ def _fetch_http(src, url, tmp, progress):
         if expected is not None and got < expected:
             raise _Retryable(f"connection closed after {got} of {expected} bytes")
 
-def download_file(url, dest_path, validate="auto", progress=None):
+def download_file(url, dest_path, validate="auto", progress=None, recheck=False):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several processes
-    ask for the same file at once. -> dest_path"""
+    validation by _problem (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several
+    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes)."""
     dest_path = os.path.abspath(dest_path)
     kind = {".parquet": "parquet", ".zip": "zip"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
-    if os.path.exists(dest_path) and _is_valid(dest_path, kind):
+    if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
     with _file_lock(dest_path + ".lock"):
-        if os.path.exists(dest_path) and _is_valid(dest_path, kind):
-            return dest_path  # another process fetched it while we waited
+        if os.path.exists(dest_path):
+            problem = _problem(url, dest_path, kind) if recheck else None if _is_valid(dest_path, kind) else "truncated or corrupt"
+            if problem is None:
+                return dest_path  # good, or another process fetched it while we waited
+            print(f"{dest_path}: {problem}; fetching it again", file=sys.stderr, flush=True)
         src, tmp = common.resolve_url(url), dest_path + ".part"
         for attempt in range(ATTEMPTS):
             try:
@@ -133,11 +165,11 @@ def download_file(url, dest_path, validate="auto", progress=None):
                     shutil.copyfile(src, tmp)
                     if progress:
                         progress(os.path.getsize(tmp))
-                if _is_valid(tmp, kind):
+                if (reason := _problem(url, tmp, kind)) is None:
                     os.replace(tmp, dest_path)
                     return dest_path
                 os.remove(tmp)
-                reason = f"the downloaded file is not a valid {kind} file (truncated or corrupt)"
+                reason = f"the downloaded file is bad: {reason}"
             except (requests.RequestException, _Retryable) as e:
                 reason = f"{type(e).__name__}: {e}"
             if attempt + 1 < ATTEMPTS:
@@ -147,9 +179,10 @@ def download_file(url, dest_path, validate="auto", progress=None):
         raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
 
 def download_shards(n, workers=4):
-    """Train shards 0..n-1 (n < 0: all) plus the validation shard into base_data/, in parallel, with a progress line."""
-    indices = list(range(common.VAL_SHARD_INDEX if n < 0 else min(n, common.VAL_SHARD_INDEX))) + [common.VAL_SHARD_INDEX]
-    todo = [i for i in indices if not os.path.exists(common.shard_path(i))]
+    """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those already there are rechecked."""
+    if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
+        raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
+    indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
 
     def count(k, file_done=False):
@@ -158,21 +191,21 @@ def download_shards(n, workers=4):
             done[0] += file_done
 
     def one(i):
-        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count)
+        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True)
         count(0, file_done=True)
 
     def line(end=""):
         mb, dt = nbytes[0] / 1e6, max(time.time() - t0, 1e-9)
-        print(f"\rshards {done[0]}/{len(todo)} | {mb:.1f} MB | {mb / dt:.1f} MB/s", end=end, flush=True)
+        print(f"\rshards {done[0]}/{len(indices)} | {mb:.1f} MB | {mb / dt:.1f} MB/s", end=end, flush=True)
 
     with cf.ThreadPoolExecutor(max(1, workers)) as ex:
-        futures = [ex.submit(one, i) for i in todo]
+        futures = [ex.submit(one, i) for i in indices]
         while cf.wait(futures, timeout=0.5).not_done:
             line()
     line("\n")
     errors = [f.exception() for f in futures if f.exception()]
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(todo)} shards failed; first: {errors[0]}")
+        raise RuntimeError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
     print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
     return [common.shard_path(i) for i in indices]
 
@@ -242,7 +275,10 @@ class PretrainLoader:
         self.prefetch = prefetch
         self.bos = tokenizer.get_bos_token_id()
         self.paths = common.list_shards(split)
-        metas = [pq.ParquetFile(p).metadata for p in self.paths]
+        metas = []
+        for p in self.paths:
+            with common.shard_errors(p):
+                metas.append(pq.ParquetFile(p).metadata)
         units = [(fi, rg) for fi, md in enumerate(metas) for rg in range(md.num_row_groups)]
         self.units = units[rank::world_size]  # ranks stride over all row groups of the split: disjoint documents
         if not self.units:
@@ -259,7 +295,8 @@ class PretrainLoader:
     # --- background tokenization: a thread walks the fixed unit sequence ahead; the consumer takes it in order
     def _read_texts(self, unit):
         fi, rg = self.units[unit]
-        return pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        with common.shard_errors(self.paths[fi]):
+            return pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
 
     def _encode(self, texts):
         return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]

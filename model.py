@@ -8,12 +8,14 @@ common.py (and tokenizer.py inside the export).
 """
 import os
 import re
+import sys
 import ast
 import json
 import math
 import time
 import argparse
 import warnings
+import zipfile
 from collections import deque
 from dataclasses import dataclass, asdict
 
@@ -482,28 +484,75 @@ def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, ran
     if optimizer_state is not None:
         common.atomic_write(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"), lambda f: torch.save(optimizer_state, f))
 
-def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_state, optimizer_state or None, meta)."""
-    model_state = torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location=device, weights_only=True)
-    with open(os.path.join(ckpt_dir, f"meta_{step:06d}.json")) as f:
-        meta = json.load(f)
+def _read_meta(path):
+    """-> (meta, None), or (None, one line naming the file and what is wrong: unreadable, or no model_config a GPT takes)."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({e})"
+    cfg, keys = meta.get("model_config") if isinstance(meta, dict) else None, list(GPTConfig.__dataclass_fields__)
+    if not isinstance(cfg, dict) or sorted(cfg) != sorted(keys) or not all(type(v) is int and v > 0 for v in cfg.values()):
+        return None, f"{path}: model_config must give {', '.join(keys)}, each a positive integer"
+    if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] // cfg["n_head"] % 2:
+        return None, f"{path}: model_config's n_embd must split into n_head heads of even size, n_head into n_kv_head groups"
+    return meta, None
+
+def _torch_load(path, device, weights_only=True):
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except Exception as e:  # torch says "failed finding central directory", pickle says other things: name the file
+        raise common.UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+
+def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokenizer=None):
+    """-> (model_state, optimizer_state or None, meta). An unreadable file is a UserError naming it; a tokenizer, when
+    given, must be the one the meta records (its vocab size, and its hash when the meta has tokenizer_hash)."""
+    meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
+    meta, problem = _read_meta(meta_path)
+    if problem:
+        raise common.UserError(problem)
+    want, V, have = meta.get("tokenizer_hash"), meta["model_config"]["vocab_size"], getattr(tokenizer, "hash", None)
+    if tokenizer is not None and (tokenizer.get_vocab_size() != V or want not in (None, have)):
+        raise common.UserError(f"{meta_path} was trained with tokenizer {want or '?'} (vocab {V}) but {getattr(tokenizer, 'path', 'the tokenizer')} "
+                               f"is {have} (vocab {tokenizer.get_vocab_size()}): put that tokenizer back, or train from this one again")
+    model_state = _torch_load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
     optimizer_state = None
     if load_optimizer:
         path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no optimizer state {path} (was the checkpoint saved with a different world size?)")
-        optimizer_state = torch.load(path, map_location=device, weights_only=False)  # our own file
+        optimizer_state = _torch_load(path, device, weights_only=False)  # our own file
     return model_state, optimizer_state, meta
 
+def step_problem(ckpt_dir, step, world=0):
+    """Why checkpoint `step` cannot be loaded, in one line naming the file, or None: the meta, then the model's zip (torch.save
+    writes one) with every CRC, then (world > 0) the zip directory at the end of every rank's optimizer shard."""
+    if problem := _read_meta(os.path.join(ckpt_dir, f"meta_{step:06d}.json"))[1]:
+        return problem
+    for i, name in enumerate([f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in range(world)]):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            with zipfile.ZipFile(path) as z:
+                if i == 0 and (bad := z.testzip()):
+                    return f"{path} is corrupt (CRC mismatch in {bad})"
+        except Exception as e:  # missing, truncated, a damaged header
+            return f"{path} is unreadable ({e})"
+
+_warned = set()  # problems already reported: last_step runs once per chat worker, and train checks the source first
+
 def last_step(ckpt_dir, world=0):
-    """The largest step with model and meta files and, when world > 0, every rank's optimizer shard (a kill mid-save
-    leaves an older complete one); half-written temp files are ignored. None if there is none."""
+    """The newest step that step_problem passes (a kill mid-save or a damaged file leaves an older one), with a one-line
+    warning for each newer step skipped; half-written temp files are ignored. None if there is none."""
     if not os.path.isdir(ckpt_dir):
         return None
-    names = set(os.listdir(ckpt_dir))
-    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"model_(\d{6,})\.pt", n)) and f"meta_{m.group(1)}.json" in names
-             and all(f"optim_{m.group(1)}_rank{r}.pt" in names for r in range(world))]
-    return max(steps) if steps else None
+    steps = {int(m.group(1)) for n in os.listdir(ckpt_dir) if (m := re.fullmatch(r"(?:model|meta)_(\d{6,})\.(?:pt|json)", n))}
+    for step in sorted(steps, reverse=True):
+        if (problem := step_problem(ckpt_dir, step, world)) is None:
+            return step
+        if problem not in _warned:
+            _warned.add(problem)
+            common.print0(f"warning: skipping step {step}: {problem}", file=sys.stderr)
+    return None
 
 def default_tag(root):
     """The largest d<N> folder under a stage's checkpoint root, else the newest folder, else None."""
@@ -527,19 +576,20 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
     if tag is None:
         raise FileNotFoundError(f"no {stage} checkpoints in {root}: {make}")
     ckpt_dir = os.path.join(root, tag)
-    step = last_step(ckpt_dir) if step is None else step
-    if step is None or not os.path.exists(os.path.join(ckpt_dir, f"model_{step:06d}.pt")):
-        raise FileNotFoundError(f"no {stage} checkpoint{'' if step is None else f' at step {step}'} in {ckpt_dir}: {make}")
-    state, _, meta = load_checkpoint(ckpt_dir, step, device)
-    if "model_config" not in meta:
-        raise ValueError(f"meta_{step:06d}.json in {ckpt_dir} has no model_config")
+    if step is None:
+        if (step := last_step(ckpt_dir)) is None:
+            raise FileNotFoundError(f"no complete, readable {stage} checkpoint in {ckpt_dir}: {make}")
+    elif not os.path.exists(os.path.join(ckpt_dir, f"model_{step:06d}.pt")):
+        raise FileNotFoundError(f"no {stage} checkpoint at step {step} in {ckpt_dir}: {make}")
+    elif problem := step_problem(ckpt_dir, step):
+        raise common.UserError(problem)
+    state, _, meta = load_checkpoint(ckpt_dir, step, device, tokenizer=tokenizer)
     config = GPTConfig(**meta["model_config"])
-    if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config.vocab_size} ({ckpt_dir}): "
-                         "the checkpoint was trained with a different tokenizer")
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(config)
+    if {k: v.shape for k, v in model.state_dict().items()} != {k: v.shape for k, v in state.items()}:
+        raise common.UserError(f"{ckpt_dir}/model_{step:06d}.pt does not hold the model its meta_{step:06d}.json describes ({config})")
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (bf16 tensors are upcast)

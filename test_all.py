@@ -372,8 +372,30 @@ def test_tokenizer_cli_train_eval_and_bad_input(tmp_path):
     for args, words in bad:
         p = run_script(["tokenizer.py", "train", *args], env=env, check=False)
         assert p.returncode != 0 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    for size in ("10000000", "265", "-3"):  # one line with the valid range
+        p = run_script(["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", size], env=env, check=False)
+        assert p.returncode == 1 and p.stderr == (f"error: --vocab-size must be 266..1048576 (256 bytes + 9 special tokens + at least "
+                                                  f"one merge; at most 2^20), not {size}\n"), p.stderr
     p = run_script(["tokenizer.py", "eval"], env={"NANOCHAT_BASE_DIR": str(tmp_path / "none")}, check=False)
     assert p.returncode != 0 and "python tokenizer.py train" in p.stderr
+
+
+@SLOW
+def test_tokenizer_truncated_pickle_is_one_line_in_chat_eval_train(tokenizer, base_dir, tmp_path, monkeypatch):
+    import tokenizer as T
+    os.makedirs(tmp_path / "tokenizer")
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        blob = open(os.path.join(base_dir, "tokenizer", name), "rb").read()
+        open(tmp_path / "tokenizer" / name, "wb").write(blob[:len(blob) // 2])
+    path = str(tmp_path / "tokenizer" / "tokenizer.pkl")
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    for args in (["chat.py", "-p", "hi"], ["eval.py", "core"], ["train.py", *TINY_BASE]):
+        p = run_script(args, env=env, check=False)
+        assert p.returncode == 1 and p.stderr.startswith(f"error: {path} is unreadable (") and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert p.stderr.endswith("): rebuild it with `python tokenizer.py train`\n"), p.stderr
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(common.UserError, match=re.escape(str(tmp_path / "tokenizer" / "token_bytes.pt")) + " is unreadable"):
+        T.get_token_bytes()
 
 
 def test_tokenizer_training_documents(tmp_path, base_dir):
@@ -708,12 +730,81 @@ def test_model_checkpoint_roundtrip_and_crash(tmp_path, monkeypatch):
     save_checkpoint(common.checkpoint_dir("base", "d12"), 3, state, {"model_config": config, "step": 3})
     loaded, meta = load_model("base", "cpu")
     assert meta["step"] == 3 and loaded.lm_head.weight.dtype == torch.float32
-    with pytest.raises(ValueError, match="vocab"):
+    with pytest.raises(common.UserError, match="vocab"):
         load_model("base", "cpu", tokenizer=type("T", (), {"get_vocab_size": lambda self: 999})())
     with pytest.raises(FileNotFoundError, match="train.py --stage=sft"):
         load_model("sft", "cpu")
     with pytest.raises(FileNotFoundError):
         load_model("base", "cpu", tag="d2", step=7)
+
+
+def damage(path, how):
+    """The damages of issue 16: 4 KB of zeros over the middle, cut in half, emptied."""
+    blob = open(path, "rb").read()
+    n = len(blob)
+    open(path, "wb").write({"overwrite": blob[:n // 2] + bytes(4096) + blob[n // 2 + 4096:], "truncate": blob[:n // 2], "empty": b""}[how])
+
+
+def test_model_checkpoint_falls_back_past_damaged_steps(tmp_path, monkeypatch, capsys):
+    import model as model_lib
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    config = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    ckpt = common.checkpoint_dir("base", "d2")
+    good, newer, x = small_model(seed=1), small_model(seed=2), torch.randint(0, 265, (1, 10))
+    save_checkpoint(ckpt, 5, good.state_dict(), {"model_config": config}, optimizer_state={"lr": 1})
+    model_path, meta_path, optim_path = (os.path.join(ckpt, n) for n in ("model_000010.pt", "meta_000010.json", "optim_000010_rank0.pt"))
+    for path, how in [(model_path, "truncate"), (model_path, "overwrite"), (model_path, "empty"), (meta_path, "truncate"),
+                      (meta_path, dict(config, n_head=0)), (meta_path, dict(config, n_embd="64")), (meta_path, dict(config, n_head=3))]:
+        save_checkpoint(ckpt, 10, newer.state_dict(), {"model_config": config}, optimizer_state={"lr": 2})
+        damage(path, how) if isinstance(how, str) else open(path, "w").write(json.dumps({"model_config": how}))
+        monkeypatch.setattr(model_lib, "_warned", set(), raising=False)
+        capsys.readouterr()
+        loaded, _ = load_model("base", "cpu")  # eval and chat: the newest good step, with a one-line warning
+        with torch.no_grad():
+            assert torch.equal(loaded(x), good(x)), (path, how)
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: skipping step 10: {path}") and err.count("\n") == 1, (how, err)
+        assert last_step(ckpt, world=1) == 5  # train --resume
+        with pytest.raises(common.UserError, match=f"^error: {re.escape(path)}"):
+            load_model("base", "cpu", step=10)
+        if how != "overwrite":  # torch.load reads past a damaged byte; only the CRC check above sees it
+            with pytest.raises(common.UserError, match=f"^error: {re.escape(path)}"):
+                load_checkpoint(ckpt, 10, "cpu")  # what train --resume calls with last_step's answer
+    save_checkpoint(ckpt, 10, newer.state_dict(), {"model_config": config}, optimizer_state={"lr": 2})
+    damage(optim_path, "truncate")  # only resume reads the optimizer shard
+    assert last_step(ckpt) == 10 and last_step(ckpt, world=1) == 5
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(optim_path)} is unreadable"):
+        load_checkpoint(ckpt, 10, "cpu", load_optimizer=True)
+    open(meta_path, "w").write(json.dumps({"model_config": dict(config, n_embd=128, n_head=4, n_kv_head=4)}))  # sane, but not this model
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(model_path)} does not hold the model"):
+        load_model("base", "cpu")
+    damage(os.path.join(ckpt, "model_000005.pt"), "truncate")
+    os.remove(meta_path)
+    with pytest.raises(FileNotFoundError, match=f"no complete, readable base checkpoint in {re.escape(ckpt)}: run"):
+        load_model("base", "cpu")
+
+
+def test_model_checkpoint_checks_the_tokenizer(tokenizer, tmp_path, monkeypatch):
+    from tokenizer import Tokenizer
+    V = tokenizer.get_vocab_size()
+    ranks = {tokenizer.decode_single_token_bytes(i): i for i in range(V - 9)}
+    a, b = tokenizer.decode_single_token_bytes(300), tokenizer.decode_single_token_bytes(301)
+    ranks[a], ranks[b] = 301, 300  # the same vocab size, other merges
+    Tokenizer.from_ranks(ranks).save(str(tmp_path / "other"))
+    other = Tokenizer.load(str(tmp_path / "other"))
+    assert other.hash != tokenizer.hash and other.get_vocab_size() == V
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    config = dict(sequence_len=64, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    ckpt = common.checkpoint_dir("sft", "d1")
+    save_checkpoint(ckpt, 3, build_model(config, "cpu").state_dict(), {"model_config": config, "tokenizer_hash": tokenizer.hash})
+    load_model("sft", "cpu", tokenizer=tokenizer)
+    meta_path = os.path.join(ckpt, "meta_000003.json")
+    message = (f"error: {meta_path} was trained with tokenizer {tokenizer.hash} (vocab {V}) but {tmp_path / 'other' / 'tokenizer.pkl'} "
+               f"is {other.hash} (vocab {V}): put that tokenizer back, or train from this one again")
+    for load in (lambda: load_model("sft", "cpu", tokenizer=other), lambda: load_checkpoint(ckpt, 3, "cpu", tokenizer=other)):
+        with pytest.raises(common.UserError) as e:
+            load()
+        assert e.value.code == message
 
 
 def test_model_bf16_autocast_on_cpu():
@@ -875,7 +966,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         srv = self.server
         path = urllib.parse.unquote(self.path)
-        srv.log.append((path, self.headers.get("Range")))
+        if path != "/SHA256SUMS":  # read once per mirror by data._mirror_sums; the log is about the files themselves
+            srv.log.append((path, self.headers.get("Range")))
         modes = srv.modes.get(path)
         mode = modes.pop(0) if modes else "ok"
         if mode == "503":
@@ -1312,6 +1404,65 @@ def test_data_download_shards_parallel_over_http(http_mirror, tmp_path, monkeypa
     paths = data.download_shards(2, workers=2)
     assert [os.path.basename(p) for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in paths) and "3/3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mirror", ["dir", "http", "dir without SHA256SUMS"])
+def test_data_download_repairs_damaged_shards(mirror, tmp_path, monkeypatch, capsys, request):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    if mirror == "http":
+        request.getfixturevalue("http_mirror")  # serves MIRROR, SHA256SUMS included
+    elif mirror == "dir without SHA256SUMS":  # then the size and a read of every row group decide
+        own = tmp_path / "mirror" / os.path.relpath(SHARD_DIR, MIRROR)
+        os.makedirs(own)
+        for i in (0, 1, common.VAL_SHARD_INDEX):
+            shutil.copy(os.path.join(SHARD_DIR, f"shard_{i:05d}.parquet"), own)
+        common.set_mirror(str(tmp_path / "mirror"))
+        request.addfinalizer(lambda: common.set_mirror(MIRROR))
+    paths = data.download_shards(2, workers=1)
+    for path, how in zip(paths, ["truncate", "overwrite", "empty"]):
+        damage(path, how)
+    capsys.readouterr()
+    assert data.download_shards(2, workers=1) == paths
+    out, err = capsys.readouterr()
+    for path in paths:
+        assert open(path, "rb").read() == open(os.path.join(SHARD_DIR, os.path.basename(path)), "rb").read(), path
+        assert f"{path}: " in err and "; fetching it again" in err
+    assert "3/3 shards" in out and len(err.splitlines()) == 3
+    capsys.readouterr()
+    data.download_shards(2, workers=1)  # nothing to repair: nothing said
+    assert capsys.readouterr().err == ""
+
+
+def test_data_download_bad_shard_counts(tmp_path, monkeypatch):
+    p = run_script(["data.py", "download", "-n", "-5"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
+    assert p.returncode == 1 and p.stderr == "error: -n/--num-shards must be -1 (all) or 1..1822, not -5\n", p.stderr
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for n in (0, -2, 1823):
+        with pytest.raises(common.UserError, match=f"must be -1 \\(all\\) or 1..1822, not {n}$"):
+            data.download_shards(n)
+    assert not os.path.exists(tmp_path / "base_data")
+
+
+@SLOW
+def test_data_unreadable_shard_stops_with_one_line(tokenizer, base_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "base_data")
+    for i in (0, common.VAL_SHARD_INDEX):
+        shutil.copy(os.path.join(SHARD_DIR, f"shard_{i:05d}.parquet"), tmp_path / "base_data")
+    os.symlink(os.path.join(base_dir, "tokenizer"), tmp_path / "tokenizer")
+    path = str(tmp_path / "base_data" / "shard_00000.parquet")
+    message = f"^error: {re.escape(path)} is unreadable \\(.+\\): repair it with `python data.py download -n 1`$"
+    damage(path, "overwrite")  # the footer reads: the damage shows when a row group is read (in the loader's thread)
+    loader = data.PretrainLoader(tokenizer, 2, 32)
+    with pytest.raises(common.UserError, match=message):
+        next(loader)
+    with pytest.raises(common.UserError, match=message):
+        list(common.iter_row_groups("train"))
+    damage(path, "truncate")
+    with pytest.raises(common.UserError, match=message):
+        data.PretrainLoader(tokenizer, 2, 32)
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], check=False, env={"NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert p.returncode == 1 and re.fullmatch(message, p.stderr.strip()) and p.stderr.count("\n") == 1, p.stderr
 
 
 # =============================================================================
@@ -2767,6 +2918,47 @@ def test_chat_connection_cap_answers_503(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@SLOW
+def test_chat_cli_prompt_empty_or_a_command(chat_checkpoint, monkeypatch, capsys):
+    for prompt in ("", "   "):
+        p = run_script(["chat.py", "-g", CHAT_TAG, "-p", prompt], check=False, timeout=200)  # bounds the old endless loop
+        assert p.returncode == 1 and p.stderr == "error: -p/--prompt is empty: give the text to answer, or leave -p out to chat\n", p.stderr
+    import chat
+    printed, replies, real_stream = [], [], chat.Reply.stream
+
+    def counting_print(*args, **kwargs):  # a CLI that loops forever fails here instead of hanging
+        printed.append(" ".join(map(str, args)))
+        assert len(printed) < 100, "the CLI loops"
+
+    def spy(self, *args):
+        replies.append(1)
+        yield from real_stream(self, *args)
+    monkeypatch.setattr(chat, "print", counting_print, raising=False)
+    monkeypatch.setattr(chat.Reply, "stream", spy)
+    for prompt in ("clear", "quit", "exit"):  # -p answers its text once, whatever it says
+        monkeypatch.setattr(sys, "argv", ["chat.py", "-g", CHAT_TAG, "-p", prompt, "-m", "3"])
+        chat.main()
+    assert len(replies) == 3 and "(conversation cleared)" not in printed
+
+
+@SLOW
+def test_chat_cli_falls_back_past_a_damaged_checkpoint(tokenizer, base_dir, tiny_config, tmp_path):
+    from model import build_model, save_checkpoint
+    shutil.copytree(os.path.join(base_dir, "tokenizer"), tmp_path / "tokenizer")
+    ckpt = str(tmp_path / "chatsft_checkpoints" / "d2")
+    for step in (1, 2):
+        save_checkpoint(ckpt, step, build_model(dataclasses.asdict(tiny_config), "cpu").state_dict(), {"model_config": dataclasses.asdict(tiny_config)})
+    damage(os.path.join(ckpt, "model_000002.pt"), "truncate")
+    args, env = ["chat.py", "-p", "hi", "-m", "2"], {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    p = run_script(args, env=env)
+    assert re.fullmatch(f"warning: skipping step 2: {re.escape(ckpt)}/model_000002.pt is unreadable \\(.+\\)\n", p.stderr), p.stderr
+    damage(os.path.join(ckpt, "model_000001.pt"), "empty")
+    p = run_script(args, env=env, check=False)
+    assert p.returncode == 1 and p.stderr.splitlines()[-1] == (f"error: no complete, readable sft checkpoint in {ckpt}: "
+                                                               "run `python train.py --stage=sft` first"), p.stderr
+    assert len(p.stderr.splitlines()) == 3 and "Traceback" not in p.stderr  # two warnings, then the error
 
 
 def test_chat_web_page_in_headless_browser(chat_server, tmp_path):

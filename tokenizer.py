@@ -15,6 +15,7 @@ import time
 import heapq
 import pickle
 import statistics
+import hashlib
 import argparse
 import itertools
 import multiprocessing as mp
@@ -32,6 +33,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 # -----------------------------------------------------------------------------
 # BPE training (SPEC 1.2): count distinct regex chunks in worker processes, then an incremental merge loop
 
+MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
 
 
@@ -267,8 +269,9 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
 
 class Tokenizer:
 
-    def __init__(self, enc):
-        self.enc = enc
+    def __init__(self, enc, path=None):
+        self.enc, self.path = enc, path  # path: the tokenizer.pkl it came from, named in errors
+        self.hash = hashlib.sha256(pickle.dumps(enc)).hexdigest()[:16]  # checkpoint metas record it as tokenizer_hash
         self.special = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
         self.bos_id = self.special.get("<|bos|>", self.special.get("<|endoftext|>"))
 
@@ -284,8 +287,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory):
-        with open(os.path.join(directory, "tokenizer.pkl"), "rb") as f:
-            return cls(pickle.load(f))
+        path = os.path.join(directory, "tokenizer.pkl")
+        with open(path, "rb") as f:
+            return cls(pickle.load(f), path)
 
     def save(self, directory):
         from common import atomic_write
@@ -420,11 +424,19 @@ def tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
 
+def _unreadable(path, e):
+    from common import UserError
+    return UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
+
+
 def get_tokenizer():
     path = tokenizer_dir()
     if not os.path.exists(os.path.join(path, "tokenizer.pkl")):
         raise FileNotFoundError(f"no tokenizer at {path}: run `python tokenizer.py train` first")
-    return Tokenizer.load(path)
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # a truncated pickle raises any of several errors
+        raise _unreadable(os.path.join(path, "tokenizer.pkl"), e) from None
 
 
 def get_token_bytes(device="cpu"):
@@ -432,8 +444,10 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: run `python tokenizer.py train` first")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+    try:
+        return torch.load(path, map_location=device)
+    except Exception as e:
+        raise _unreadable(path, e) from None
 
 # -----------------------------------------------------------------------------
 # command line: train / eval / bench
@@ -547,9 +561,10 @@ class Progress:
 
 
 def cmd_train(args):
-    from common import write_report_section
-    if args.vocab_size <= 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"--vocab-size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 special tokens)")
+    from common import write_report_section, UserError
+    if not 256 + len(SPECIAL_TOKENS) < args.vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size must be {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (256 bytes + 9 special tokens + at least one "
+                        f"merge; at most 2^20), not {args.vocab_size}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise ValueError("--max-chars and --doc-cap must be positive")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()

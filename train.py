@@ -299,7 +299,7 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     if args.resume and step is None:
         print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
     if step is not None:
-        state, trainer, meta = model_lib.load_checkpoint(ckpt_dir, step, rt.device, load_optimizer=True, rank=rt.rank)
+        state, trainer, meta = model_lib.load_checkpoint(ckpt_dir, step, rt.device, load_optimizer=True, rank=rt.rank, tokenizer=rt.tokenizer)
         if meta.get("world_size", rt.world) != rt.world:
             raise SystemExit(f"error: {ckpt_dir} step {step} was saved by {meta['world_size']} ranks; resume with the same number")
         model = model_lib.build_model(meta["model_config"], rt.device)
@@ -402,7 +402,7 @@ def save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stat
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     loader_state = loader.state_dict() if loader is not None else {}
-    meta = dict(step=step, stage=args.stage, model_config=model_config, user_config=vars(args), world_size=rt.world,
+    meta = dict(step=step, stage=args.stage, model_config=model_config, user_config=vars(args), world_size=rt.world, tokenizer_hash=rt.tokenizer.hash,
                 val_bpb=stats["val_bpb"], loader_state=loader_state)
     meta = json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     trainer = dict(optimizers=[optimizer_state(o) for o in optimizers], loader=loader_state, rng=rng, stats=dict(stats))
