@@ -244,8 +244,10 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long) if ragged else None
 
     def _allocate(self, like):
-        self.k = torch.empty(self.shape, dtype=like.dtype, device=like.device)
-        self.v = torch.empty_like(self.k)
+        # zeros, not empty: a ragged batch attends over every row's slots up to the longest row, masked; garbage there could be
+        # NaN, and a masked NaN still poisons the softmax
+        self.k = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros_like(self.k)
         self.lengths = None if self.lengths is None else self.lengths.to(like.device)
 
     def _grow(self, needed):
