@@ -27,6 +27,7 @@ ROPE_BASE = 10_000      # rotary base theta of the release
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
+LOSS_CHUNK = 2**25      # logits elements per loss chunk (512 rows at vocab 65,536: 128 MiB in fp32)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -200,12 +201,13 @@ class GPT(nn.Module):
         return softcap(linear(x, self.lm_head.weight).float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean', (B, T) for 'none'."""
+        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'.
+        The loss never holds all (B*T, V) logits: chunked_cross_entropy."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 compute on CUDA, callers do nothing
-            logits = self.head(self.trunk(idx, kv_cache))
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+            x = self.trunk(idx, kv_cache)
+            if targets is None:
+                return self.head(x)
+        loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
     @torch.inference_mode()
@@ -218,6 +220,72 @@ class GPT(nn.Module):
             next_id = sample_next_token(self(ids)[:, -1, :], rng, temperature, top_k)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
+
+# -----------------------------------------------------------------------------
+# the training loss over chunks of rows: CE(softcap(x w^T), y) with at most LOSS_CHUNK logits alive
+
+def _chunk_loss(x, w, y, dt, g=None):
+    """One chunk: per-row CE (0 at y == -1) and, given upstream per-row grads g, (dx, dw) by hand:
+    dCE/dlogit = (softmax - onehot) * (1 - (softcap/SOFTCAP)^2), the softcap's tanh derivative."""
+    s = softcap(F.linear(x.to(dt), w.to(dt)).float())  # the head's math: dt matmul, fp32 softcap and CE
+    lse = torch.logsumexp(s, dim=-1)
+    valid, yc = y >= 0, y.clamp(min=0)[:, None]
+    loss = (lse - s.gather(1, yc).squeeze(1)) * valid
+    if g is None:
+        return loss, None, None
+    p = (s - lse[:, None]).exp_()
+    p.scatter_(1, yc, p.gather(1, yc) - 1)
+    p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None])
+    p = p.to(dt)
+    return loss, p @ w.to(dt), (p.t() @ x.to(dt)).float()
+
+def _chunked(x, w, y, dt, g=None):
+    """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
+    rows = max(1, LOSS_CHUNK // w.size(0))
+    losses, dxs, dw = [], [], None if g is None else torch.zeros_like(w, dtype=torch.float32)
+    for i in range(0, x.size(0), rows):
+        loss, dx, dwi = _chunk_loss(x[i:i + rows], w, y[i:i + rows], dt, None if g is None else g[i:i + rows])
+        losses.append(loss)
+        if g is not None:
+            dxs.append(dx)
+            dw += dwi
+    return torch.cat(losses), torch.cat(dxs).to(x.dtype) if dxs else None, dw
+
+def _reduce(loss, y, reduction):
+    return loss.sum() / (y >= 0).sum() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+class ChunkedCE(torch.autograd.Function):
+    """A custom Function, not checkpoint: 'mean'/'sum' compute their gradients in the forward pass, one lm_head matmul
+    fewer than a recomputing backward (it traces under torch.compile too); only 'none', whose per-row upstream grads
+    arrive in backward, recomputes each chunk there."""
+
+    @staticmethod
+    def forward(ctx, x, w, y, dt, reduction):
+        ctx.dt, ctx.reduction = dt, reduction
+        if reduction == "none":
+            ctx.save_for_backward(x, w, y)
+            return _chunked(x, w, y, dt)[0]
+        scale = 1.0 / (y >= 0).sum() if reduction == "mean" else torch.ones((), device=x.device)
+        loss, dx, dw = _chunked(x, w, y, dt, scale.expand(y.shape))
+        ctx.save_for_backward(dx, dw.to(w.dtype))
+        return _reduce(loss, y, reduction)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.reduction == "none":
+            x, w, y = ctx.saved_tensors
+            _, dx, dw = _chunked(x, w, y, ctx.dt, g)
+            return dx, dw.to(w.dtype), None, None, None
+        dx, dw = ctx.saved_tensors
+        return dx * g, dw * g, None, None, None
+
+def chunked_cross_entropy(x, w, y, reduction="mean"):
+    """x (N, d) hidden states, w (V, d) lm_head, y (N,) targets (-1 ignored) -> F.cross_entropy(softcap(x w^T), y) in
+    chunks of rows, never all N x V logits at once (nanochat #443: OOM at 80 GB under compile). bf16 matmuls on CUDA."""
+    dt = torch.bfloat16 if x.is_cuda else torch.float32
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return ChunkedCE.apply(x, w, y, dt, reduction)
+    return _reduce(_chunked(x, w, y, dt)[0], y, reduction)
 
 def build_model(model_config, device):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""

@@ -514,6 +514,43 @@ def test_model_first_loss_is_ln_vocab():
     assert model.lm_head.weight.grad.abs().sum() > 0
 
 
+def test_model_chunked_loss_matches_full_logits(monkeypatch):
+    """The chunked loss equals F.cross_entropy on the full softcapped logits (loss and every gradient), and no tensor of
+    the last dimension V outside one chunk of rows is ever made or kept, in forward or backward."""
+    import model as model_lib
+    V, rows = 265, 20
+    monkeypatch.setattr(model_lib, "LOSS_CHUNK", rows * V)  # 128 rows: 6 full chunks and a ragged one
+    model = small_model(vocab=V)
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (2, 64))
+    for masked, reduction in itertools.product((False, True), ("mean", "sum", "none")):
+        y = torch.randint(0, V, (2, 64))
+        if masked:
+            y[0, :23], y[1, 40:] = -1, -1
+        up = torch.rand(2, 64) if reduction == "none" else torch.tensor(1.0)
+        model.zero_grad()
+        ref = F.cross_entropy(model.head(model.trunk(x)).view(-1, V), y.view(-1), ignore_index=-1, reduction=reduction)
+        (ref.view(y.shape) if reduction == "none" else ref).mul(up).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        widest = []
+        class Watch(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                widest.extend(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.dim() and t.size(-1) == V)
+                return out
+        saved = []
+        with Watch(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            loss = model(x, y, loss_reduction=reduction)
+            loss.mul(up).sum().backward()
+        with torch.no_grad():
+            assert torch.equal(model(x, y, loss_reduction=reduction), loss.detach())
+        assert max(widest) == rows * V and not any(s and s[-1] == V for s in saved), (masked, reduction)
+        tol = 1e-5 * (ref.abs().max().item() if reduction == "sum" else 1)  # a sum of 128 terms: compare relative
+        assert (loss.detach() - ref.view(loss.shape)).abs().max() <= tol, (masked, reduction)
+        assert max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()) <= 1e-5, (masked, reduction)
+
+
 def test_model_rotary_convention():
     model = small_model(n_head=1, n_kv_head=1, n_embd=8)
     hd = 8
