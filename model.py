@@ -27,7 +27,11 @@ ROPE_BASE = 10_000      # rotary base theta of the release
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
-LOSS_CHUNK = 2**25      # logits elements per loss chunk (512 rows at vocab 65,536: 128 MiB in fp32)
+LOSS_CHUNK = {False: 2**23, True: 2**27}  # logits per loss chunk, CPU / CUDA (vocab 65,536: 128 / 2,048 rows; fewer
+                                          # chunks on CUDA: bigger matmuls, a shorter unrolled graph under compile)
+LOSS_TEMPS = 4          # (chunk rows, V) fp32 tensors alive at once inside a loss chunk
+ACT_BYTES = {False: 72, True: 48}  # bytes autograd keeps per token, layer and unit of width: CPU fp32, CUDA bf16 autocast
+                                   # (counted with saved_tensors_hooks; the CUDA figure with CPU bf16 autocast)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -241,7 +245,7 @@ def _chunk_loss(x, w, y, dt, g=None):
 
 def _chunked(x, w, y, dt, g=None):
     """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
-    rows = max(1, LOSS_CHUNK // w.size(0))
+    rows = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0))
     losses, dxs, dw = [], [], None if g is None else torch.zeros_like(w, dtype=torch.float32)
     for i in range(0, x.size(0), rows):
         loss, dx, dwi = _chunk_loss(x[i:i + rows], w, y[i:i + rows], dt, None if g is None else g[i:i + rows])
@@ -286,6 +290,25 @@ def chunked_cross_entropy(x, w, y, reduction="mean"):
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return ChunkedCE.apply(x, w, y, dt, reduction)
     return _reduce(_chunked(x, w, y, dt)[0], y, reduction)
+
+def estimate_memory(model, rows, world=1, cuda=True):
+    """Training memory per rank in bytes, by part, for `rows` sequences of T tokens per micro-step: fp32 params (+ the
+    bf16 copies autocast keeps of the matrices on CUDA) and grads, optimizer state (Muon momentum for the block matrices,
+    AdamW's two moments for wte and lm_head, sharded across ranks as train.py does), activations, one loss chunk."""
+    c, n = model.config, model.param_counts()
+    tokens = rows * c.sequence_len
+    parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
+                 optimizer=(4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"])) // world,
+                 activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
+                 loss_chunk=4 * (LOSS_TEMPS * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))
+    return dict(parts, total=sum(parts.values()))
+
+def fit_rows(model, gib, world=1, cuda=True, most=128):
+    """The largest power-of-two device batch (<= most) whose estimate fits in 90% of `gib` GiB (0 if none)."""
+    rows = most
+    while rows and estimate_memory(model, rows, world, cuda)["total"] > 0.9 * gib * 2**30:
+        rows //= 2
+    return rows
 
 def build_model(model_config, device):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""

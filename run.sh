@@ -3,6 +3,7 @@
 #   bash run.sh            the profile follows the hardware (8 GPUs: d20 speedrun; fewer GPUs: same with grad accumulation; no GPU: CPU profile)
 #   bash run.sh --smoke    the smallest settings that still run every stage end to end (CI)
 #   bash run.sh --tests    set up .venv and run the test suite, printing the time each section took
+#   bash run.sh --gpu-check  a few minutes on one GPU that run every CUDA path once, then one summary table (no GPU: exit 2)
 # Offline machines: export NANOCHAT_MIRROR=/path/to/mirror (a directory or an http(s) base URL).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +13,8 @@ for arg in "$@"; do
   case "$arg" in
     --smoke) MODE=smoke ;;
     --tests) MODE=tests ;;
-    *) echo "unknown argument: $arg (use --smoke or --tests)" >&2; exit 2 ;;
+    --gpu-check) MODE=gpucheck ;;
+    *) echo "unknown argument: $arg (use --smoke, --tests or --gpu-check)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,6 +47,48 @@ PY
   rm -f "$JUNIT"
   [ $rc -eq 5 ] && { echo "no tests collected"; exit 1; }
   exit $rc
+fi
+
+if [ "$MODE" = gpucheck ]; then
+  if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "--gpu-check: torch sees no CUDA GPU here; nothing to check (run it on a GPU machine)" >&2; exit 2
+  fi
+  export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check   # its own tokenizer and checkpoints
+  LOG="$NANOCHAT_BASE_DIR/gpu_check.log"; mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"
+  check() {  # run one check, its output into the log; a failure is reported in the table, not fatal
+    local name=$1; shift; echo "== $name: $*" | tee -a "$LOG"
+    if "$@" >> "$LOG" 2>&1; then echo "== $name rc=0" >> "$LOG"; else echo "== $name rc=$?" | tee -a "$LOG"; fi
+  }
+  check data python data.py download -n 2
+  check tokenizer python tokenizer.py train --vocab-size 65536 --max-chars 20000000
+  check base python train.py --stage=base --depth 20 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
+  check sft python train.py --stage=sft --source base --num-iterations 5 --smoltalk-size 500 --arc-size 50 --gsm8k-size 50 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --eval-every -1 --chat-eval-every -1
+  check rl python train.py --stage=rl --num-iterations 3 --examples-per-step 2 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --gsm8k-size 20 --eval-every -1 --save-every -1
+  check decode python model.py bench --depths 20 --batches 1 8 --device cuda
+  check tests python -m pytest test_all.py -q -k cuda
+  python - "$LOG" <<'PY'
+import re, sys, statistics, torch, model
+log = open(sys.argv[1]).read()
+sections = {m.group(1): m.group(2) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=", log, re.S | re.M)}
+status = dict(re.findall(r"^== (\w+) rc=(\d+)", log, re.M))
+def steps(text, key):  # medians over the steps after the first two (compile, warm-up)
+    vals = [float(v.replace(",", "")) for v in re.findall(rf"\| {key} ([\d.,]+)", text)][2:]
+    return statistics.median(vals) if vals else float("nan")
+with torch.device("meta"):
+    est = model.estimate_memory(model.GPT(model.config_from_depth(20, 65536)), 32)["total"] / 2**30
+base = sections.get("base", "")
+peak = re.search(r"peak memory (\d+) MiB", base)
+rows = {"base": f"d20, 32 x 2048 rows, compiled: {steps(base, 'tok/s'):,.0f} tok/s, MFU {steps(base, 'mfu'):.1f}%, peak "
+                + (f"{int(peak.group(1)) / 1024:.1f}" if peak else "?") + f" GiB (estimate {est:.1f} GiB)",
+        "sft": f"step {steps(sections.get('sft', ''), 'dt'):,.0f} ms", "rl": f"step {steps(sections.get('rl', ''), 'dt'):,.0f} ms",
+        "decode": ", ".join(f"batch {b}: {v} tok/s" for b, v in re.findall(r"num_samples (\d+) .*?decode +([\d.]+)", sections.get("decode", ""))),
+        "tests": (re.findall(r"\d+ passed.*", sections.get("tests", "")) or ["?"])[-1]}
+print(f"\ngpu-check on {torch.cuda.get_device_name()} (log: {sys.argv[1]})\n{'check':<10} {'status':<8} figures")
+for name in ("data", "tokenizer", "base", "sft", "rl", "decode", "tests"):
+    print(f"{name:<10} {'ok' if status.get(name) == '0' else 'FAILED':<8} {rows.get(name, '')}")
+sys.exit(any(v != "0" for v in status.values()))
+PY
+  exit $?
 fi
 
 # --- the pipeline -------------------------------------------------------------------------------

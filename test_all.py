@@ -519,7 +519,7 @@ def test_model_chunked_loss_matches_full_logits(monkeypatch):
     the last dimension V outside one chunk of rows is ever made or kept, in forward or backward."""
     import model as model_lib
     V, rows = 265, 20
-    monkeypatch.setattr(model_lib, "LOSS_CHUNK", rows * V)  # 128 rows: 6 full chunks and a ragged one
+    monkeypatch.setitem(model_lib.LOSS_CHUNK, False, rows * V)  # 128 rows: 6 full chunks and a ragged one
     model = small_model(vocab=V)
     torch.manual_seed(1)
     x = torch.randint(0, 256, (2, 64))
@@ -549,6 +549,48 @@ def test_model_chunked_loss_matches_full_logits(monkeypatch):
         tol = 1e-5 * (ref.abs().max().item() if reduction == "sum" else 1)  # a sum of 128 terms: compare relative
         assert (loss.detach() - ref.view(loss.shape)).abs().max() <= tol, (masked, reduction)
         assert max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()) <= 1e-5, (masked, reduction)
+
+
+def test_model_estimate_memory_parts():
+    """Parts follow the sharding rule and scale as they should: activations with the rows, optimizer state over ranks."""
+    import model as model_lib
+    with torch.device("meta"):
+        d20 = GPT(config_from_depth(20, 65536))
+    one, two, eight = (model_lib.estimate_memory(d20, r, world=w) for r, w in ((16, 1), (32, 1), (32, 8)))
+    n = d20.param_counts()
+    assert one["params"] == 4 * n["total"] + 2 * (n["blocks"] + n["lm_head"]) and one["grads"] == 4 * n["total"]
+    assert one["optimizer"] == 4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"]) and eight["optimizer"] == one["optimizer"] // 8
+    assert two["activations"] == 2 * one["activations"] and one["total"] == sum(v for k, v in one.items() if k != "total")
+    assert [model_lib.fit_rows(d20, g) for g in (24, 40, 80, 1)] == [4, 8, 16, 0]  # eager bf16; compile needs less
+
+
+if torch.cuda.is_available():  # CUDA cases (run by `bash run.sh --gpu-check`); on a machine without a GPU they do not exist
+    def test_model_cuda_chunked_loss_compiled(monkeypatch):
+        """Compiled on CUDA in bf16, the loss matches the full-logits loss and the step never holds the (B*T, V) logits."""
+        import model as model_lib
+        monkeypatch.setitem(model_lib.LOSS_CHUNK, True, 2**23)  # 128 rows of 65,536
+        torch.manual_seed(0)
+        model = build_model(dict(sequence_len=1024, vocab_size=65536, n_layer=2, n_head=1, n_kv_head=1, n_embd=128), "cuda")
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.02)
+        x, y = torch.randint(0, 65536, (2, 4, 1024), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = F.cross_entropy(model.head(model.trunk(x)).view(-1, 65536), y.view(-1))
+        ref.backward()
+        ref_grad = model.lm_head.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        compiled = torch.compile(model, dynamic=False)
+        compiled(x, y).backward()  # compile and warm up
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = compiled(x, y)
+        loss.backward()
+        full_logits = 4 * 1024 * 65536 * 4  # one fp32 (B*T, V) tensor: 1 GiB
+        assert torch.cuda.max_memory_allocated() - base < full_logits / 2
+        assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+        assert F.cosine_similarity(model.lm_head.weight.grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
 
 
 def test_model_rotary_convention():
@@ -3189,6 +3231,24 @@ def test_guide_tokenizer_example_matches_code():
         assert ranks[_ast.literal_eval(piece).encode()] == int(rank), piece
     assert tok.encode_special("<|bos|>") == vocab - len(T.SPECIAL_TOKENS) == ids[0]
     assert f"`<|bos|>` is {ids[0]} = {vocab} − {len(T.SPECIAL_TOKENS)}" in text
+
+
+def test_run_gpu_check_without_a_gpu_exits_2(tmp_path):
+    """`bash run.sh --gpu-check` on a machine where torch sees no GPU says so in one line and exits 2 (a stub .venv that
+    points at this interpreter, so run.sh installs nothing; CUDA_VISIBLE_DEVICES hides any GPU)."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("run.sh", "requirements.txt"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, tmp_path / ".venv" / "bin" / "python")
+    (tmp_path / ".venv" / "bin" / "activate").write_text(f"export PATH={os.path.dirname(sys.executable)}:$PATH\n")
+    (tmp_path / ".venv" / ".requirements.sha").write_text(hashlib.sha256((tmp_path / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    r = subprocess.run(["bash", str(tmp_path / "run.sh"), "--gpu-check"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="", NANOCHAT_BASE_DIR=str(tmp_path / "base")))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["--gpu-check: torch sees no CUDA GPU here; nothing to check "
+                                                                   "(run it on a GPU machine)"], (r.stdout, r.stderr)
+    assert not (tmp_path / "base").exists()  # nothing was set up or downloaded
 
 
 def test_guide_worked_numbers_match_code():
