@@ -225,11 +225,8 @@ class GPT(nn.Module):
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
 
-# -----------------------------------------------------------------------------
-# the training loss over chunks of rows: CE(softcap(x w^T), y) with at most LOSS_CHUNK logits alive
-
 def _chunk_loss(x, w, y, dt, g=None):
-    """One chunk: per-row CE (0 at y == -1) and, given upstream per-row grads g, (dx, dw) by hand:
+    """Per-row CE of softcap(x w^T) (0 at y == -1) and, given upstream per-row grads g, (dx, dw) by hand:
     dCE/dlogit = (softmax - onehot) * (1 - (softcap/SOFTCAP)^2), the softcap's tanh derivative."""
     s = softcap(F.linear(x.to(dt), w.to(dt)).float())  # the head's math: dt matmul, fp32 softcap and CE
     lse = torch.logsumexp(s, dim=-1)
@@ -239,29 +236,26 @@ def _chunk_loss(x, w, y, dt, g=None):
         return loss, None, None
     p = (s - lse[:, None]).exp_()
     p.scatter_(1, yc, p.gather(1, yc) - 1)
-    p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None])
-    p = p.to(dt)
+    p = p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None]).to(dt)
     return loss, p @ w.to(dt), (p.t() @ x.to(dt)).float()
 
 def _chunked(x, w, y, dt, g=None):
     """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
-    rows = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0))
-    losses, dxs, dw = [], [], None if g is None else torch.zeros_like(w, dtype=torch.float32)
+    rows, losses, dxs, dw = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0)), [], [], 0
     for i in range(0, x.size(0), rows):
         loss, dx, dwi = _chunk_loss(x[i:i + rows], w, y[i:i + rows], dt, None if g is None else g[i:i + rows])
         losses.append(loss)
         if g is not None:
             dxs.append(dx)
-            dw += dwi
-    return torch.cat(losses), torch.cat(dxs).to(x.dtype) if dxs else None, dw
+            dw = dw + dwi  # summed as it goes: one (V, d) buffer, not one per chunk
+    return torch.cat(losses), torch.cat(dxs).to(x.dtype) if dxs else None, dw if dxs else None
 
 def _reduce(loss, y, reduction):
     return loss.sum() / (y >= 0).sum() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 class ChunkedCE(torch.autograd.Function):
-    """A custom Function, not checkpoint: 'mean'/'sum' compute their gradients in the forward pass, one lm_head matmul
-    fewer than a recomputing backward (it traces under torch.compile too); only 'none', whose per-row upstream grads
-    arrive in backward, recomputes each chunk there."""
+    """Not torch.utils.checkpoint: 'mean'/'sum' compute their gradients in the forward pass, one lm_head matmul fewer than
+    a recomputing backward, and it traces under torch.compile; 'none' (per-row upstream grads) recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, x, w, y, dt, reduction):
@@ -284,8 +278,8 @@ class ChunkedCE(torch.autograd.Function):
         return dx * g, dw * g, None, None, None
 
 def chunked_cross_entropy(x, w, y, reduction="mean"):
-    """x (N, d) hidden states, w (V, d) lm_head, y (N,) targets (-1 ignored) -> F.cross_entropy(softcap(x w^T), y) in
-    chunks of rows, never all N x V logits at once (nanochat #443: OOM at 80 GB under compile). bf16 matmuls on CUDA."""
+    """F.cross_entropy(softcap(x w^T), y, ignore_index=-1) for x (N, d), lm_head w (V, d), targets y (N,), in chunks of
+    rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile). bf16 matmuls on CUDA."""
     dt = torch.bfloat16 if x.is_cuda else torch.float32
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return ChunkedCE.apply(x, w, y, dt, reduction)
@@ -303,12 +297,9 @@ def estimate_memory(model, rows, world=1, cuda=True):
                  loss_chunk=4 * (LOSS_TEMPS * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))
     return dict(parts, total=sum(parts.values()))
 
-def fit_rows(model, gib, world=1, cuda=True, most=128):
-    """The largest power-of-two device batch (<= most) whose estimate fits in 90% of `gib` GiB (0 if none)."""
-    rows = most
-    while rows and estimate_memory(model, rows, world, cuda)["total"] > 0.9 * gib * 2**30:
-        rows //= 2
-    return rows
+def fit_rows(model, gib, world=1, cuda=True):
+    """The largest power-of-two device batch up to 128 whose estimate fits in 90% of `gib` GiB (0: not even one row)."""
+    return next((r for r in (128, 64, 32, 16, 8, 4, 2, 1) if estimate_memory(model, r, world, cuda)["total"] <= 0.9 * gib * 2**30), 0)
 
 def build_model(model_config, device):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""

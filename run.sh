@@ -55,38 +55,34 @@ if [ "$MODE" = gpucheck ]; then
   fi
   export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check   # its own tokenizer and checkpoints
   LOG="$NANOCHAT_BASE_DIR/gpu_check.log"; mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"
-  check() {  # run one check, its output into the log; a failure is reported in the table, not fatal
-    local name=$1; shift; echo "== $name: $*" | tee -a "$LOG"
-    if "$@" >> "$LOG" 2>&1; then echo "== $name rc=0" >> "$LOG"; else echo "== $name rc=$?" | tee -a "$LOG"; fi
+  check() {  # one check into the log; a failure shows in the table, the other checks still run
+    echo "== $1: ${*:2}" | tee -a "$LOG"; "${@:2}" >> "$LOG" 2>&1 && echo "== $1 rc=0" >> "$LOG" || echo "== $1 rc=$?" | tee -a "$LOG"
   }
-  check data python data.py download -n 2
-  check tokenizer python tokenizer.py train --vocab-size 65536 --max-chars 20000000
+  check setup bash -c "python data.py download -n 2 && python tokenizer.py train --vocab-size 65536 --max-chars 20000000"
   check base python train.py --stage=base --depth 20 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
   check sft python train.py --stage=sft --source base --num-iterations 5 --smoltalk-size 500 --arc-size 50 --gsm8k-size 50 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --eval-every -1 --chat-eval-every -1
   check rl python train.py --stage=rl --num-iterations 3 --examples-per-step 2 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --gsm8k-size 20 --eval-every -1 --save-every -1
   check decode python model.py bench --depths 20 --batches 1 8 --device cuda
   check tests python -m pytest test_all.py -q -k cuda
   python - "$LOG" <<'PY'
-import re, sys, statistics, torch, model
-log = open(sys.argv[1]).read()
-sections = {m.group(1): m.group(2) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=", log, re.S | re.M)}
-status = dict(re.findall(r"^== (\w+) rc=(\d+)", log, re.M))
-def steps(text, key):  # medians over the steps after the first two (compile, warm-up)
-    vals = [float(v.replace(",", "")) for v in re.findall(rf"\| {key} ([\d.,]+)", text)][2:]
-    return statistics.median(vals) if vals else float("nan")
+import re, sys, statistics, collections, torch, model
+out = collections.defaultdict(lambda: ("", "missing"))
+out.update({m[1]: (m[2], m[3]) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=(\d+)", open(sys.argv[1]).read(), re.S | re.M)})
+def med(name, key):  # the median over the steps after the first two (compile, warm-up)
+    v = [float(x.replace(",", "")) for x in re.findall(rf"\| {key} ([\d.,]+)", out[name][0])][2:]
+    return statistics.median(v) if v else float("nan")
+rows = int((re.findall(r"--device-batch-size (\d+)", out["base"][0]) or [32])[-1])  # the value auto chose, if it printed one
 with torch.device("meta"):
-    est = model.estimate_memory(model.GPT(model.config_from_depth(20, 65536)), 32)["total"] / 2**30
-base = sections.get("base", "")
-peak = re.search(r"peak memory (\d+) MiB", base)
-rows = {"base": f"d20, 32 x 2048 rows, compiled: {steps(base, 'tok/s'):,.0f} tok/s, MFU {steps(base, 'mfu'):.1f}%, peak "
-                + (f"{int(peak.group(1)) / 1024:.1f}" if peak else "?") + f" GiB (estimate {est:.1f} GiB)",
-        "sft": f"step {steps(sections.get('sft', ''), 'dt'):,.0f} ms", "rl": f"step {steps(sections.get('rl', ''), 'dt'):,.0f} ms",
-        "decode": ", ".join(f"batch {b}: {v} tok/s" for b, v in re.findall(r"num_samples (\d+) .*?decode +([\d.]+)", sections.get("decode", ""))),
-        "tests": (re.findall(r"\d+ passed.*", sections.get("tests", "")) or ["?"])[-1]}
-print(f"\ngpu-check on {torch.cuda.get_device_name()} (log: {sys.argv[1]})\n{'check':<10} {'status':<8} figures")
-for name in ("data", "tokenizer", "base", "sft", "rl", "decode", "tests"):
-    print(f"{name:<10} {'ok' if status.get(name) == '0' else 'FAILED':<8} {rows.get(name, '')}")
-sys.exit(any(v != "0" for v in status.values()))
+    est = model.estimate_memory(model.GPT(model.config_from_depth(20, 65536)), rows)["total"] / 2**30
+peak = float((re.findall(r"peak memory (\d+) MiB", out["base"][0]) or ["nan"])[-1]) / 1024
+figures = dict(base=f"d20, {rows} x 2048 rows, compiled: {med('base', 'tok/s'):,.0f} tok/s, MFU {med('base', 'mfu'):.1f}%, "
+                    f"peak {peak:.1f} GiB (estimate {est:.1f} GiB)", sft=f"step {med('sft', 'dt'):,.0f} ms", rl=f"step {med('rl', 'dt'):,.0f} ms",
+               decode=", ".join(f"batch {b}: {v} tok/s" for b, v in re.findall(r"num_samples (\d+) .*?decode +([\d.]+)", out["decode"][0])),
+               tests=(re.findall(r"\d+ passed.*", out["tests"][0]) or [""])[-1])
+print(f"\ngpu-check on {torch.cuda.get_device_name()} (log: {sys.argv[1]})\n{'check':<8} {'status':<8} figures")
+for name in ("setup", "base", "sft", "rl", "decode", "tests"):
+    print(f"{name:<8} {'ok' if out[name][1] == '0' else 'FAILED':<8} {figures.get(name, '')}")
+sys.exit(any(out[name][1] != "0" for name in ("setup", "base", "sft", "rl", "decode", "tests")))
 PY
   exit $?
 fi
