@@ -27,11 +27,8 @@ ROPE_BASE = 10_000      # rotary base theta of the release
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
-LOSS_CHUNK = {False: 2**23, True: 2**27}  # logits per loss chunk, CPU / CUDA (vocab 65,536: 128 / 2,048 rows; fewer
-                                          # chunks on CUDA: bigger matmuls, a shorter unrolled graph under compile)
-LOSS_TEMPS = 4          # (chunk rows, V) fp32 tensors alive at once inside a loss chunk
-ACT_BYTES = {False: 72, True: 48}  # bytes autograd keeps per token, layer and unit of width: CPU fp32, CUDA bf16 autocast
-                                   # (counted with saved_tensors_hooks; the CUDA figure with CPU bf16 autocast)
+LOSS_CHUNK = {False: 2**23, True: 2**27}  # logits per loss chunk on CPU / CUDA (CUDA: bigger matmuls, fewer chunks to compile)
+ACT_BYTES = {False: 72, True: 48}  # saved per token, layer and unit of width, fp32 / bf16 autocast (saved_tensors_hooks)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -205,8 +202,7 @@ class GPT(nn.Module):
         return softcap(linear(x, self.lm_head.weight).float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'.
-        The loss never holds all (B*T, V) logits: chunked_cross_entropy."""
+        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 compute on CUDA, callers do nothing
             x = self.trunk(idx, kv_cache)
             if targets is None:
@@ -225,10 +221,11 @@ class GPT(nn.Module):
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
 
-def _chunk_loss(x, w, y, dt, g=None):
+def _chunk_loss(x, w, y, g=None):
     """Per-row CE of softcap(x w^T) (0 at y == -1) and, given upstream per-row grads g, (dx, dw) by hand:
     dCE/dlogit = (softmax - onehot) * (1 - (softcap/SOFTCAP)^2), the softcap's tanh derivative."""
-    s = softcap(F.linear(x.to(dt), w.to(dt)).float())  # the head's math: dt matmul, fp32 softcap and CE
+    dt = torch.bfloat16 if x.is_cuda else torch.float32  # the head's math: bf16 matmuls on CUDA, softcap and CE in fp32
+    s = softcap(F.linear(x.to(dt), w.to(dt)).float())
     lse = torch.logsumexp(s, dim=-1)
     valid, yc = y >= 0, y.clamp(min=0)[:, None]
     loss = (lse - s.gather(1, yc).squeeze(1)) * valid
@@ -239,11 +236,11 @@ def _chunk_loss(x, w, y, dt, g=None):
     p = p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None]).to(dt)
     return loss, p @ w.to(dt), (p.t() @ x.to(dt)).float()
 
-def _chunked(x, w, y, dt, g=None):
+def _chunked(x, w, y, g=None):
     """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
     rows, losses, dxs, dw = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0)), [], [], 0
     for i in range(0, x.size(0), rows):
-        loss, dx, dwi = _chunk_loss(x[i:i + rows], w, y[i:i + rows], dt, None if g is None else g[i:i + rows])
+        loss, dx, dwi = _chunk_loss(x[i:i + rows], w, y[i:i + rows], None if g is None else g[i:i + rows])
         losses.append(loss)
         if g is not None:
             dxs.append(dx)
@@ -258,48 +255,40 @@ class ChunkedCE(torch.autograd.Function):
     a recomputing backward, and it traces under torch.compile; 'none' (per-row upstream grads) recomputes each chunk."""
 
     @staticmethod
-    def forward(ctx, x, w, y, dt, reduction):
-        ctx.dt, ctx.reduction = dt, reduction
+    def forward(ctx, x, w, y, reduction):
+        ctx.reduction = reduction
         if reduction == "none":
             ctx.save_for_backward(x, w, y)
-            return _chunked(x, w, y, dt)[0]
+            return _chunked(x, w, y)[0]
         scale = 1.0 / (y >= 0).sum() if reduction == "mean" else torch.ones((), device=x.device)
-        loss, dx, dw = _chunked(x, w, y, dt, scale.expand(y.shape))
-        ctx.save_for_backward(dx, dw.to(w.dtype))
+        loss, dx, dw = _chunked(x, w, y, scale.expand(y.shape))
+        ctx.save_for_backward(dx, dw)
         return _reduce(loss, y, reduction)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.reduction == "none":
-            x, w, y = ctx.saved_tensors
-            _, dx, dw = _chunked(x, w, y, ctx.dt, g)
-            return dx, dw.to(w.dtype), None, None, None
+            return *_chunked(*ctx.saved_tensors, g)[1:], None, None
         dx, dw = ctx.saved_tensors
-        return dx * g, dw * g, None, None, None
+        return dx * g, dw * g, None, None
 
 def chunked_cross_entropy(x, w, y, reduction="mean"):
     """F.cross_entropy(softcap(x w^T), y, ignore_index=-1) for x (N, d), lm_head w (V, d), targets y (N,), in chunks of
-    rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile). bf16 matmuls on CUDA."""
-    dt = torch.bfloat16 if x.is_cuda else torch.float32
+    rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile)."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return ChunkedCE.apply(x, w, y, dt, reduction)
-    return _reduce(_chunked(x, w, y, dt)[0], y, reduction)
+        return ChunkedCE.apply(x, w, y, reduction)
+    return _reduce(_chunked(x, w, y)[0], y, reduction)
 
-def estimate_memory(model, rows, world=1, cuda=True):
-    """Training memory per rank in bytes, by part, for `rows` sequences of T tokens per micro-step: fp32 params (+ the
-    bf16 copies autocast keeps of the matrices on CUDA) and grads, optimizer state (Muon momentum for the block matrices,
-    AdamW's two moments for wte and lm_head, sharded across ranks as train.py does), activations, one loss chunk."""
+def estimate_memory(model, rows, world=1, cuda=True, T=None):
+    """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
+    state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, a loss chunk."""
     c, n = model.config, model.param_counts()
-    tokens = rows * c.sequence_len
+    tokens = rows * (T or c.sequence_len)
     parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
                  optimizer=(4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"])) // world,
                  activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
-                 loss_chunk=4 * (LOSS_TEMPS * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))
+                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))  # 4 temporaries + dw
     return dict(parts, total=sum(parts.values()))
-
-def fit_rows(model, gib, world=1, cuda=True):
-    """The largest power-of-two device batch up to 128 whose estimate fits in 90% of `gib` GiB (0: not even one row)."""
-    return next((r for r in (128, 64, 32, 16, 8, 4, 2, 1) if estimate_memory(model, r, world, cuda)["total"] <= 0.9 * gib * 2**30), 0)
 
 def build_model(model_config, device):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""

@@ -53,11 +53,9 @@ if [ "$MODE" = gpucheck ]; then
   if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "--gpu-check: torch sees no CUDA GPU here; nothing to check (run it on a GPU machine)" >&2; exit 2
   fi
-  export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check   # its own tokenizer and checkpoints
-  LOG="$NANOCHAT_BASE_DIR/gpu_check.log"; mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"
-  check() {  # one check into the log; a failure shows in the table, the other checks still run
-    echo "== $1: ${*:2}" | tee -a "$LOG"; "${@:2}" >> "$LOG" 2>&1 && echo "== $1 rc=0" >> "$LOG" || echo "== $1 rc=$?" | tee -a "$LOG"
-  }
+  export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check LOG=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check/log
+  mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"; set +e   # a failed check shows in the table; the others still run
+  check() { echo "== $1: ${*:2}" | tee -a "$LOG"; "${@:2}" >> "$LOG" 2>&1; echo "== $1 rc=$?" >> "$LOG"; }
   check setup bash -c "python data.py download -n 2 && python tokenizer.py train --vocab-size 65536 --max-chars 20000000"
   check base python train.py --stage=base --depth 20 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
   check sft python train.py --stage=sft --source base --num-iterations 5 --smoltalk-size 500 --arc-size 50 --gsm8k-size 50 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --eval-every -1 --chat-eval-every -1
@@ -65,24 +63,20 @@ if [ "$MODE" = gpucheck ]; then
   check decode python model.py bench --depths 20 --batches 1 8 --device cuda
   check tests python -m pytest test_all.py -q -k cuda
   python - "$LOG" <<'PY'
-import re, sys, statistics, collections, torch, model
-out = collections.defaultdict(lambda: ("", "missing"))
-out.update({m[1]: (m[2], m[3]) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=(\d+)", open(sys.argv[1]).read(), re.S | re.M)})
-def med(name, key):  # the median over the steps after the first two (compile, warm-up)
-    v = [float(x.replace(",", "")) for x in re.findall(rf"\| {key} ([\d.,]+)", out[name][0])][2:]
-    return statistics.median(v) if v else float("nan")
-rows = int((re.findall(r"--device-batch-size (\d+)", out["base"][0]) or [32])[-1])  # the value auto chose, if it printed one
-with torch.device("meta"):
-    est = model.estimate_memory(model.GPT(model.config_from_depth(20, 65536)), rows)["total"] / 2**30
-peak = float((re.findall(r"peak memory (\d+) MiB", out["base"][0]) or ["nan"])[-1]) / 1024
-figures = dict(base=f"d20, {rows} x 2048 rows, compiled: {med('base', 'tok/s'):,.0f} tok/s, MFU {med('base', 'mfu'):.1f}%, "
-                    f"peak {peak:.1f} GiB (estimate {est:.1f} GiB)", sft=f"step {med('sft', 'dt'):,.0f} ms", rl=f"step {med('rl', 'dt'):,.0f} ms",
-               decode=", ".join(f"batch {b}: {v} tok/s" for b, v in re.findall(r"num_samples (\d+) .*?decode +([\d.]+)", out["decode"][0])),
-               tests=(re.findall(r"\d+ passed.*", out["tests"][0]) or [""])[-1])
+import re, sys, torch
+out = {m[1]: (m[2], m[3]) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=(\d+)", open(sys.argv[1]).read(), re.S | re.M)}
+def last(name, pattern):  # the last match in a check's output (the base steps after compilation)
+    return (re.findall(pattern, out.get(name, ("", ""))[0]) or ["?"])[-1]
+rows, est = last("base", r"memory estimate per rank at (\d+) rows x \d+: .*total ([\d.]+) GiB")
+tok, mfu, peak, sft, rl = (last(n, p) for n, p in (("base", r"tok/s ([\d,]+)"), ("base", r"mfu ([\d.]+)"), ("base", r"peak memory (\d+) MiB"),
+                                                    ("sft", r"dt ([\d.]+ms)"), ("rl", r"dt ([\d.]+ms)")))
+figures = dict(base=f"d20, {rows} x 2048 rows, compiled: {tok} tok/s, MFU {mfu}%, peak {peak} MiB (estimate {est} GiB)", sft=f"step {sft}",
+               rl=f"step {rl}", tests=last("tests", r"\d+ passed.*"),
+               decode=", ".join(f"batch {b}: {v} tok/s" for b, v in re.findall(r"num_samples (\d+) .*?decode +([\d.]+)", out.get("decode", ("", ""))[0])))
 print(f"\ngpu-check on {torch.cuda.get_device_name()} (log: {sys.argv[1]})\n{'check':<8} {'status':<8} figures")
 for name in ("setup", "base", "sft", "rl", "decode", "tests"):
-    print(f"{name:<8} {'ok' if out[name][1] == '0' else 'FAILED':<8} {figures.get(name, '')}")
-sys.exit(any(out[name][1] != "0" for name in ("setup", "base", "sft", "rl", "decode", "tests")))
+    print(f"{name:<8} {'ok' if out.get(name, ('', ''))[1] == '0' else 'FAILED':<8} {figures.get(name, '')}")
+sys.exit(any(out.get(name, ("", ""))[1] != "0" for name in ("setup", *figures)))
 PY
   exit $?
 fi

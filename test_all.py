@@ -16,6 +16,8 @@ from dataclasses import asdict
 import argparse
 import ast as _ast
 import concurrent.futures
+import contextlib
+import io
 import functools
 import dataclasses
 import http.client
@@ -561,7 +563,11 @@ def test_model_estimate_memory_parts():
     assert one["params"] == 4 * n["total"] + 2 * (n["blocks"] + n["lm_head"]) and one["grads"] == 4 * n["total"]
     assert one["optimizer"] == 4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"]) and eight["optimizer"] == one["optimizer"] // 8
     assert two["activations"] == 2 * one["activations"] and one["total"] == sum(v for k, v in one.items() if k != "total")
-    assert [model_lib.fit_rows(d20, g) for g in (24, 40, 80, 1)] == [4, 8, 16, 0]  # eager bf16; compile needs less
+    import train  # --dry-run: the rows whose (eager bf16) estimate fits 90% of a GPU
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--dry-run", "--depth", "20", "--vocab-size", "65536", "--max-seq-len", "2048"])
+    assert out.getvalue().endswith("suggested --device-batch-size: 24 GB: 4, 40 GB: 8, 80 GB: 16\n"), out.getvalue()
+    assert "memory estimate per rank at 32 rows x 2048: params 2.98, grads 2.09, optimizer 2.71, activations 76.25" in out.getvalue()
 
 
 if torch.cuda.is_available():  # CUDA cases (run by `bash run.sh --gpu-check`); on a machine without a GPU they do not exist
@@ -1886,6 +1892,45 @@ def poisoned(self, idx, targets=None, **kw):  # training losses turn NaN from th
 M.GPT.forward = poisoned
 train.main(sys.argv[1:])
 '''
+
+
+OOM_HELPER = r'''
+import os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+import train, model as M
+forward = M.GPT.forward
+def tight(self, idx, targets=None, **kw):  # a device that holds 8 rows: more raise CUDA's out-of-memory error
+    if targets is not None and self.training:
+        with open(os.environ["FORWARDS"], "a") as f:
+            f.write(f"{idx.size(0)} {hash(tuple(idx.flatten().tolist()))}\n")
+        if idx.size(0) > 8:
+            raise torch.OutOfMemoryError("injected")
+    return forward(self, idx, targets, **kw)
+M.GPT.forward = tight
+train.main(sys.argv[1:])
+'''
+
+
+def test_train_auto_device_batch_halves_on_oom(base_dir, tokenizer, tmp_path):
+    """--device-batch-size auto: 32 rows -> OOM -> 16 -> OOM -> 8 rows with 4x the micro-steps; the same tokens per step,
+    the same batches in the same order (the loader goes back), each step logged once, losses equal to a run pinned at 8."""
+    script = tmp_path / "oom_helper.py"
+    script.write_text(OOM_HELPER)
+    args = [*TINY_BASE, "--total-batch-size", "2048", "--num-iterations", "2", "--eval-tokens", "0"]
+    runs = {}
+    for name, rows in (("auto", "auto"), ("pinned", "8")):
+        base, forwards = _clone_base(base_dir, str(tmp_path / name)), str(tmp_path / f"{name}.forwards")
+        p = subprocess.run([sys.executable, str(script), *args, "--device-batch-size", rows], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, REPO=REPO, NANOCHAT_BASE_DIR=base, FORWARDS=forwards), timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[name] = (p.stdout, open(forwards).read().split("\n")[:-1], _records(base, "base"))
+    (out, forwards, records), (_, pinned_forwards, pinned_records) = runs["auto"], runs["pinned"]
+    assert "retrying with 16 rows x 4 micro-steps" in out and "retrying with 8 rows x 8 micro-steps" in out, out
+    assert "device batch size auto: 8 rows, 8 micro-steps (pin it with --device-batch-size 8)" in out, out
+    assert [f.split()[0] for f in forwards] == ["32", "16"] + ["8"] * 16 and forwards[2:] == pinned_forwards
+    assert sorted(records) == [0, 1] and [r["tokens"] for r in records.values()] == [2048, 4096]
+    assert [r["loss"] for r in records.values()] == [r["loss"] for r in pinned_records.values()]
+    assert "memory estimate per rank at 32 rows x 32" in out and "memory estimate per rank at 8 rows x 32" in out
 
 
 @SLOW
