@@ -1911,6 +1911,7 @@ train.main(sys.argv[1:])
 '''
 
 
+@SLOW
 def test_train_auto_device_batch_halves_on_oom(base_dir, tokenizer, tmp_path):
     """--device-batch-size auto: 32 rows -> OOM -> 16 -> OOM -> 8 rows with 4x the micro-steps; the same tokens per step,
     the same batches in the same order (the loader goes back), each step logged once, losses equal to a run pinned at 8."""
