@@ -29,6 +29,8 @@ ROPE_BASE = 10_000      # rotary base theta of the release
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
+LOSS_CHUNK = {False: 2**24, True: 2**27}  # logits per loss chunk on CPU / CUDA (2^23 on CPU: 15% slower; CUDA: fewer to compile)
+ACT_BYTES = {False: 72, True: 48}  # saved per token, layer and unit of width, fp32 / bf16 autocast (saved_tensors_hooks)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -202,12 +204,12 @@ class GPT(nn.Module):
         return softcap(linear(x, self.lm_head.weight).float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean', (B, T) for 'none'."""
+        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 compute on CUDA, callers do nothing
-            logits = self.head(self.trunk(idx, kv_cache))
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+            x = self.trunk(idx, kv_cache)
+            if targets is None:
+                return self.head(x)
+        loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
     @torch.inference_mode()
@@ -220,6 +222,71 @@ class GPT(nn.Module):
             next_id = sample_next_token(self(ids)[:, -1, :], rng, temperature, top_k)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
+
+def _chunk_loss(x, w, y, g=None, dw=None):
+    """Per-row CE of softcap(x w^T) (0 at y == -1); given upstream per-row grads g, also dx and dw += by hand:
+    dCE/dlogit = (softmax - onehot) * (1 - (softcap/SOFTCAP)^2), the softcap's tanh derivative."""
+    dt = torch.bfloat16 if x.is_cuda else torch.float32  # the head's math: bf16 matmuls on CUDA, softcap and CE in fp32
+    s = softcap(F.linear(x.to(dt), w.to(dt)).float())
+    lse = torch.logsumexp(s, dim=-1)
+    valid, yc = y >= 0, y.clamp(min=0)[:, None]
+    loss = (lse - s.gather(1, yc).squeeze(1)) * valid
+    if g is None:
+        return loss, None
+    p = (s - lse[:, None]).exp_()
+    p.scatter_(1, yc, p.gather(1, yc) - 1)
+    p = p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None]).to(dt)
+    dw.addmm_(p.t(), x) if dw.dtype == dt else dw.add_(p.t() @ x.to(dt))  # fp32: in place, no (V, d) temporary per chunk
+    return loss, p @ w.to(dt)
+
+def _chunked(x, w, y, g=None):
+    """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
+    rows, dw = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0)), None if g is None else torch.zeros_like(w, dtype=torch.float32)
+    out = [_chunk_loss(x[i:i + rows], w, y[i:i + rows], None if g is None else g[i:i + rows], dw) for i in range(0, x.size(0), rows)]
+    return torch.cat([o[0] for o in out]), None if g is None else torch.cat([o[1] for o in out]).to(x.dtype), dw
+
+def _reduce(loss, y, reduction):
+    return loss.sum() / (y >= 0).sum() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+class ChunkedCE(torch.autograd.Function):
+    """Not torch.utils.checkpoint: 'mean'/'sum' compute their gradients in the forward pass, one lm_head matmul fewer than
+    a recomputing backward, and it traces under torch.compile; 'none' (per-row upstream grads) recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, x, w, y, reduction):
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.save_for_backward(x, w, y)
+            return _chunked(x, w, y)[0]
+        scale = 1.0 / (y >= 0).sum() if reduction == "mean" else torch.ones((), device=x.device)
+        loss, dx, dw = _chunked(x, w, y, scale.expand(y.shape))
+        ctx.save_for_backward(dx, dw)
+        return _reduce(loss, y, reduction)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.reduction == "none":
+            return *_chunked(*ctx.saved_tensors, g)[1:], None, None
+        dx, dw = ctx.saved_tensors
+        return dx * g, dw * g, None, None
+
+def chunked_cross_entropy(x, w, y, reduction="mean"):
+    """F.cross_entropy(softcap(x w^T), y, ignore_index=-1) for x (N, d), lm_head w (V, d), targets y (N,), in chunks of
+    rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return ChunkedCE.apply(x, w, y, reduction)
+    return _reduce(_chunked(x, w, y)[0], y, reduction)
+
+def estimate_memory(model, rows, world=1, cuda=True, T=None):
+    """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
+    state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, a loss chunk."""
+    c, n = model.config, model.param_counts()
+    tokens = rows * (T or c.sequence_len)
+    parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
+                 optimizer=(4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"])) // world,
+                 activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
+                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))  # 4 temporaries + dw
+    return dict(parts, total=sum(parts.values()))
 
 def build_model(model_config, device):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""

@@ -3,6 +3,7 @@
 #   bash run.sh            the profile follows the hardware (8 GPUs: d20 speedrun; fewer GPUs: same with grad accumulation; no GPU: CPU profile)
 #   bash run.sh --smoke    the smallest settings that still run every stage end to end (CI)
 #   bash run.sh --tests    set up .venv and run the test suite, printing the time each section took
+#   bash run.sh --gpu-check  a few minutes on one GPU that run every CUDA path once, then one summary table (no GPU: exit 2)
 # Offline machines: export NANOCHAT_MIRROR=/path/to/mirror (a directory or an http(s) base URL).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +13,8 @@ for arg in "$@"; do
   case "$arg" in
     --smoke) MODE=smoke ;;
     --tests) MODE=tests ;;
-    *) echo "unknown argument: $arg (use --smoke or --tests)" >&2; exit 2 ;;
+    --gpu-check) MODE=gpucheck ;;
+    *) echo "unknown argument: $arg (use --smoke, --tests or --gpu-check)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,6 +47,33 @@ PY
   rm -f "$JUNIT"
   [ $rc -eq 5 ] && { echo "no tests collected"; exit 1; }
   exit $rc
+fi
+
+if [ "$MODE" = gpucheck ]; then
+  if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "--gpu-check: torch sees no CUDA GPU here; nothing to check (run it on a GPU machine)" >&2; exit 2
+  fi
+  export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check LOG=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check/log
+  mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"; set +e   # a failed check shows in the table; the others still run
+  check() { echo "== $1: ${*:2}" | tee -a "$LOG"; "${@:2}" >> "$LOG" 2>&1; echo "== $1 rc=$?" >> "$LOG"; }
+  check setup bash -c "python data.py download -n 2 && python tokenizer.py train --vocab-size 65536 --max-chars 20000000"
+  check base python train.py --stage=base --depth 20 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
+  check sft python train.py --stage=sft --source base --num-iterations 5 --smoltalk-size 500 --arc-size 50 --gsm8k-size 50 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --eval-every -1 --eval-tokens 0 --chat-eval-every -1
+  check rl python train.py --stage=rl --num-iterations 3 --examples-per-step 2 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --gsm8k-size 20 --eval-every -1 --eval-examples 0 --save-every -1
+  check decode python model.py bench --depths 20 --batches 1 8 --device cuda
+  check tests python -m pytest test_all.py -q -k cuda
+  python - "$LOG" <<'PY'
+import re, sys, torch
+out = {m[1]: (m[2], m[3]) for m in re.finditer(r"^== (\w+): .*?\n(.*?)^== \1 rc=(\d+)", open(sys.argv[1]).read(), re.S | re.M)}
+WANT = dict(setup=[], base=[r"tok/s [\d,]+ \| mfu [\d.]+", r"peak memory \d+ MiB", r"estimate per rank at \d+ rows x \d+", r"total [\d.]+ GiB"],
+            sft=[r"dt [\d.]+ms"], rl=[r"dt [\d.]+ms"], decode=[rf"num_samples {n} .*?decode +[\d.]+ tok/s" for n in (1, 8)], tests=[r"\d+ passed.*"])
+print(f"\ngpu-check on {torch.cuda.get_device_name()} (log: {sys.argv[1]}); the figures of the last step (after compilation)")
+for name, patterns in WANT.items():
+    text, rc = out.get(name, ("", "missing"))
+    print(f"{name:<7} {'ok' if rc == '0' else 'FAILED':<7} " + "; ".join((re.findall(p, text) or ["?"])[-1] for p in patterns))
+sys.exit(any(out.get(name, ("", ""))[1] != "0" for name in WANT))
+PY
+  exit $?
 fi
 
 # --- the pipeline -------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from dataclasses import asdict
 import argparse
 import ast as _ast
 import concurrent.futures
+import contextlib
+import io
 import functools
 import dataclasses
 import http.client
@@ -534,6 +536,89 @@ def test_model_first_loss_is_ln_vocab():
     assert per_token.shape == (2, 32) and (per_token[0, :5] == 0).all()
     loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_model_chunked_loss_matches_full_logits(monkeypatch):
+    """The chunked loss equals F.cross_entropy on the full softcapped logits (loss and every gradient), and no tensor of
+    the last dimension V outside one chunk of rows is ever made or kept, in forward or backward."""
+    import model as model_lib
+    V, rows = 265, 20
+    monkeypatch.setitem(model_lib.LOSS_CHUNK, False, rows * V)  # 128 rows: 6 full chunks and a ragged one
+    model = small_model(vocab=V)
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (2, 64))
+    for masked, reduction in itertools.product((False, True), ("mean", "sum", "none")):
+        y = torch.randint(0, V, (2, 64))
+        if masked:
+            y[0, :23], y[1, 40:] = -1, -1
+        up = torch.rand(2, 64) if reduction == "none" else torch.tensor(1.0)
+        model.zero_grad()
+        ref = F.cross_entropy(model.head(model.trunk(x)).view(-1, V), y.view(-1), ignore_index=-1, reduction=reduction)
+        (ref.view(y.shape) if reduction == "none" else ref).mul(up).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        widest = []
+        class Watch(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                widest.extend(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.dim() and t.size(-1) == V)
+                return out
+        saved = []
+        with Watch(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            loss = model(x, y, loss_reduction=reduction)
+            loss.mul(up).sum().backward()
+        with torch.no_grad():
+            assert torch.equal(model(x, y, loss_reduction=reduction), loss.detach())
+        assert max(widest) == rows * V and not any(s and s[-1] == V for s in saved), (masked, reduction)
+        tol = 1e-5 * (ref.abs().max().item() if reduction == "sum" else 1)  # a sum of 128 terms: compare relative
+        assert (loss.detach() - ref.view(loss.shape)).abs().max() <= tol, (masked, reduction)
+        assert max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()) <= 1e-5, (masked, reduction)
+
+
+def test_model_estimate_memory_parts():
+    """Parts follow the sharding rule and scale as they should: activations with the rows, optimizer state over ranks."""
+    import model as model_lib
+    with torch.device("meta"):
+        d20 = GPT(config_from_depth(20, 65536))
+    one, two, eight = (model_lib.estimate_memory(d20, r, world=w) for r, w in ((16, 1), (32, 1), (32, 8)))
+    n = d20.param_counts()
+    assert one["params"] == 4 * n["total"] + 2 * (n["blocks"] + n["lm_head"]) and one["grads"] == 4 * n["total"]
+    assert one["optimizer"] == 4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"]) and eight["optimizer"] == one["optimizer"] // 8
+    assert two["activations"] == 2 * one["activations"] and one["total"] == sum(v for k, v in one.items() if k != "total")
+    import train  # --dry-run: the rows whose (eager bf16) estimate fits 90% of a GPU
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--dry-run", "--depth", "20", "--vocab-size", "65536", "--max-seq-len", "2048"])
+    assert out.getvalue().endswith("suggested --device-batch-size: 24 GB: 4, 40 GB: 8, 80 GB: 16\n"), out.getvalue()
+    assert "memory estimate per rank at 32 rows x 2048: params 2.98, grads 2.09, optimizer 2.71, activations 76.25" in out.getvalue()
+
+
+if torch.cuda.is_available():  # CUDA cases (run by `bash run.sh --gpu-check`); on a machine without a GPU they do not exist
+    def test_model_cuda_chunked_loss_compiled(monkeypatch):
+        """Compiled on CUDA in bf16, the loss matches the full-logits loss and the step never holds the (B*T, V) logits."""
+        import model as model_lib
+        monkeypatch.setitem(model_lib.LOSS_CHUNK, True, 2**23)  # 128 rows of 65,536
+        torch.manual_seed(0)
+        model = build_model(dict(sequence_len=1024, vocab_size=65536, n_layer=2, n_head=1, n_kv_head=1, n_embd=128), "cuda")
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.02)
+        x, y = torch.randint(0, 65536, (2, 4, 1024), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = F.cross_entropy(model.head(model.trunk(x)).view(-1, 65536), y.view(-1))
+        ref.backward()
+        ref_grad = model.lm_head.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        compiled = torch.compile(model, dynamic=False)
+        compiled(x, y).backward()  # compile and warm up
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = compiled(x, y)
+        loss.backward()
+        full_logits = 4 * 1024 * 65536 * 4  # one fp32 (B*T, V) tensor: 1 GiB
+        assert torch.cuda.max_memory_allocated() - base < full_logits / 2
+        assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+        assert F.cosine_similarity(model.lm_head.weight.grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
 
 
 def test_model_rotary_convention():
@@ -1960,6 +2045,46 @@ train.main(sys.argv[1:])
 '''
 
 
+OOM_HELPER = r'''
+import os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+import train, model as M
+forward = M.GPT.forward
+def tight(self, idx, targets=None, **kw):  # a device that holds 8 rows: more raise CUDA's out-of-memory error
+    if targets is not None and self.training:
+        with open(os.environ["FORWARDS"], "a") as f:
+            f.write(f"{idx.size(0)} {hash(tuple(idx.flatten().tolist()))}\n")
+        if idx.size(0) > 8:
+            raise torch.OutOfMemoryError("injected")
+    return forward(self, idx, targets, **kw)
+M.GPT.forward = tight
+train.main(sys.argv[1:])
+'''
+
+
+@SLOW
+def test_train_auto_device_batch_halves_on_oom(base_dir, tokenizer, tmp_path):
+    """--device-batch-size auto: 32 rows -> OOM -> 16 -> OOM -> 8 rows with 4x the micro-steps; the same tokens per step,
+    the same batches in the same order (the loader goes back), each step logged once, losses equal to a run pinned at 8."""
+    script = tmp_path / "oom_helper.py"
+    script.write_text(OOM_HELPER)
+    args = [*TINY_BASE, "--total-batch-size", "2048", "--num-iterations", "2", "--eval-tokens", "0"]
+    runs = {}
+    for name, rows in (("auto", "auto"), ("pinned", "8")):
+        base, forwards = _clone_base(base_dir, str(tmp_path / name)), str(tmp_path / f"{name}.forwards")
+        p = subprocess.run([sys.executable, str(script), *args, "--device-batch-size", rows], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, REPO=REPO, NANOCHAT_BASE_DIR=base, FORWARDS=forwards), timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[name] = (p.stdout, open(forwards).read().split("\n")[:-1], _records(base, "base"))
+    (out, forwards, records), (_, pinned_forwards, pinned_records) = runs["auto"], runs["pinned"]
+    assert "retrying with 16 rows x 4 micro-steps" in out and "retrying with 8 rows x 8 micro-steps" in out, out
+    assert "device batch size auto: 8 rows, 8 micro-steps (pin it with --device-batch-size 8)" in out, out
+    assert [f.split()[0] for f in forwards] == ["32", "16"] + ["8"] * 16 and forwards[2:] == pinned_forwards
+    assert sorted(records) == [0, 1] and [r["tokens"] for r in records.values()] == [2048, 4096]
+    assert [r["loss"] for r in records.values()] == [r["loss"] for r in pinned_records.values()]
+    assert "memory estimate per rank at 32 rows x 32" in out and "memory estimate per rank at 8 rows x 32" in out
+
+
 @SLOW
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer, tmp_path):
     script = tmp_path / "nan_helper.py"
@@ -3344,6 +3469,24 @@ def test_guide_tokenizer_example_matches_code():
         assert ranks[_ast.literal_eval(piece).encode()] == int(rank), piece
     assert tok.encode_special("<|bos|>") == vocab - len(T.SPECIAL_TOKENS) == ids[0]
     assert f"`<|bos|>` is {ids[0]} = {vocab} − {len(T.SPECIAL_TOKENS)}" in text
+
+
+def test_run_gpu_check_without_a_gpu_exits_2(tmp_path):
+    """`bash run.sh --gpu-check` on a machine where torch sees no GPU says so in one line and exits 2 (a stub .venv that
+    points at this interpreter, so run.sh installs nothing; CUDA_VISIBLE_DEVICES hides any GPU)."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("run.sh", "requirements.txt"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, tmp_path / ".venv" / "bin" / "python")
+    (tmp_path / ".venv" / "bin" / "activate").write_text(f"export PATH={os.path.dirname(sys.executable)}:$PATH\n")
+    (tmp_path / ".venv" / ".requirements.sha").write_text(hashlib.sha256((tmp_path / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    r = subprocess.run(["bash", str(tmp_path / "run.sh"), "--gpu-check"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="", NANOCHAT_BASE_DIR=str(tmp_path / "base")))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["--gpu-check: torch sees no CUDA GPU here; nothing to check "
+                                                                   "(run it on a GPU machine)"], (r.stdout, r.stderr)
+    assert not (tmp_path / "base").exists()  # nothing was set up or downloaded
 
 
 def test_guide_worked_numbers_match_code():

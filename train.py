@@ -357,6 +357,39 @@ def optimizer_step(model, optimizers, lrm, momentum, check_sync=False):
 def every(n, step, last):
     return n > 0 and (last or step % n == 0)
 
+def memory_line(model, rows, T, world, cuda):
+    e = model_lib.estimate_memory(model, rows, world, cuda, T)
+    return f"memory estimate per rank at {rows} rows x {T}: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in e.items()) + " GiB"
+
+def accumulate(args, rt, model, train_model, loader, accum, first):
+    """One step's micro-steps (gradients add up) -> (last loss, accum). --device-batch-size auto, first step: on out of memory
+    on any rank, halve the rows, double the accumulation and retry from the loader position before the step."""
+    state = loader.state_dict() if first and args.auto_batch else None
+    while True:
+        oom = 0
+        try:
+            for _ in range(accum):
+                x, y = next(loader)
+                loss = lm_loss(train_model, x, y)
+                (loss / accum).backward()
+        except torch.OutOfMemoryError:
+            if state is None:
+                raise
+            oom = 1
+        if state is None or not common.all_reduce([oom], rt.device, op=dist.ReduceOp.MAX)[0]:
+            break
+        model.zero_grad(set_to_none=True)  # out of the except block: its traceback, holding the step's tensors, is gone
+        torch.cuda.empty_cache()
+        if loader.B == 1:
+            raise SystemExit("error: one row per device does not fit in memory; use a smaller --depth or --max-seq-len")
+        accum, loader.B = (accum * 2, loader.B // 2) if loader.B % 2 == 0 else (accum * loader.B, 1)
+        print0(f"device batch size auto: out of memory; retrying with {loader.B} rows x {accum} micro-steps")
+        loader.load_state_dict(state)
+    if state is not None and (rt.device.startswith("cuda") or loader.B < args.device_batch_size):
+        print0(f"device batch size auto: {loader.B} rows, {accum} micro-steps (pin it with --device-batch-size {loader.B}); "
+               + memory_line(model, loader.B, loader.T, rt.world, rt.device.startswith("cuda")))
+    return loss, accum
+
 def log_eval(stage, step, metrics, stats):
     if "val_bpb" in metrics:
         stats["val_bpb"] = metrics["val_bpb"]
@@ -463,6 +496,7 @@ def train_base(args):
     train_model, wandb_run = compiled(model, args, rt), start_wandb(args, rt)
     print0(f"base: {params:,} parameters, T={T}, device={rt.device}, world={rt.world}, steps={num_steps}, tokens/step={total:,} "
            f"({accum} micro-steps of {B} rows per rank)")
+    print0(memory_line(model, B, T, rt.world, rt.device.startswith("cuda")))
     val_steps = base_val_steps(rt, args.eval_tokens // (B * T * rt.world), B, T)
     resumed_at = step if trainer is not None else None
     while True:  # save -> evaluate -> stop at the end -> one optimizer step (SPEC 4.4)
@@ -487,10 +521,7 @@ def train_base(args):
         if last:
             break
         t0 = time.time()
-        for _ in range(accum):
-            x, y = next(loader)
-            loss = train_model(x, y)
-            (loss / accum).backward()
+        loss, accum = accumulate(args, rt, model, train_model, loader, accum, step == (resumed_at or 0))
         optimizer_step(model, optimizers, lr_multiplier(step / num_steps, args.warmdown_ratio), muon_momentum(step), args.check_sync)
         if rt.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -564,6 +595,7 @@ def train_chat(args):
     train_model, wandb_run, flops_per_token = compiled(model, args, rt), start_wandb(args, rt), model.estimate_flops()
     print0(f"{args.stage}: T={T}, device={rt.device}, world={rt.world}, steps={num_steps or 'one epoch'}, tokens/step={total:,} "
            f"({accum} micro-steps of {B} rows per rank), lr x{args.init_lr_frac}, warmdown {args.warmdown_ratio}")
+    print0(memory_line(model, B, T, rt.world, rt.device.startswith("cuda")))
     val_steps, resumed_at = args.eval_tokens // (B * T * rt.world), step if step > 0 else None
     while True:
         last = step == num_steps if num_steps else stats["progress"] >= 1.0
@@ -585,10 +617,7 @@ def train_chat(args):
         progress = step / num_steps if num_steps else stats["progress"]
         lrm = lr_multiplier(progress, args.warmdown_ratio)
         t0 = time.time()
-        for _ in range(accum):
-            x, y = next(loader)
-            loss = lm_loss(train_model, x, y)
-            (loss / accum).backward()
+        loss, accum = accumulate(args, rt, model, train_model, loader, accum, step == (resumed_at or 0))
         optimizer_step(model, optimizers, lrm, muon_momentum(step) if mid else None, args.check_sync)
         # the epoch ends for every rank when it ends for any
         stats["progress"] = common.all_reduce([loader.progress], rt.device, op=dist.ReduceOp.MAX)[0]
@@ -597,8 +626,8 @@ def train_chat(args):
     finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **metrics)
 
 def lm_loss(model, x, y):
-    """Mean CE over the supervised targets (y >= 0); a micro-batch with none gives 0, not NaN, so DDP ranks stay in step."""
-    return model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+    """Mean CE over the supervised targets (y >= 0); none gives 0, not NaN, so DDP ranks stay in step ('sum': no recompute)."""
+    return model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
 
 def repeat(make_loader):
     """Endless batches from a loader, recreated when it runs out (small validation sets)."""
@@ -709,6 +738,9 @@ def train_rl(args):
 # -----------------------------------------------------------------------------
 # arguments
 
+def rows_or_auto(v):
+    return v if v == "auto" else int(v)
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train one stage of the nanochat pipeline. Every-N flags: -1 disables.")
     p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="base")
@@ -724,7 +756,9 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=20, help="base: the single size dial (d = 64*depth)")
     p.add_argument("--vocab-size", type=int, default=-1, help="base: must equal the tokenizer's (-1: take it from the tokenizer)")
     p.add_argument("--max-seq-len", type=int, default=None, help="T (default: 2048 for base, the source model's for the others)")
-    p.add_argument("--device-batch-size", type=int, default=None, help="rows per rank per micro-step (rl: samples per forward pass)")
+    p.add_argument("--device-batch-size", type=rows_or_auto, default=None,
+                   help="rows per rank per micro-step (rl: samples per pass); auto (default): the stage's, halved on CUDA out of memory")
+    p.add_argument("--dry-run", action="store_true", help="base: print the memory estimate and the device batch that fits 24/40/80 GB GPUs, then exit")
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step, all ranks (rounded to a multiple of rows x T x ranks; accumulation fills it)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: base from the ratio, mid/sft/rl one epoch)")
@@ -765,6 +799,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--eval-examples", type=int, default=400, help="rl: GSM8K test problems for pass@k")
     args = p.parse_args(argv)
+    args.auto_batch = args.stage != "rl" and args.device_batch_size in (None, "auto")
+    args.device_batch_size = None if args.device_batch_size == "auto" else args.device_batch_size
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -778,10 +814,20 @@ def parse_args(argv=None):
         args.source = SOURCE_STAGE[args.stage]
     return args
 
+def dry_run(args):
+    """--dry-run: the base model of --depth on the meta device, its CUDA memory estimate, and for 24/40/80 GB GPUs the largest
+    power-of-two rows whose estimate fits in 90% of the memory."""
+    V = args.vocab_size if args.vocab_size > 0 else tok_lib.get_tokenizer().get_vocab_size()
+    T, world, sizes = args.max_seq_len or 2048, common.dist_info()[3], (128, 64, 32, 16, 8, 4, 2, 1)
+    with torch.device("meta"):
+        model = model_lib.GPT(model_lib.config_from_depth(args.depth, V, T))
+    fit = [next((r for r in sizes if model_lib.estimate_memory(model, r, world, True, T)["total"] <= 0.9 * g * 2**30), 0) for g in (24, 40, 80)]
+    print(memory_line(model, args.device_batch_size, T, world, cuda=True) + "; suggested --device-batch-size: 24 GB: {}, 40 GB: {}, 80 GB: {}".format(*fit))
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        {"base": train_base, "mid": train_chat, "sft": train_chat, "rl": train_rl}[args.stage](args)
+        (dry_run if args.dry_run else {"base": train_base, "mid": train_chat, "sft": train_chat, "rl": train_rl}[args.stage])(args)
     except FileNotFoundError as e:  # missing tokenizer, shards, task data: one clear line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
