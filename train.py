@@ -277,19 +277,22 @@ def rl_questions_per_rank(examples, world):
 # -----------------------------------------------------------------------------
 # plain helpers the stages share: start-up and resume, one optimizer step, the log line, save, the closing report
 
-Runtime = namedtuple("Runtime", "ddp rank world device tokenizer token_bytes")
+Runtime = namedtuple("Runtime", "ddp rank world device cuda peak_flops tokenizer token_bytes")
 
 def start(args):
     """Join the process group (under torchrun: NCCL on GPU, gloo on CPU), pick the device, load the tokenizer."""
     ddp, rank, _, world, device = common.init_runtime(args.device, seed=args.seed)
-    return Runtime(ddp, rank, world, device, tok_lib.get_tokenizer(), tok_lib.get_token_bytes(device))
+    cuda = device.startswith("cuda")
+    peak = next((f for key, f in PEAK_BF16_FLOPS if key in torch.cuda.get_device_name(device)), None) if cuda else None  # for MFU
+    return Runtime(ddp, rank, world, device, cuda, peak, tok_lib.get_tokenizer(), tok_lib.get_token_bytes(device))
 
 def source_tag(args):
-    """The checkpoint tag a chat stage starts from (mid: base, sft: mid, rl: sft); this stage saves under the same tag."""
+    """The checkpoint tag a chat stage starts from (mid: base, sft: mid, rl: sft); this stage saves under the same tag.
+    (Its steps are checked once, by load_model, only when the stage does start from the source.)"""
     tag = args.source_tag or model_lib.default_tag(common.checkpoint_dir(args.source))
-    path = common.checkpoint_dir(args.source, tag)
-    if tag is None or model_lib.last_step(path) is None:
-        raise SystemExit(f"error: no {args.source} checkpoint in {path}: run `python train.py --stage={args.source}` first")
+    if tag is None:
+        raise SystemExit(f"error: no {args.source} checkpoint in {common.checkpoint_dir(args.source)}: "
+                         f"run `python train.py --stage={args.source}` first")
     return tag
 
 def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
@@ -338,7 +341,7 @@ def restore(trainer, optimizers, loader, stats):
         torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
 
 def compiled(model, args, rt):
-    on = (1 if rt.device.startswith("cuda") else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile
+    on = (1 if rt.cuda else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile
     return torch.compile(model, dynamic=False) if on else model
 
 def optimizer_step(model, optimizers, lrm, momentum, check_sync=False):
@@ -385,9 +388,9 @@ def accumulate(args, rt, model, train_model, loader, accum, first):
         accum, loader.B = (accum * 2, loader.B // 2) if loader.B % 2 == 0 else (accum * loader.B, 1)
         print0(f"device batch size auto: out of memory; retrying with {loader.B} rows x {accum} micro-steps")
         loader.load_state_dict(state)
-    if state is not None and (rt.device.startswith("cuda") or loader.B < args.device_batch_size):
+    if state is not None and (rt.cuda or loader.B < args.device_batch_size):
         print0(f"device batch size auto: {loader.B} rows, {accum} micro-steps (pin it with --device-batch-size {loader.B}); "
-               + memory_line(model, loader.B, loader.T, rt.world, rt.device.startswith("cuda")))
+               + memory_line(model, loader.B, loader.T, rt.world, rt.cuda))
     return loss, accum
 
 def log_eval(stage, step, metrics, stats):
@@ -411,8 +414,7 @@ def log_step(args, rt, step, num_steps, loss, lrm, dt, tokens, flops_per_token, 
         stats["timed_steps"] += 1
     stats["tokens"] += tokens
     stats["flops"] += (flops_per_token or 0) * tokens
-    peak = next((f for key, f in PEAK_BF16_FLOPS if key in torch.cuda.get_device_name(rt.device)), None) if rt.device.startswith("cuda") else None
-    mfu = 100 * flops_per_token * tokens / dt / (peak * rt.world) if peak and flops_per_token else None
+    mfu = 100 * flops_per_token * tokens / dt / (rt.peak_flops * rt.world) if rt.peak_flops and flops_per_token else None
     avg_dt = stats["total_time"] / stats["timed_steps"] if stats["timed_steps"] else dt
     if num_steps:
         head, eta = f"step {step:05d}/{num_steps:05d} ({100 * (step + 1) / num_steps:.2f}%)", avg_dt * (num_steps - step - 1)
@@ -454,7 +456,7 @@ def start_wandb(args, rt):
 
 def finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **summary):
     """Print the closing line and write the stage's report section."""
-    mem = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mem = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"stage": args.stage, "parameters": model.param_counts()["total"], "depth": model_config["n_layer"],
                "sequence length": model_config["sequence_len"], "world size": rt.world, "iterations": step,
                "tokens": stats["tokens"], "FLOPs per token": flops_per_token or 0, "total training FLOPs": f"{stats['flops']:.4e}",
@@ -496,7 +498,7 @@ def train_base(args):
     train_model, wandb_run = compiled(model, args, rt), start_wandb(args, rt)
     print0(f"base: {params:,} parameters, T={T}, device={rt.device}, world={rt.world}, steps={num_steps}, tokens/step={total:,} "
            f"({accum} micro-steps of {B} rows per rank)")
-    print0(memory_line(model, B, T, rt.world, rt.device.startswith("cuda")))
+    print0(memory_line(model, B, T, rt.world, rt.cuda))
     val_steps = base_val_steps(rt, args.eval_tokens // (B * T * rt.world), B, T)
     resumed_at = step if trainer is not None else None
     while True:  # save -> evaluate -> stop at the end -> one optimizer step (SPEC 4.4)
@@ -522,11 +524,11 @@ def train_base(args):
             break
         t0 = time.time()
         loss, accum = accumulate(args, rt, model, train_model, loader, accum, step == (resumed_at or 0))
-        optimizer_step(model, optimizers, lr_multiplier(step / num_steps, args.warmdown_ratio), muon_momentum(step), args.check_sync)
-        if rt.device.startswith("cuda"):
+        lrm = lr_multiplier(step / num_steps, args.warmdown_ratio)
+        optimizer_step(model, optimizers, lrm, muon_momentum(step), args.check_sync)
+        if rt.cuda:
             torch.cuda.synchronize()
-        log_step(args, rt, step, num_steps, loss.item(), lr_multiplier(step / num_steps, args.warmdown_ratio), time.time() - t0,
-                 total, flops_per_token, stats, wandb_run=wandb_run)
+        log_step(args, rt, step, num_steps, loss.item(), lrm, time.time() - t0, total, flops_per_token, stats, wandb_run=wandb_run)
         step += 1
     loader.close()
     finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **{"tokens : params": stats["tokens"] / params}, **metrics)
@@ -595,7 +597,7 @@ def train_chat(args):
     train_model, wandb_run, flops_per_token = compiled(model, args, rt), start_wandb(args, rt), model.estimate_flops()
     print0(f"{args.stage}: T={T}, device={rt.device}, world={rt.world}, steps={num_steps or 'one epoch'}, tokens/step={total:,} "
            f"({accum} micro-steps of {B} rows per rank), lr x{args.init_lr_frac}, warmdown {args.warmdown_ratio}")
-    print0(memory_line(model, B, T, rt.world, rt.device.startswith("cuda")))
+    print0(memory_line(model, B, T, rt.world, rt.cuda))
     val_steps, resumed_at = args.eval_tokens // (B * T * rt.world), step if step > 0 else None
     while True:
         last = step == num_steps if num_steps else stats["progress"] >= 1.0
