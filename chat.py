@@ -77,12 +77,11 @@ class Reply:
                 yield piece
 
 def special_ids(tokenizer):
-    names = ["<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
-    return [tokenizer.encode_special(n) for n in ["<|bos|>"] + names]
+    return [tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "user_end", "assistant_start", "assistant_end")]
 
 def render_prompt(tokenizer, messages):
-    """SPEC 10.6: <|bos|>, then each (role, text) wrapped in its start/end tokens, then <|assistant_start|> to prime the reply.
-    A leading system message is merged into the first user message (SPEC 1.7)."""
+    """SPEC 10.6: <|bos|>, each (role, text) in its start/end tokens, <|assistant_start|>; a leading system message merged into the
+    first user message (SPEC 1.7). tokenizer.render_for_completion is equal but asserts the roles alternate; the API takes any order."""
     bos, us, ue, ast, aend = special_ids(tokenizer)
     if messages[0][0] == "system":
         messages = [("user", messages[0][1] + "\n\n" + messages[1][1])] + messages[2:]
@@ -269,28 +268,31 @@ def parse_sampling(data, defaults):
 # the worker pool: one model replica + Engine per GPU (one on CPU), each decoding a batch of up to `cap` requests at once
 
 Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, text pieces, then None (or an exception)
+Worker = namedtuple("Worker", "id device engine inbox")
+App = namedtuple("App", "tokenizer pool model_id created defaults")  # what the server's handlers read
 
 class WorkerPool:
-    def __init__(self, workers, max_queue, cap, context):
-        self.workers, self.max_queue, self.cap, self.context = workers, max_queue, cap, context
+    def __init__(self, engines, max_queue, cap, context):
+        self.workers = [Worker(i, str(e.model.get_device()), e, queue.Queue()) for i, e in enumerate(engines)]
+        self.max_queue, self.cap, self.context = max_queue, cap, context
+        self.load = [0] * len(engines)  # each worker's requests, in its batch or waiting
         self.lock = threading.Lock()
-        for w in workers:
-            w["inbox"], w["load"] = queue.Queue(), 0  # load: its requests, in the batch or waiting
+        for w in self.workers:
             threading.Thread(target=decode_loop, args=(self, w), daemon=True).start()
 
     def waiting(self):
-        return sum(max(0, w["load"] - self.cap) for w in self.workers)
+        return sum(max(0, load - self.cap) for load in self.load)
 
     def start(self, prompt, params, reply):
         """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every batch
         and the queue are full or the wait is too long (the caller answers 503)."""
         with self.lock:
-            worker = min(self.workers, key=lambda w: w["load"])
-            if worker["load"] >= self.cap and self.waiting() >= self.max_queue:
+            worker = min(self.workers, key=lambda w: self.load[w.id])
+            if self.load[worker.id] >= self.cap and self.waiting() >= self.max_queue:
                 return None
-            worker["load"] += 1
+            self.load[worker.id] += 1
         job = Job(prompt, params, reply, queue.Queue(), threading.Event(), worker)
-        worker["inbox"].put(job)
+        worker.inbox.put(job)
         try:
             admitted = job.out.get(timeout=QUEUE_WAIT_S)
         except queue.Empty:
@@ -302,7 +304,7 @@ class WorkerPool:
 
     def finish(self, worker):
         with self.lock:
-            worker["load"] -= 1
+            self.load[worker.id] -= 1
 
 def job_pieces(job):
     for piece in iter(job.out.get, None):
@@ -315,13 +317,13 @@ def decode_loop(pool, worker):
     """Continuous batching: each step samples one token for every active request (its own settings, seed and tool state) and
     runs them all through one batched forward. Waiting requests are prefilled and join between steps; finished or cancelled
     ones leave at once, the last row taking over their cache row so the batch stays packed at the front."""
-    engine, special = worker["engine"], worker["engine"].specials()
+    engine, special = worker.engine, worker.engine.specials()
     kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
     while True:
         try:
             while len(rows) < pool.cap:  # admit; block only when idle
                 try:
-                    job = worker["inbox"].get(block=not rows)
+                    job = worker.inbox.get(block=not rows)
                 except queue.Empty:
                     break
                 if job.cancel.is_set():
@@ -378,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON too
         self.close_connection = True
         self.send_json(code, error_json(code, message or self.responses.get(code, ("error",))[0]))
-        self.server.app["log"](f"{self.client_address[0]} {code} {message or ''}")
+        self.server.log(f"{self.client_address[0]} {code} {message or ''}")
 
     def send_headers(self, status, content_type, extra=None, length=None):
         self.status = status
@@ -399,7 +401,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _logged(self, route):
-        app, t0 = self.server.app, time.time()
+        t0 = time.time()
         self.status, self.note = None, ""
         if self.command != "POST":  # no body to wait for (a POST's deadline ends in read_json_body)
             self.server.deadlines.pop(self.connection, None)
@@ -423,7 +425,7 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
         finally:
-            app["log"](f"{self.client_address[0]} {self.command} {self.path} {self.status} {time.time() - t0:.2f}s {' '.join(self.note.split())}")
+            self.server.log(f"{self.client_address[0]} {self.command} {self.path} {self.status} {time.time() - t0:.2f}s {' '.join(self.note.split())}")
 
     def do_GET(self):
         self._logged(self.route_get)
@@ -436,23 +438,24 @@ class Handler(BaseHTTPRequestHandler):
                                                                    "Access-Control-Allow-Headers": "Content-Type, Authorization"}, 0))
 
     def route_get(self):
-        app, pool, path = self.server.app, self.server.app["pool"], self.path.split("?")[0]
-        free = sum(w["load"] < pool.cap for w in pool.workers)
+        app, pool, path = self.server.app, self.server.app.pool, self.path.split("?")[0]
+        free = sum(load < pool.cap for load in pool.load)
         if path in ("/", "/index.html"):
             with open(UI_PATH, "rb") as f:
                 body = f.read()
             self.send_headers(200, "text/html; charset=utf-8", length=len(body))
             self.wfile.write(body)
         elif path == "/health":
-            self.send_json(200, {"status": "ok", "ready": True, "num_gpus": app["num_gpus"], "available_workers": free,
-                                 "model": app["model_id"], "defaults": app["defaults"]})
+            num_gpus = sum(w.device.startswith("cuda") for w in pool.workers)
+            self.send_json(200, {"status": "ok", "ready": True, "num_gpus": num_gpus, "available_workers": free,
+                                 "model": app.model_id, "defaults": app.defaults})
         elif path == "/stats":
-            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": sum(w["load"] > 0 for w in pool.workers),
-                                 "active_requests": sum(min(w["load"], pool.cap) for w in pool.workers), "batch_cap": pool.cap,
+            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": sum(load > 0 for load in pool.load),
+                                 "active_requests": sum(min(load, pool.cap) for load in pool.load), "batch_cap": pool.cap,
                                  "waiting_requests": pool.waiting(), "max_queue": pool.max_queue,
-                                 "workers": [{"gpu_id": w["id"], "device": w["device"]} for w in pool.workers]})
+                                 "workers": [{"gpu_id": w.id, "device": w.device} for w in pool.workers]})
         elif path == "/v1/models" or path.startswith("/v1/models/"):  # one model; any id asked for is this one
-            card = {"id": app["model_id"], "object": "model", "created": app["created"], "owned_by": "nanochat"}
+            card = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "nanochat"}
             self.send_json(200, card if path.startswith("/v1/models/") else {"object": "list", "data": [card]})
         else:
             raise ApiError(404, f"no such endpoint: GET {path}")
@@ -464,12 +467,12 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         data = read_json_body(self)
         messages = parse_messages(data)
-        params = parse_sampling(data, app["defaults"])
+        params = parse_sampling(data, app.defaults)
         asked = params["max_tokens"]
-        prompt, dropped, params["max_tokens"] = fit_messages(app["tokenizer"], messages, app["context"], asked)
-        note = fit_note(dropped, params["max_tokens"], asked, app["context"])
+        prompt, dropped, params["max_tokens"] = fit_messages(app.tokenizer, messages, app.pool.context, asked)
+        note = fit_note(dropped, params["max_tokens"], asked, app.pool.context)
         note = {"note": note} if note else {}
-        job = app["pool"].start(prompt, params, Reply(app["tokenizer"]))
+        job = app.pool.start(prompt, params, Reply(app.tokenizer))
         if job is None:
             raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
         try:
@@ -478,24 +481,24 @@ class Handler(BaseHTTPRequestHandler):
                 if note:
                     self.send_event(note)
                 for piece in job_pieces(job):
-                    self.send_event({"token": piece, "gpu": job.worker["id"]})
+                    self.send_event({"token": piece, "gpu": job.worker.id})
                 self.send_event({"done": True})
             else:
                 self.openai_response(data, job_pieces(job), job.reply, len(prompt), note)
         finally:
             job.cancel.set()  # a client that went away leaves the batch at the next step
-            self.note = f"worker={job.worker['id']} prompt={len(prompt)} completion={len(job.reply.ids)} finish={job.reply.finish} {self.note}"
+            self.note = f"worker={job.worker.id} prompt={len(prompt)} completion={len(job.reply.ids)} finish={job.reply.finish} {self.note}"
 
     def openai_response(self, data, pieces, reply, n_prompt, note):
         app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": len(reply.ids), "total_tokens": n_prompt + len(reply.ids)}
         if not data.get("stream"):
             text = "".join(pieces)
-            self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": app["model_id"],
+            self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": app.model_id,
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish}],
                                  "usage": usage(), **note})
             return
-        chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created, "model": app["model_id"], "choices": choices, **kw}
+        chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created, "model": app.model_id, "choices": choices, **kw}
         self.send_headers(200, "text/event-stream; charset=utf-8")
         self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **note))
         for piece in pieces:
@@ -511,12 +514,12 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # listen backlog, so bursts of connections are queued rather than refused
 
     def handle_error(self, request, client_address):  # a broken connection is one log line, not a traceback
-        self.app["log"](f"{client_address[0]} connection error: {sys.exc_info()[1]!r}")
+        self.log(f"{client_address[0]} connection error: {sys.exc_info()[1]!r}")
 
     def process_request(self, request, client_address):  # beyond MAX_CONNECTIONS: 503 at once, without a thread
         if self.slots.acquire(blocking=False):
             return super().process_request(request, client_address)
-        self.app["log"](f"{client_address[0]} 503 over {MAX_CONNECTIONS} open connections")
+        self.log(f"{client_address[0]} 503 over {MAX_CONNECTIONS} open connections")
         body = json.dumps(error_json(503, "too many open connections; retry shortly")).encode()
         with contextlib.suppress(OSError):
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
@@ -532,11 +535,11 @@ class Server(ThreadingHTTPServer):
             if time.time() > deadline and self.deadlines.pop(conn, None):
                 with contextlib.suppress(OSError):  # a closed connection (its request was answered) raises here
                     conn.shutdown(socket.SHUT_RDWR)
-                    self.app["log"](f"request not in after {REQUEST_DEADLINE_S}s: connection closed")
+                    self.log(f"request not in after {REQUEST_DEADLINE_S}s: connection closed")
 
-def make_server(app, host, port):
+def make_server(app, host, port, log):
     server = Server((host, port), Handler)
-    server.app, server.deadlines, server.slots = app, {}, threading.BoundedSemaphore(MAX_CONNECTIONS)
+    server.app, server.log, server.deadlines, server.slots = app, log, {}, threading.BoundedSemaphore(MAX_CONNECTIONS)
     return server
 
 # -----------------------------------------------------------------------------
@@ -563,8 +566,8 @@ def batch_cap(device, config):
     return int(max(1, min(256, torch.cuda.mem_get_info(device)[0] // 2 // row_bytes)))
 
 def build_app(args):
-    workers, random_init = [], False
-    for i, device in enumerate(worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1)):
+    engines, random_init = [], False
+    for device in worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1):
         try:
             tokenizer = get_tokenizer()
             model, _ = load_model(args.source, device, tag=args.tag, step=args.step, tokenizer=tokenizer)  # in eval mode
@@ -574,13 +577,12 @@ def build_app(args):
             random_init, tokenizer = True, _BenchTokenizer(65536)  # no checkpoint: time a random-init depth-4 model (as model.py bench)
             torch.manual_seed(0)
             model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
-        workers.append({"id": i, "device": device, "model": model, "engine": Engine(model, tokenizer)})
-    config = workers[0]["model"].config
-    cap = args.batch_cap or batch_cap(workers[0]["device"], config)
-    return {"tokenizer": tokenizer, "pool": WorkerPool(workers, args.max_queue, cap, config.sequence_len), "context": config.sequence_len,
-            "model_id": "random-init-d4" if random_init else f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", "created": int(time.time()),
-            "num_gpus": sum(w["device"].startswith("cuda") for w in workers), "log": log_line,
-            "defaults": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512}}
+        engines.append(Engine(model, tokenizer))
+    config = model.config
+    cap = args.batch_cap or batch_cap(str(model.get_device()), config)
+    return App(tokenizer, WorkerPool(engines, args.max_queue, cap, config.sequence_len),
+               "random-init-d4" if random_init else f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", int(time.time()),
+               {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512})
 
 def bench_stream(port, max_tokens, out):
     """One streamed /v1 request; appends (time to first token, completion tokens, decode time after the first token)."""
@@ -597,10 +599,10 @@ def bench_stream(port, max_tokens, out):
 
 def bench(app, max_tokens=128):
     """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 and 32 concurrent ones."""
-    server, app["log"] = make_server(app, "127.0.0.1", 0), lambda line: None
+    server = make_server(app, "127.0.0.1", 0, log=lambda line: None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bench_stream(server.server_address[1], 8, [])  # warm-up
-    print(f"{app['model_id']} on {app['pool'].workers[0]['device']}, {len(app['pool'].workers)} worker(s) of up to {app['pool'].cap} rows, "
+    print(f"{app.model_id} on {app.pool.workers[0].device}, {len(app.pool.workers)} worker(s) of up to {app.pool.cap} rows, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f} before (a shared machine: figures move with the load)")
     for n in (1, 8, 32):
         results, t0 = [], time.time()
@@ -648,11 +650,11 @@ def main():
         bench(app)
     elif args.web:
         try:
-            server = make_server(app, args.host, args.port)
+            server = make_server(app, args.host, args.port, log_line)
         except OSError as e:
             sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
         host, port = server.server_address[:2]
-        print(f"serving {app['model_id']} with {len(app['pool'].workers)} worker(s) on http://{host}:{port}/ "
+        print(f"serving {app.model_id} with {len(app.pool.workers)} worker(s) on http://{host}:{port}/ "
               f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
         try:
             server.serve_forever()
@@ -660,8 +662,7 @@ def main():
             pass
         server.server_close()
     else:
-        worker = app["pool"].workers[0]
-        chat_cli(args, app["tokenizer"], worker["engine"], app["context"])
+        chat_cli(args, app.tokenizer, app.pool.workers[0].engine, app.pool.context)
 
 if __name__ == "__main__":
     main()

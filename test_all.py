@@ -2733,6 +2733,28 @@ def test_chat_reply_streams_utf8_whole_and_brackets_tools(tokenizer):
     assert render_prompt(tokenizer, msgs) == tokenizer.render_for_completion(conv)
 
 
+def test_chat_prompt_tokens_are_the_tokenizers_format():
+    """The served prompt: the tokenizer's render_for_completion wherever the roles alternate (with or without a system message),
+    and the same per-message format for any other order, which the API also serves (ids pinned before the refactor of issue 21)."""
+    from tokenizer import Tokenizer
+    from chat import render_prompt
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # ids: the bytes, then <|bos|> 256, user 257/258, assistant 259/260
+    hi, yo, s = [257, 72, 105, 258], [259, 89, 111, 260], [83, 10, 10]  # "Hi" as a user message, "Yo" as an assistant one, "S\n\n"
+    cases = [([("user", "Hi")], [256, *hi, 259]),
+             ([("system", "S"), ("user", "Hi")], [256, 257, *s, *hi[1:], 259]),
+             ([("user", "Hi"), ("assistant", "Yo"), ("user", "?")], [256, *hi, *yo, 257, 63, 258, 259]),
+             ([("system", "S"), ("user", "Hi"), ("assistant", "Yo"), ("user", "?")], [256, 257, *s, *hi[1:], *yo, 257, 63, 258, 259]),
+             ([("assistant", "Yo"), ("user", "Hi")], [256, *yo, *hi, 259]),  # not alternating from a user message: served all the same
+             ([("user", "Hi"), ("user", "Hi")], [256, *hi, *hi, 259]),
+             ([("system", "S"), ("user", "Hi"), ("assistant", "Yo")], [256, 257, *s, *hi[1:], *yo, 259])]
+    for messages, ids in cases:
+        assert render_prompt(tok, messages) == ids, messages
+        roles = [r for r, _ in messages if r != "system"]
+        if roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]:  # alternating, ending with the user's
+            conversation = {"messages": [{"role": r, "content": t} for r, t in messages] + [{"role": "assistant", "content": "x"}]}
+            assert tok.render_for_completion(conversation) == ids, messages
+
+
 def test_chat_batched_decoding_equals_alone():
     """Requests decoded together in one worker's batch (joining at different steps, prompts of different lengths, one calling
     the calculator, one sampled with its own seed and top-k, one waiting for a free row) get token for token the reply each
@@ -2771,7 +2793,7 @@ def test_chat_batched_decoding_equals_alone():
     call = [S("<|python_start|>"), *tok.encode("12*3"), S("<|python_end|>"), S("<|output_start|>"), *tok.encode("36"), S("<|output_end|>")]
     assert alone[2][:len(call)] == call
     batch_sizes.clear()
-    pool = WorkerPool([{"id": 0, "device": "cpu", "engine": engine}], max_queue=4, cap=4, context=128)
+    pool = WorkerPool([engine], max_queue=4, cap=4, context=128)
     jobs, deadline = [], time.time() + 120
     for prompt, p in zip(prompts, params):
         while jobs and len(jobs[-1].reply.ids) < 3 and time.time() < deadline:  # each joins a few steps after the previous one
@@ -2994,7 +3016,7 @@ def start_limited_server(monkeypatch, deadline, max_connections):
     monkeypatch.setattr(chat, "REQUEST_DEADLINE_S", deadline, raising=False)
     monkeypatch.setattr(chat, "MAX_CONNECTIONS", max_connections, raising=False)
     log = []
-    server = chat.make_server({"log": log.append}, "127.0.0.1", 0)
+    server = chat.make_server(None, "127.0.0.1", 0, log.append)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server.server_address[1], log, server
 
