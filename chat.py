@@ -76,13 +76,10 @@ class Reply:
             if piece:
                 yield piece
 
-def special_ids(tokenizer):
-    return [tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "user_end", "assistant_start", "assistant_end")]
-
 def render_prompt(tokenizer, messages):
     """SPEC 10.6: <|bos|>, each (role, text) in its start/end tokens, <|assistant_start|>; a leading system message merged into the
     first user message (SPEC 1.7). tokenizer.render_for_completion is equal but asserts the roles alternate; the API takes any order."""
-    bos, us, ue, ast, aend = special_ids(tokenizer)
+    bos, us, ue, ast, aend = (tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "user_end", "assistant_start", "assistant_end"))
     if messages[0][0] == "system":
         messages = [("user", messages[0][1] + "\n\n" + messages[1][1])] + messages[2:]
     ids = [bos]
@@ -111,7 +108,7 @@ def fit_note(dropped, room, asked, context):
 # command-line chat (SPEC 10.5)
 
 def chat_cli(args, tokenizer, engine, context):
-    bos, us, ue, ast, aend = special_ids(tokenizer)
+    bos, us, aend = (tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "assistant_end"))
     max_tokens = args.max_tokens or 256
     history = [bos]  # the conversation is kept as tokens
     if args.prompt is None:
@@ -134,7 +131,8 @@ def chat_cli(args, tokenizer, engine, context):
             continue
         if not text.strip():
             continue
-        prompt, dropped = fit_context(history + [us] + tokenizer.encode(text) + [ue, ast], context, max_tokens, us)
+        turn = render_prompt(tokenizer, [("user", text)])[1:]  # <|user_start|> text <|user_end|> <|assistant_start|>
+        prompt, dropped = fit_context(history + turn, context, max_tokens, us)
         if len(prompt) >= context:
             print(f"(that message needs {len(prompt)} tokens; this model's context is {context} tokens: not sent)")
             continue

@@ -8,6 +8,7 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtur
 """
 import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
 import concurrent.futures as cf
+from collections import namedtuple
 
 import numpy as np
 import requests
@@ -249,15 +250,13 @@ def task_parquets(repo, subset, split):
                                                    "files": [os.path.basename(p) for p in paths]}))
     return paths
 
-def task_parquet(repo, subset, split):
-    """The first parquet file of a dataset split (downloading the whole split). -> local path"""
-    return task_parquets(repo, subset, split)[0]
-
 def _task_rows(repo, subset, split):
     return [row for p in task_parquets(repo, subset, split) for row in pq.read_table(p).to_pylist()]
 
 # =============================================================================
 # pretraining loader: BOS-aligned best fit; cropped remainders go back into the buffer as BOS-prefixed pieces
+
+Piece = namedtuple("Piece", "tokens start epoch unit doc")  # BOS + tokens[start:] of document `doc` of row group `unit` (np.int32, no BOS)
 
 class PretrainLoader:
     """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
@@ -286,7 +285,7 @@ class PretrainLoader:
                              f"in {len(self.paths)} shards; download more shards or run fewer ranks")
         docs = sum(metas[fi].row_group(rg).num_rows for fi, rg in self.units)
         self.buffer_docs = min(buffer_docs, docs)  # a small split (val) is buffered once, not several epochs over
-        self.buffer = []      # pieces [tokens (np.int32, without BOS), start, epoch, unit, doc]: BOS + tokens[start:]
+        self.buffer = []      # Pieces
         self.next = (0, 0)    # (epoch, unit) of the next row group to pull into the buffer
         self.epoch = 0        # epoch of the latest row group pulled in
         self.stats = {"tokens_read": 0, "tokens_used": 0, "tokens_dropped": 0}
@@ -337,7 +336,7 @@ class PretrainLoader:
                 raise item
             epoch, unit, docs = item
             assert (epoch, unit) == self.next, "producer out of step"
-            self.buffer.extend([d, 0, epoch, unit, j] for j, d in enumerate(docs) if len(d))
+            self.buffer.extend(Piece(d, 0, epoch, unit, j) for j, d in enumerate(docs) if len(d))
             self.stats["tokens_read"] += sum(len(d) for d in docs)
             self.epoch = epoch
             self.next = (epoch + 1, 0) if unit + 1 == len(self.units) else (epoch, unit + 1)
@@ -349,7 +348,7 @@ class PretrainLoader:
             pos = 0
             while pos < T1:
                 self._refill()
-                lens = np.fromiter((1 + len(p[0]) - p[1] for p in self.buffer), dtype=np.int64, count=len(self.buffer))
+                lens = np.fromiter((1 + len(p.tokens) - p.start for p in self.buffer), dtype=np.int64, count=len(self.buffer))
                 room = T1 - pos
                 fits = np.where(lens <= room, lens, 0)
                 j = int(fits.argmax())  # longest that fits whole (first one on ties)
@@ -358,13 +357,13 @@ class PretrainLoader:
                 take = min(int(lens[j]), room)
                 piece = self.buffer[j]
                 rows[b, pos] = self.bos
-                rows[b, pos + 1:pos + take] = piece[0][piece[1]:piece[1] + take - 1]
+                rows[b, pos + 1:pos + take] = piece.tokens[piece.start:piece.start + take - 1]
                 pos += take
                 st["tokens_used"] += take - 1
                 if take == lens[j]:
                     self.buffer.pop(j)
                 elif self.crop == "keep":
-                    piece[1] += take - 1  # the rest stays, as BOS + tokens[start:]
+                    self.buffer[j] = piece._replace(start=piece.start + take - 1)  # the rest stays, as BOS + tokens[start:]
                 else:
                     st["tokens_dropped"] += int(lens[j]) - take
                     self.buffer.pop(j)
@@ -392,7 +391,7 @@ class PretrainLoader:
         """Small and JSON-serializable: position in the row-group sequence, buffer as piece names, counters."""
         return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "crop": self.crop,
                 "shards": [os.path.basename(p) for p in self.paths], "next": list(self.next), "epoch": self.epoch,
-                "buffer": [[p[2], p[3], p[4], p[1]] for p in self.buffer], "stats": dict(self.stats)}
+                "buffer": [[p.epoch, p.unit, p.doc, p.start] for p in self.buffer], "stats": dict(self.stats)}
 
     def load_state_dict(self, sd):
         mine = self.state_dict()
@@ -403,11 +402,13 @@ class PretrainLoader:
         wanted = sorted({(u, j) for _, u, j, _ in sd["buffer"]})
         texts = {u: self._read_texts(u) for u in sorted({u for u, _ in wanted})}  # only the row groups still buffered
         docs = dict(zip(wanted, self._encode([texts[u][j] for u, j in wanted])))
-        self.buffer = [[docs[(u, j)], start, e, u, j] for e, u, j, start in sd["buffer"]]
+        self.buffer = [Piece(docs[(u, j)], start, e, u, j) for e, u, j, start in sd["buffer"]]
         self.next, self.epoch, self.stats = tuple(sd["next"]), sd["epoch"], dict(sd["stats"])
 
 # =============================================================================
 # chat loader: best fit with padding, never cropping a conversation
+
+Rendered = namedtuple("Rendered", "index ids mask")  # conversation `index` of the task, rendered (np.int64 ids, np.int8 mask)
 
 class ChatLoader:
     """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole rendered conversations (longest that fits first),
@@ -425,7 +426,7 @@ class ChatLoader:
         if self.share == 0:
             raise ValueError(f"rank {rank} of {world_size} gets no conversation: the task has only {len(task)}")
         self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.placed, self.buffer = rank, 0, []  # buffer: [index, ids, mask]
+        self.cursor, self.placed, self.buffer = rank, 0, []  # buffer: Rendered conversations
 
     @property
     def progress(self):
@@ -437,7 +438,7 @@ class ChatLoader:
 
     def _render(self, i):
         ids, mask = self.tok.render_conversation(self.task[i], max_tokens=self.T + 1)
-        return [i, np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)]
+        return Rendered(i, np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8))
 
     def _refill(self):
         while len(self.buffer) < self.buffer_size:
@@ -457,7 +458,7 @@ class ChatLoader:
             pos = 0
             while True:
                 self._refill()
-                lens = np.array([len(c[1]) for c in self.buffer])
+                lens = np.array([len(c.ids) for c in self.buffer])
                 fits = np.where(lens <= T1 - pos, lens, 0)
                 j = int(fits.argmax()) if self.pack else 0  # pack=False: the next conversation alone in its row
                 if fits[j] == 0 or (pos > 0 and not self.pack):
@@ -475,7 +476,7 @@ class ChatLoader:
 
     def state_dict(self):
         return {"rank": self.rank, "world_size": self.world_size, "cursor": self.cursor, "placed": self.placed,
-                "buffer": [c[0] for c in self.buffer]}
+                "buffer": [c.index for c in self.buffer]}
 
     def load_state_dict(self, sd):
         if (sd["rank"], sd["world_size"]) != (self.rank, self.world_size):
@@ -511,11 +512,18 @@ class Task:
     def __getitem__(self, i):
         return self.conversation(self.rows[i])
 
+    def evaluate(self, conversation, completion):
+        """The completion is the reference reply, but for surrounding white space."""
+        return completion.strip() == conversation["messages"][-1]["content"]
+
 class _Categorical(Task):
     eval_type = "categorical"
 
+class _FinalAnswer(Task):
     def evaluate(self, conversation, completion):
-        return completion.strip() == conversation["messages"][-1]["content"]
+        """The number after '####' is the reference reply's (the reply's last part holds it)."""
+        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return ref is not None and extract_answer(completion) == ref
 
 class SmolTalk(Task):
     def __init__(self, split, size=None):
@@ -546,7 +554,7 @@ class ARC(_Categorical):
         return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, choices)},
                              {"role": "assistant", "content": row["answerKey"]}], "letters": letters}
 
-class GSM8K(Task):
+class GSM8K(_FinalAnswer):
     def __init__(self, split, size=None):
         super().__init__(_task_rows("openai/gsm8k", "main", split), size)
 
@@ -559,10 +567,6 @@ class GSM8K(Task):
             elif chunk:
                 parts.append({"type": "text", "text": chunk})
         return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": parts}]}
-
-    def evaluate(self, conversation, completion):
-        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return ref is not None and extract_answer(completion) == ref
 
 class HumanEval(Task):
     def __init__(self, size=None):
@@ -615,9 +619,6 @@ class SimpleSpelling(Task):
         return {"messages": [{"role": "user", "content": f"Spell the word: {w}"},
                              {"role": "assistant", "content": f"{w}:{','.join(w)}"}]}
 
-    def evaluate(self, conversation, completion):
-        return completion.strip() == conversation["messages"][-1]["content"]
-
 SPELL_TEMPLATES = [
     "How many {letter} are in the word {word}", "How many {letter}s are in {word}",
     "Count the number of {letter} in {word}", "How many times does the letter {letter} appear in {word}",
@@ -634,7 +635,7 @@ SPELL_TEMPLATES = [
     "単語 {word} の中に文字 {letter} は何回出てきますか",
 ]
 
-class SpellingBee(Task):
+class SpellingBee(_FinalAnswer):
     def __init__(self, size=1000, split="train"):
         self.split, self.rows = split, range(size)
 
@@ -657,10 +658,6 @@ class SpellingBee(Task):
                  {"type": "python", "text": f"'{word}'.count('{letter}')"}, {"type": "python_output", "text": str(count)},
                  {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"}]
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": parts}]}
-
-    def evaluate(self, conversation, completion):
-        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return extract_answer(completion) == ref
 
 # --- identity: who the assistant is, generated from our own templates
 
@@ -730,22 +727,6 @@ class TaskMixture:
         t, j = self.index[i]
         return self.tasks[t][j]
 
-class TaskSequence:
-    """The given tasks one after another, unshuffled."""
-
-    def __init__(self, tasks):
-        self.tasks = tasks
-        self.starts = np.cumsum([0] + [len(t) for t in tasks])
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        t = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.tasks[t][i - int(self.starts[t])]
-
 TASKS = {  # the chat evals (SPEC 9.2): name -> constructor taking size=
     "ARC-Easy": functools.partial(ARC, "ARC-Easy", "test"),
     "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
@@ -777,7 +758,7 @@ def bench(args):
     drop = PretrainLoader(tok, args.B, args.T, crop="drop")
     while drop.epoch == 0:
         next(drop)
-    seen = drop.stats["tokens_read"] - sum(len(p[0]) for p in drop.buffer)
+    seen = drop.stats["tokens_read"] - sum(len(p.tokens) for p in drop.buffer)
     print(f"one epoch with crop=drop trains on {drop.stats['tokens_used'] / seen:.1%} of the data's tokens (crop=keep: 100%)")
     drop.close()
     loader = PretrainLoader(tok, args.B, args.T, threads=2)
