@@ -266,7 +266,7 @@ def parse_sampling(data, defaults):
 # the worker pool: one model replica + Engine per GPU (one on CPU), each decoding a batch of up to `cap` requests at once
 
 Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, text pieces, then None (or an exception)
-Worker = namedtuple("Worker", "id device engine inbox")
+Worker = namedtuple("Worker", "id device engine inbox")  # inbox: the Jobs waiting for its decode_loop
 App = namedtuple("App", "tokenizer pool model_id created defaults")  # what the server's handlers read
 
 class WorkerPool:
@@ -556,9 +556,10 @@ def worker_devices(device, num_gpus):
         return [f"cuda:{i}" for i in range(num_gpus or torch.cuda.device_count())]
     return [device]
 
-def batch_cap(device, config):
+def batch_cap(model):
     """CPU: 32 rows (beyond that a step's cost grows with the rows); CUDA: the rows whose KV cache fits in half the free memory."""
-    if not device.startswith("cuda"):
+    config, device = model.config, model.get_device()
+    if device.type != "cuda":
         return 32
     row_bytes = 2 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * config.sequence_len * 2  # k and v, bf16
     return int(max(1, min(256, torch.cuda.mem_get_info(device)[0] // 2 // row_bytes)))
@@ -577,8 +578,7 @@ def build_app(args):
             model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
         engines.append(Engine(model, tokenizer))
     config = model.config
-    cap = args.batch_cap or batch_cap(str(model.get_device()), config)
-    return App(tokenizer, WorkerPool(engines, args.max_queue, cap, config.sequence_len),
+    return App(tokenizer, WorkerPool(engines, args.max_queue, args.batch_cap or batch_cap(engines[0].model), config.sequence_len),
                "random-init-d4" if random_init else f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", int(time.time()),
                {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512})
 

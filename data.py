@@ -256,7 +256,7 @@ def _task_rows(repo, subset, split):
 # =============================================================================
 # pretraining loader: BOS-aligned best fit; cropped remainders go back into the buffer as BOS-prefixed pieces
 
-Piece = namedtuple("Piece", "tokens start epoch unit doc")  # BOS + tokens[start:] of document `doc` of row group `unit` (np.int32, no BOS)
+Piece = namedtuple("Piece", "tokens start epoch unit doc")  # BOS + tokens[start:]; tokens (np.int32, no BOS): document doc of row group unit
 
 class PretrainLoader:
     """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
