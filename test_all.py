@@ -2714,7 +2714,7 @@ def sse_events(data):
 
 
 def test_chat_reply_streams_utf8_whole_and_brackets_tools(tokenizer):
-    from chat import Reply, render_prompt, parse_messages
+    from chat import Reply, parse_messages
     text = "h\u00e9llo \U0001F600 \u4e16\u754c caf\u00e9 \U0001F468\u200d\U0001F469\u200d\U0001F467!"
     reply = Reply(tokenizer)
     pieces = [reply.push(t) for t in tokenizer.encode(text)]
@@ -2722,15 +2722,13 @@ def test_chat_reply_streams_utf8_whole_and_brackets_tools(tokenizer):
     ids = [tokenizer.encode_special("<|python_start|>"), *tokenizer.encode("2+2"), tokenizer.encode_special("<|python_end|>"),
            tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("4"), tokenizer.encode_special("<|output_end|>")]
     assert "".join(reply.push(t) for t in ids) == "[python: 2+2] [output: 4] "
-    # list-of-parts content; the system message is merged into the first user message when rendered (SPEC 1.7)
+    # list-of-parts content is joined; the system message stays first (render_prompt merges it: the test below)
     msgs = parse_messages({"messages": [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]})
     assert msgs == [("system", "Be brief."), ("user", "Hi\nthere")]
-    conv = {"messages": [{"role": "user", "content": "Be brief.\n\nHi\nthere"}, {"role": "assistant", "content": "x"}]}
-    assert render_prompt(tokenizer, msgs) == tokenizer.render_for_completion(conv)
 
 
-def test_chat_prompt_tokens_are_the_tokenizers_format():
+def test_chat_prompt_tokens_are_the_tokenizers_format(tokenizer):
     """The served prompt: the tokenizer's render_for_completion wherever the roles alternate (with or without a system message),
     and the same per-message format for any other order, which the API also serves (ids pinned before the refactor of issue 21)."""
     from tokenizer import Tokenizer
@@ -2750,6 +2748,7 @@ def test_chat_prompt_tokens_are_the_tokenizers_format():
         if roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]:  # alternating, ending with the user's
             conversation = {"messages": [{"role": r, "content": t} for r, t in messages] + [{"role": "assistant", "content": "x"}]}
             assert tok.render_for_completion(conversation) == ids, messages
+            assert render_prompt(tokenizer, messages) == tokenizer.render_for_completion(conversation), messages  # a BPE too
 
 
 def test_chat_batched_decoding_equals_alone():
