@@ -3513,7 +3513,7 @@ def test_guide_chat_rendering_matches_code():
     assert m and m.group(1) == user, "section 3.3: the chunk and token count of the user message"
     chunks = regex.findall(T.SPLIT_PATTERN, user)
     assert (int(m.group(2)), re.findall(r"`([^`]*)`", m.group(3)), int(m.group(4))) == (len(chunks), chunks, len(tok.encode(user)))
-    assert (len(tok.encode("12")), len(tok.encode("60"))) == (1, 2)  # "a token for `12` but none for `60`"
+    assert [len(tok.encode(w)) for w in ("12", "60", "It")] == [1, 2, 2]  # "a token for `12` but none for `60`; `It` is two"
     m = re.search(r"the chat\s+is (\d+) tokens, (\d+) of them with mask 1", text)
     assert m and (int(m.group(1)), int(m.group(2))) == (len(ids), sum(mask))
 
