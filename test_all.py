@@ -3274,7 +3274,7 @@ def _guide_flag_default(fn, flag, file, root):
 
 
 def guide_code_value(ref, root=REPO):
-    """The value a constants-table reference names in the code (forms documented in GUIDE.md section 12)."""
+    """The value a constants-table reference names in the code (forms documented in GUIDE.md's constants table section)."""
     m = re.fullmatch(r"([A-Za-z_]\w*\.py):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)(.*)", ref, re.S)
     if not m:
         raise ValueError(f"not a reference: {ref!r}")
@@ -3312,9 +3312,9 @@ def guide_code_value(ref, root=REPO):
 
 
 def guide_constant_rows(text):
-    """[(reference, value text)] of the constants table (the section whose heading starts '## 12.')."""
-    section = text.split("\n## 12.", 1)
-    assert len(section) == 2, "GUIDE.md has no section '## 12.' (the constants table)"
+    """[(reference, value text)] of the constants table (the section headed '## N. The constants table')."""
+    section = re.split(r"\n## \d+\. The constants table", text, maxsplit=1)
+    assert len(section) == 2, "GUIDE.md has no section '## N. The constants table'"
     rows = []
     for line in section[1].splitlines():
         if not line.startswith("| `"):
@@ -3384,7 +3384,7 @@ def test_guide_checker_bites():
         model_only = "\n".join(l for l in text.splitlines() if "model.py:" in l and "model.py:use_calculator(" not in l)
         assert any(e.startswith("model.py:softcap:") for e in guide_citation_errors([model_only], root))
         rows = "\n".join(l for l in model_only.splitlines() if l.startswith("| `model.py:"))
-        assert any(e.startswith("model.py:SOFTCAP:") and "30.0" in e for e in guide_constant_errors("\n## 12.\n" + rows, root))
+        assert any(e.startswith("model.py:SOFTCAP:") and "30.0" in e for e in guide_constant_errors("\n## 1. The constants table\n" + rows, root))
 
 
 def test_guide_model_sizes_match_code():
@@ -3440,8 +3440,9 @@ def test_guide_model_sizes_match_code():
                      rf"\*\*{tokens // batch:,}\*\* steps", text)
 
 
-def test_guide_tokenizer_example_matches_code():
-    """Section 3.2: the regex chunks, byte lists and ids of the worked example, from a tokenizer trained exactly as stated."""
+@functools.lru_cache(maxsize=1)
+def _guide_toy_tokenizer():
+    """The tiny tokenizer of section 3.2, trained exactly as the guide states -> (Tokenizer, ranks)."""
     import tokenizer as T
     text = _guide_text("GUIDE.md")
     m = re.search(r"train_bpe\(docs,\s+(\d+),\s+num_workers=1\)`\s+on\s+the\s+(\d+)\s+documents\s+\(([\d,]+)\s+characters\)\s+"
@@ -3451,7 +3452,15 @@ def test_guide_tokenizer_example_matches_code():
     docs = pq.ParquetFile(os.path.join(SHARD_DIR, "shard_00000.parquet")).read_row_group(0, columns=["text"]).column("text").to_pylist()
     assert (len(docs), sum(map(len, docs))) == (n_docs, n_chars)
     ranks = T.train_bpe(docs, vocab, num_workers=1)
-    tok = T.Tokenizer.from_ranks(ranks)
+    return T.Tokenizer.from_ranks(ranks), ranks
+
+
+def test_guide_tokenizer_example_matches_code():
+    """Section 3.2: the regex chunks, byte lists and ids of the worked example, from a tokenizer trained exactly as stated."""
+    import tokenizer as T
+    text = _guide_text("GUIDE.md")
+    tok, ranks = _guide_toy_tokenizer()
+    vocab = tok.get_vocab_size()
     block = text.split("```\nsentence: ", 1)[1].split("```", 1)[0]
     sentence = block.splitlines()[0]
     chunks = _ast.literal_eval(re.search(r"^chunks: (.*)$", block, re.M).group(1))
@@ -3469,6 +3478,105 @@ def test_guide_tokenizer_example_matches_code():
         assert ranks[_ast.literal_eval(piece).encode()] == int(rank), piece
     assert tok.encode_special("<|bos|>") == vocab - len(T.SPECIAL_TOKENS) == ids[0]
     assert f"`<|bos|>` is {ids[0]} = {vocab} − {len(T.SPECIAL_TOKENS)}" in text
+
+
+def test_guide_chat_rendering_matches_code():
+    """Section 3.3: every id and mask value of the rendered chat (the conversation is read back from the table) and the
+    counts stated under it, from the tokenizer of section 3.2."""
+    import tokenizer as T
+    text = _guide_text("GUIDE.md")
+    tok, _ = _guide_toy_tokenizer()
+    block = text.split("```\npiece ", 1)[1].split("```", 1)[0]
+    modes = {"<|user_start|>": "user", "<|assistant_start|>": "text", "<|python_start|>": "python", "<|python_end|>": "text",
+             "<|output_start|>": "python_output", "<|output_end|>": "text"}
+    messages, parts, mode, ids, mask = [], [], None, [], []
+    for line in block.splitlines()[1:]:
+        piece, writer, row_ids, row_mask = re.split(r"\s{2,}", line.strip())
+        row_ids, row_mask = _ast.literal_eval(row_ids), [int(m) for m in row_mask.split()]
+        assert len(row_ids) == len(row_mask) and set(row_mask) == {int(writer == "the model")}, line
+        if piece in T.SPECIAL_TOKENS:
+            assert row_ids == [tok.encode_special(piece)], line
+            mode = modes.get(piece, mode)
+            if piece == "<|assistant_end|>":
+                messages.append({"role": "assistant", "content": parts})
+        else:
+            assert tok.encode(piece) == row_ids, line
+            if mode == "user":
+                messages.append({"role": "user", "content": piece})
+            else:
+                parts.append({"type": mode, "text": piece})
+        ids, mask = ids + row_ids, mask + row_mask
+    assert [m["role"] for m in messages] == ["user", "assistant"] and len(parts) >= 3
+    assert tok.render_conversation({"messages": messages}) == (ids, mask)
+    m = re.search(r"`([^`]+)` is cut into (\d+) chunks \(([^)]*)\) and becomes (\d+) tokens", text)
+    user = messages[0]["content"]
+    assert m and m.group(1) == user, "section 3.3: the chunk and token count of the user message"
+    chunks = regex.findall(T.SPLIT_PATTERN, user)
+    assert (int(m.group(2)), re.findall(r"`([^`]*)`", m.group(3)), int(m.group(4))) == (len(chunks), chunks, len(tok.encode(user)))
+    assert [len(tok.encode(w)) for w in ("12", "60", "It")] == [1, 2, 2]  # "a token for `12` but none for `60`; `It` is two"
+    m = re.search(r"the chat\s+is (\d+) tokens, (\d+) of them with mask 1", text)
+    assert m and (int(m.group(1)), int(m.group(2))) == (len(ids), sum(mask))
+
+
+def test_guide_cpu_profile_matches_run_sh():
+    """Section 9: the CPU profile's sizes from run.sh's flags, its parameter count and first loss from model.py, the example
+    log line, and the time and bpb that README's Results measured."""
+    import model as M
+    text = _guide_text("GUIDE.md")
+    with open(os.path.join(REPO, "run.sh")) as f:
+        profile = f.read().split("\n  cpu)", 1)[1].split(";;", 1)[0]
+    flag = lambda name: int(re.search(rf"--{name} (\d+)", profile).group(1))
+    V, depth, T, steps, batch = flag("vocab-size"), flag("depth"), flag("max-seq-len"), flag("num-iterations"), flag("total-batch-size")
+    config = M.config_from_depth(depth, V, sequence_len=T)
+    with torch.device("meta"):
+        params = M.GPT(config).param_counts()["total"]
+    m = re.search(r"a tokenizer of ([\d,]+) tokens, a depth-(\d+) model \(width (\d+), (\d+) heads, sequence length (\d+), "
+                  r"([\d,]+) parameters,\s.*?([\d,]+) base steps of ([\d,]+) tokens", text, re.S)
+    assert m, "section 9 no longer describes the CPU profile"
+    assert [_guide_int(g) for g in m.groups()] == [V, depth, config.n_embd, config.n_head, T, params, steps, batch]
+    assert f"ln {V:,} = {math.log(V):.4f} ({math.log2(V):g} bits)" in text
+    line = re.search(r"^step (\d+)/(\d+) .*\| loss ([\d.]+) \| .*\| dt ([\d.]+)ms \| tok/s ([\d,]+) \|.*$", text, re.M)
+    assert line and int(line.group(1)) == 0 and int(line.group(2)) == steps
+    assert abs(float(line.group(3)) - math.log(V)) < 1e-5  # a fresh model's loss, up to fp32 rounding
+    assert _guide_int(line.group(5)) == round(batch / (float(line.group(4)) / 1000))
+    quoted = re.findall(r"`((?:step|loss|lrm|dt|tok/s|mfu) [^`|]*)`", text)  # the fields explained under the line
+    assert len(quoted) >= 6 and all(q in line.group(0) for q in quoted), quoted
+    readme = _guide_text("README.md")
+    minutes, bpb = re.search(r"\*\*(\d+) minutes\*\* end to end", readme), re.search(r"val bpb (\d\.\d+)", readme)
+    assert minutes and bpb, "README's Results no longer state the CPU profile's time and val bpb"
+    assert f"it took about {minutes.group(1)} minutes end to end and reached a validation bpb of\nabout {float(bpb.group(1)):.2f}" in text
+
+
+def test_guide_shift_and_newton_schulz_numbers():
+    """Section 5.1's input/target picture and row sizes, 5.4's rows per batch, 5.5's H100 peak, and GUIDE_MATH's
+    ln 65,536 and Newton-Schulz figures (recomputed from train.py:NS_COEFFS)."""
+    text, math_text = _guide_text("GUIDE.md"), _guide_text("GUIDE_MATH.md")
+    seq = guide_code_value("model.py:GPTConfig.sequence_len")
+    batch = guide_code_value('train.py:STAGE_DEFAULTS["base"]["total_batch_size"]')
+    block = text.split("```\nrow (T + 1 = ", 1)[1].split("```", 1)[0]
+    n = int(block.split(" ", 1)[0])
+    row, x, y = (re.split(r":\s{2,}", line, maxsplit=1)[1].split() for line in block.splitlines()[:3])
+    assert (len(row), x, y) == (n, row[:-1], row[1:])
+    assert f"a row of T + 1 = {n} tokens gives {n - 1} predictions" in text
+    assert f"a row of {seq + 1:,} tokens gives {seq:,} predictions" in text
+    assert f"{batch:,} tokens (2^19): {batch // seq} rows of {seq:,} predictions each" in text and batch == 2 ** 19
+    assert dict(guide_code_value("train.py:PEAK_BF16_FLOPS"))["H100"] == 989e12 and "989 × 10^12 FLOPs per second for one H100" in text
+    V = guide_code_value("model.py:GPTConfig.vocab_size")
+    ln2 = round(math.log(2), 6)
+    assert f"ln({V:,}) = ln(2¹⁶) = 16 × ln 2 = 16 × {ln2} = {math.log(V):.4f}" in math_text and V == 2 ** 16
+    assert round(16 * ln2, 4) == round(math.log(V), 4)
+    a, b, c = guide_code_value("train.py:NS_COEFFS")
+    steps = guide_code_value("train.py:newton_schulz(steps)")
+    s = torch.logspace(-6, 0, 600001, dtype=torch.float64)
+    out = s.clone()
+    for _ in range(steps):
+        out = a * out + b * out ** 3 + c * out ** 5
+    low = s[out >= 0.5].min().item()
+    m = re.search(r"(\w+) rounds take every s from about ([\d.]+) up to 1 into a band from ([\d.]+) to ([\d.]+)", math_text)
+    assert m and m.group(1) == {5: "Five"}.get(steps) and float(m.group(2)) == float(f"{low:.2g}")
+    assert (float(m.group(3)), float(m.group(4))) == (0.5, round(out[s >= low].max().item(), 1)) and out[s >= low].min() >= 0.5
+    m = re.search(r"grows at most ([\d.]+)-fold per round \(([\d.]+)⁵ ≈ (\d+)-fold", math_text)
+    assert m and float(m.group(1)) == float(m.group(2)) == a and int(m.group(3)) == round(a ** steps)
 
 
 def test_run_gpu_check_without_a_gpu_exits_2(tmp_path):
