@@ -645,14 +645,19 @@ def test_model_engine_greedy_matches_naive():
     assert all(col == [t] * 3 for (col, _), t in zip(cols, expected))
 
 
-def test_model_linear_decode_path_equals_f_linear():
-    """The CPU few-row bmm path of model.linear is the same product as F.linear, forward and backward."""
+def test_model_linear_decode_path_equals_f_linear(monkeypatch):
+    """model.Linear's CPU few-row bmm path (taken: F.linear must not run) is the same product as x @ w.T, forward and backward."""
     import model as model_lib
     torch.manual_seed(0)
     for shape, out in (((1, 1, 64), 96), ((8, 1, 64), 96), ((3, 64), 64), ((2, 4, 64), 40), ((1, 1, 64), 33), ((4, 16, 64), 96)):
         x = torch.randn(*shape, requires_grad=True)
-        w = torch.randn(out, 64, requires_grad=True)
-        y = model_lib.linear(x, w)
+        lin = model_lib.Linear(64, out)
+        w = lin.weight
+        fast = out % 2 == 0 and x.numel() // 64 <= 64
+        with monkeypatch.context() as m:
+            if fast:
+                m.setattr(model_lib.F, "linear", None)
+            y = lin(x)
         xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
         ref = xd @ wd.t()  # in float64, by another kernel: never F.linear compared with itself
         torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5)
@@ -660,6 +665,8 @@ def test_model_linear_decode_path_equals_f_linear():
         rx, rw = torch.autograd.grad(ref.square().sum(), (xd, wd))
         torch.testing.assert_close(gx, rx.float(), rtol=1e-5, atol=1e-4)  # summation order differs
         torch.testing.assert_close(gw, rw.float(), rtol=1e-5, atol=1e-4)
+    linears = [type(m) for m in small_model().modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 6 + 1 and set(linears) == {model_lib.Linear}  # every matrix of the model takes this path
 
 
 def test_model_engine_sampling_rows_and_seed():
