@@ -385,7 +385,7 @@ def predict_letters(model, tokenizer, prompts, letter_lists, device):
 
 def _task_evaluator(task):
     """HumanEval's programs run in this file's sandbox; the other tasks check the text themselves."""
-    if type(task).__name__ == "HumanEval":
+    if isinstance(task, data.HumanEval):
         return lambda conv, text: task.evaluate(conv, text, execute=execute_code)
     return task.evaluate
 
