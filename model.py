@@ -314,8 +314,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long) if ragged else None
 
     def _allocate(self, like):
-        # zeros, not empty: a ragged batch attends over every row's slots up to the longest row, masked; garbage there could be
-        # NaN, and a masked NaN still poisons the softmax
+        # zeros, not empty: a ragged batch reads every row's slots up to the longest row, and a masked NaN still poisons softmax
         self.k = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
         self.lengths = None if self.lengths is None else self.lengths.to(like.device)
@@ -519,8 +518,7 @@ class TextStreamer:
     """Turns a stream of token ids into text, releasing it only at whole UTF-8 characters (emoji, CJK)."""
 
     def __init__(self, tokenizer, max_pending=8):
-        self.tokenizer, self.max_pending = tokenizer, max_pending
-        self.pending = []
+        self.tokenizer, self.max_pending, self.pending = tokenizer, max_pending, []
 
     def push(self, token_id):
         """-> the newly completed text ("" while in the middle of a character)."""
