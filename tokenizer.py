@@ -36,10 +36,33 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
 
+# A space right after a non-space character always starts a chunk of SPLIT_PATTERN (no chunk ends in that character and
+# runs on into a space), and where a chunk starts the split ahead of it depends only on the text ahead. So a text cut at
+# those spaces gives the same chunks piece by piece: the regex then runs once per distinct piece, not over the corpus.
+SPACE_AFTER_SPACE = regex.compile(r"\s ")    # where text.split(" ") would cut at a space that is no chunk start
+CHUNK_SPACE = regex.compile(r"(?<=\S) ")     # the exact cut, slower, for texts that have one
 
-def _count_batch(findall, texts, counts):
+
+def _count_pieces(texts, pieces, firsts):
     for text in texts:
-        counts.update(findall(text))
+        parts = CHUNK_SPACE.split(text) if SPACE_AFTER_SPACE.search(text) else text.split(" ")
+        pieces.update(parts)
+        firsts[parts[0]] += 1  # a text's first piece had no space before it
+
+
+def _chunk_counts(pieces, firsts):
+    """The pieces counted by _count_pieces -> {chunk: count}. A piece of letters only is one chunk, its space included."""
+    counts, findall = {}, regex.compile(SPLIT_PATTERN).findall
+    get = counts.get
+    for piece, n in firsts.items():
+        pieces[piece] -= n
+        for chunk in findall(piece):
+            counts[chunk] = get(chunk, 0) + n
+    for piece, n in pieces.items():
+        if n:
+            for chunk in (" " + piece,) if piece.isalpha() else findall(" " + piece):
+                counts[chunk] = get(chunk, 0) + n
+    return counts
 
 
 def _packed(counts):
@@ -48,21 +71,13 @@ def _packed(counts):
     return b"\xff".join(chunk.encode("utf-8") for chunk in counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
-def _merged(packs):
-    """Sum the packed counts of the workers -> one pack, each distinct chunk once."""
-    counts = Counter()
-    for blob, n in packs:
-        counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
-    return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
-
-
-def _count_worker(pattern, inbox, outbox):
-    """Worker process: count the chunks of every batch it receives; at the end send back its counts, packed."""
+def _count_worker(inbox, outbox):
+    """Worker process: count the pieces of every batch it receives; at the end send back its chunk counts, packed."""
     try:
-        findall, counts = regex.compile(pattern).findall, Counter()
+        pieces, firsts = Counter(), Counter()
         for texts in iter(inbox.get, None):
-            _count_batch(findall, texts, counts)
-        outbox.put(_packed(counts))
+            _count_pieces(texts, pieces, firsts)
+        outbox.put(_packed(_chunk_counts(pieces, firsts)))
     except BaseException as e:  # hand the error to the parent instead of leaving it waiting forever
         outbox.put(RuntimeError(f"chunk counting failed in a worker: {type(e).__name__}: {e}"))
 
@@ -81,36 +96,40 @@ def _batches(texts):
         yield batch, size
 
 
-def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
-    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). Counting runs
-    in `num_workers` processes (default: all cores), each keeping its own Counter, so memory grows with the distinct
-    chunks, not with the corpus."""
-    num_workers = num_workers or os.cpu_count() or 1
+def _merged(packs):
+    """Sum packed counts -> one pack, each distinct chunk once."""
+    counts = Counter()
+    for blob, n in packs:
+        counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
+    return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
+
+
+def count_chunks(texts, num_workers=None, progress=None):
+    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process reads
+    the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch itself
+    whenever they are all busy. Each counts on its own, so memory grows with the distinct pieces, not with the corpus."""
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
-    batches, done = itertools.chain(head, batches), 0
-    if num_workers == 1 or len(head) < 2:  # one core or a small input: not worth starting processes
-        counts, findall = Counter(), regex.compile(pattern).findall
-        for batch, size in batches:
-            _count_batch(findall, batch, counts)
-            done += size
-            progress and progress(done)
-        return _packed(counts)
+    num_workers = (num_workers or os.cpu_count() or 1) if len(head) == 2 else 1  # a small input: no processes to start
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     inbox, outbox = ctx.Queue(maxsize=2 * num_workers), ctx.Queue()  # bounded: the reader never runs far ahead
-    procs = [ctx.Process(target=_count_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(num_workers)]
+    procs = [ctx.Process(target=_count_worker, args=(inbox, outbox), daemon=True) for _ in range(num_workers - 1)]
     for p in procs:
         p.start()
-    ok = False
+    pieces, firsts, done, ok = Counter(), Counter(), 0, False
     try:
-        for batch, size in batches:
-            inbox.put(batch)
+        for batch, size in itertools.chain(head, batches):
+            if procs and not inbox.full():
+                inbox.put(batch)
+            else:  # every worker has work waiting (or there is none): count this batch here
+                _count_pieces(batch, pieces, firsts)
             done += size
             progress and progress(done)
         for _ in procs:
             inbox.put(None)
-        results = [outbox.get() for _ in procs]  # read before join: a big result would block the worker's exit
-        for r in results:
+        # ours while the workers convert theirs; read theirs before join, as a big result would block a worker's exit
+        packs = [_packed(_chunk_counts(pieces, firsts))] + [outbox.get() for _ in procs]
+        for r in packs:
             if isinstance(r, Exception):
                 raise r
         ok = True
@@ -120,16 +139,16 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
                 inbox.cancel_join_thread()  # and do not wait at exit to flush batches nobody will read
                 p.terminate()
             p.join()
-    return _merged(results)
+    return packs[0] if len(packs) == 1 else _merged(packs)
 
 
-def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
+def train_bpe(texts, vocab_size, num_workers=None, progress=None):
     """Learn vocab_size - 9 - 256 merges on `texts` -> mergeable ranks {token bytes: id} (ids 0..255 = single bytes).
     Tie-break: highest count, then the smallest pair (a, b) — so the ranks equal rustbpe's for the same input."""
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
         raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), got {vocab_size}")
-    chunks, counts = count_chunks(texts, pattern, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
+    chunks, counts = count_chunks(texts, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
     if not len(counts):
         raise ValueError("no text to train on: the corpus is empty")
     if progress:
