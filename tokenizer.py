@@ -16,6 +16,7 @@ import heapq
 import pickle
 import statistics
 import hashlib
+import resource
 import argparse
 import itertools
 import multiprocessing as mp
@@ -252,7 +253,6 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
             made = _merge_many(*arrays, np.asarray(ps, dtype=np.int32), a, b, new, SHIFT, pair_count)
         else:
             created = {}  # pair made by this merge -> [its count, positions...]
-            cget = created.get
             for p in (ps if isinstance(ps, list) else ps.tolist()):  # ascending: a run of a's merges from the left
                 if T[p] != a or T[N[p]] != b:
                     continue  # a listed position gone stale
@@ -266,13 +266,11 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
                     pair_count[(x << SHIFT) | a] -= c
                 if y >= 0:
                     pair_count[(b << SHIFT) | y] -= c
-                for k, at in (((x << SHIFT) | new, left), ((new << SHIFT) | y, p)):  # a key < 0: no neighbour there
-                    e = cget(k)
-                    if e is not None:
+                for k, at in (((x << SHIFT) | new, left), ((new << SHIFT) | y, p)):
+                    if k >= 0:  # a key < 0: no neighbour there
+                        e = created.setdefault(k, [0])
                         e[0] += c
                         e.append(at)
-                    elif k >= 0:
-                        created[k] = [c, at]
             made = ((k, e[0], e) for k, e in created.items())
         del pair_count[key]  # no occurrence of (a, b) is left anywhere
         for k, count, ps in made:
@@ -471,9 +469,6 @@ def get_token_bytes(device="cpu"):
 # -----------------------------------------------------------------------------
 # command line: train / eval / bench
 
-SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
-
-
 def read_input_file(path):
     """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...} per line) or plain text
     (paragraphs separated by blank lines)."""
@@ -522,44 +517,9 @@ def training_documents(inputs, max_chars, doc_cap, stats):
             return
 
 
-def _tree_pss():
-    """PSS in MB summed over this process and all its descendants (the counting workers), from /proc: forked workers
-    share their parent's pages, which a sum of RSS would count twice and PSS splits fairly."""
-    children = {}
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
-        except (ValueError, OSError):
-            continue
-    pss, stack = 0, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                pss += int(dict(line.split(":")[:2] for line in f.read().splitlines()[1:])["Pss"].split()[0]) / 1024
-        except (OSError, KeyError, ValueError):
-            pass
-    return pss
-
-
-class PeakMemory:
-    """Samples the process tree's PSS every 50 ms in a thread while the block runs: .start and .peak in MB."""
-    def __enter__(self):
-        import threading
-        self.start = self.peak = _tree_pss()
-        self._stop = threading.Event()
-        def sample():
-            while not self._stop.wait(0.05):
-                self.peak = max(self.peak, _tree_pss())
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def peak_rss_mb():
+    """Peak RSS of this process plus its largest reaped child's (a counting worker) in MB: an upper bound on the tree's."""
+    return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
 class Progress:
@@ -588,8 +548,7 @@ def cmd_train(args):
         raise ValueError("--max-chars and --doc-cap must be positive")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
-    with PeakMemory() as mem:
-        ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
+    ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
     train_time = time.time() - t0
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
@@ -600,11 +559,11 @@ def cmd_train(args):
               f"not {args.vocab_size:,}; read it from the tokenizer, not from the flag")
     lengths = np.array([n for n in tok.token_byte_lengths() if n > 0])
     print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: vocab {tok.get_vocab_size():,} "
-          f"({len(ranks) - 256:,} merges), peak memory of the process tree {mem.peak:,.0f} MB PSS; saved to {tokenizer_dir()}")
+          f"({len(ranks) - 256:,} merges), peak RSS {peak_rss_mb():,.0f} MB (with the largest worker); saved to {tokenizer_dir()}")
     write_report_section("Tokenizer training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
-        "train_time_s": train_time, "peak_pss_mb": mem.peak,
+        "train_time_s": train_time, "peak_rss_mb": peak_rss_mb(),
         "token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
         "token_bytes_mean": float(lengths.mean()), "token_bytes_std": float(lengths.std())})
 
@@ -683,11 +642,20 @@ def cmd_eval(args):
     write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
+def _tree_pss_mb(pid):
+    """PSS of a process and its children in MB: forked workers share pages, which PSS splits and RSS would count twice."""
+    try:
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        return sum(int(open(f"/proc/{p}/smaps_rollup").read().split("\nPss:")[1].split()[0]) for p in [pid, *kids]) / 1024
+    except (OSError, IndexError):  # a process that just ended: this sample counts nothing
+        return 0
+
+
 def _timed_in_child(fn):
-    """(wall seconds, CPU seconds of it and its workers, result) of fn() run in a forked child: every run starts from the
-    same heap and none reuses memory an earlier one freed, so the peaks of the process tree's memory compare fairly."""
+    """fn() in a forked child, so that every run starts from the same heap -> (wall s, CPU s of it and its workers,
+    peak PSS of its process tree over the start in MB, sampled every 50 ms, result)."""
     def child():
-        t0, c0 = time.time(), sum(os.times()[:4])  # CPU: user + system, of this process and its reaped workers
+        t0, c0 = time.time(), sum(os.times()[:4])
         out = fn()
         send.send((time.time() - t0, sum(os.times()[:4]) - c0, out))
     ctx = mp.get_context("fork")
@@ -695,25 +663,23 @@ def _timed_in_child(fn):
     proc = ctx.Process(target=child)
     proc.start()
     send.close()  # so that recv() fails instead of waiting forever if the child dies
-    out = recv.recv()
+    start = peak = _tree_pss_mb(proc.pid)
+    while not recv.poll(0.05):
+        peak = max(peak, _tree_pss_mb(proc.pid))
+    wall, cpu, out = recv.recv()
     proc.join()
-    return out
+    return wall, cpu, peak - start, out
 
 
 def cmd_bench(args):
-    # common.py imports torch, which forked workers would then carry: this command reads the shards without it
     import pyarrow.parquet as pq
-    mirror = os.environ.get("NANOCHAT_MIRROR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
-    default_dir = os.path.join(mirror, *SHARD_URL.split("/")[2:-1])
-    data_dir = args.data_dir or default_dir
-    paths = [os.path.join(data_dir, SHARD_URL.format(i).rsplit("/", 1)[1]) for i in range(args.shards)]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"benchmark shard missing: {p} (set NANOCHAT_MIRROR to the mirror directory or pass --data-dir)")
+    from common import SHARD_URL, resolve_url
+    paths = [resolve_url(SHARD_URL.format(i)) for i in range(args.shards)]
+    if missing := [p for p in paths if not os.path.isfile(p)]:
+        raise FileNotFoundError(f"benchmark shards missing: {missing[0]} ... (set NANOCHAT_MIRROR to the mirror directory)")
     docs = [d[:args.doc_cap] for p in paths for d in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
     V = args.vocab_size
-    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
+    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; {os.cpu_count()} cores")
     trainers = {"ours": lambda: train_bpe(docs, V, num_workers=args.workers)}
     try:
         import rustbpe
@@ -724,41 +690,18 @@ def cmd_bench(args):
         trainers["rustbpe"] = train_rustbpe
     except ImportError:
         print("rustbpe not installed (pip install rustbpe): no reference run")
-    runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, peak PSS over the start in MB, ranks)]
+    runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, MB, ranks)]
     for r in range(args.rounds):  # interleaved, in turned order: a busy machine slows every trainer alike
         for name in list(trainers)[::1 if r % 2 else -1]:
-            with PeakMemory() as mem:
-                dt, cpu, ranks = _timed_in_child(trainers[name])
-            runs[name].append((dt, cpu, mem.peak - mem.start, ranks))
-            print(f"round {r + 1} {name:<8} {dt:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS of the process tree "
-                  f"{mem.peak:5,.0f} MB ({mem.peak - mem.start:+,.0f} MB over the start)")
+            runs[name].append(_timed_in_child(trainers[name]))
+            print(f"round {r + 1} {name:<8} %6.2f s wall, %6.2f s CPU, peak PSS +%4.0f MB" % runs[name][-1][:3])
     med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
-    print(f"medians of {args.rounds}: " + ", ".join(f"{name} {t:.2f} s wall, {c:.2f} s CPU, {m:+,.0f} MB" for name, (t, c, m) in med.items()))
+    print(f"medians of {args.rounds}: " + ", ".join(f"{n} {t:.2f} s wall, {c:.2f} s CPU, +{m:.0f} MB" for n, (t, c, m) in med.items())
+          + f"; load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
     if "rustbpe" in runs:
         ratio = [o / r for o, r in zip(med["ours"], med["rustbpe"])]
         print(f"ours/rustbpe: wall {ratio[0]:.2f}x, CPU {ratio[1]:.2f}x, memory {ratio[2]:.2f}x; "
               f"ranks equal rustbpe's: {all(o[3] == runs['rustbpe'][0][3] for o in runs['ours'])}")
-    # the runtime: our batch encode against tiktoken's raw batch call on the same ranks (best of 15, interleaved), and
-    # the time of our own work on top of tiktoken's call (prepending <|bos|> to every row), measured alone
-    # one thread on both sides: thread scheduling on a loaded machine would drown a difference of a few percent
-    tok, sample = Tokenizer.from_ranks(runs["ours"][0][3]), docs[:200]
-    calls = {"raw encode_ordinary_batch": lambda: tok.enc.encode_ordinary_batch(sample, num_threads=1),
-             "Tokenizer.encode(list)": lambda: tok.encode(sample, num_threads=1),
-             "... prepend=<|bos|>": lambda: tok.encode(sample, prepend="<|bos|>", num_threads=1)}
-    best, names = {name: float("inf") for name in calls}, list(calls)
-    for r in range(15):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate the order so no call always goes first
-            t0 = time.perf_counter()
-            out = calls[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-            del out  # freeing the result stays out of the timing
-    rows, t0 = tok.enc.encode_ordinary_batch(sample, num_threads=8), time.perf_counter()
-    for row in rows:
-        row.insert(0, tok.get_bos_token_id())
-    ours_only, raw = time.perf_counter() - t0, best["raw encode_ordinary_batch"]
-    print(f"encode {sum(map(len, sample)):,} chars in {len(sample)} docs: " + ", ".join(
-        f"{name} {t * 1000:.1f} ms ({100 * (t / raw - 1):+.1f}%)" for name, t in best.items()))
-    print(f"our own work on top of tiktoken's call: {ours_only * 1000:.3f} ms = {100 * ours_only / raw:.3f}% of the raw call")
 
 
 def main():
@@ -775,8 +718,7 @@ def main():
     sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
     p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read")
-    p.add_argument("--data-dir", default=None, help="folder holding the shards (default: the fineweb folder of $NANOCHAT_MIRROR)")
+    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read from $NANOCHAT_MIRROR")
     p.add_argument("--doc-cap", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer; the medians are compared")
