@@ -225,7 +225,8 @@ def test_tokenizer_count_chunks_equals_plain_findall(monkeypatch):
     texts = _tie_corpus() + HARD_TEXTS + [t.replace(" ", "  ") for t in HARD_TEXTS] + ["\n ".join(HARD_TEXTS)]
     want = Counter(chunk.encode() for t in texts for chunk in regex.findall(T.SPLIT_PATTERN, t))
     monkeypatch.setattr(T, "BATCH_CHARS", 3000)
-    for workers in (1, 2, 3):
+    for workers, max_pieces in ((1, 10**9), (2, 10**9), (3, 10**9), (1, 50), (2, 50)):  # 50: many folds into chunk counts
+        monkeypatch.setattr(T, "MAX_PIECES", max_pieces)
         blob, counts = T.count_chunks(texts, num_workers=workers)
         assert dict(zip(blob.split(b"\xff"), counts.tolist())) == want
     # a piece of letters counts as one chunk without the regex: Python's letters must all be the regex's \p{L}

@@ -36,6 +36,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 
 MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
+MAX_PIECES = 1_000_000   # distinct pieces a process keeps (~150 MB) before it folds them into its chunk counts
 
 # A space right after a non-space character always starts a chunk of SPLIT_PATTERN (no chunk ends in that character and
 # runs on into a space), and where a chunk starts the split ahead of it depends only on the text ahead. So a text cut at
@@ -44,17 +45,19 @@ SPACE_AFTER_SPACE = regex.compile(r"\s ")    # where text.split(" ") would cut a
 CHUNK_SPACE = regex.compile(r"(?<=\S) ")     # the exact cut, slower, for texts that have one
 
 
-def _count_pieces(texts, pieces, firsts):
+def _count_pieces(texts, pieces, firsts, counts):
     for text in texts:
         parts = CHUNK_SPACE.split(text) if SPACE_AFTER_SPACE.search(text) else text.split(" ")
         pieces.update(parts)
         firsts[parts[0]] += 1  # a text's first piece had no space before it
+    if len(pieces) > MAX_PIECES:  # bound the memory: fold the pieces into the chunk counts so far
+        _fold(pieces, firsts, counts)
 
 
-def _chunk_counts(pieces, firsts):
-    """The pieces counted by _count_pieces -> {chunk: count}. A piece of letters only is one chunk, its space included."""
-    counts, findall = {}, regex.compile(SPLIT_PATTERN).findall
-    get = counts.get
+def _fold(pieces, firsts, counts):
+    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces. A piece of
+    letters only is one chunk, its space included."""
+    findall, get = regex.compile(SPLIT_PATTERN).findall, counts.get
     for piece, n in firsts.items():
         pieces[piece] -= n
         for chunk in findall(piece):
@@ -63,6 +66,8 @@ def _chunk_counts(pieces, firsts):
         if n:
             for chunk in (" " + piece,) if piece.isalpha() else findall(" " + piece):
                 counts[chunk] = get(chunk, 0) + n
+    pieces.clear()
+    firsts.clear()
     return counts
 
 
@@ -75,10 +80,10 @@ def _packed(counts):
 def _count_worker(inbox, outbox):
     """Worker process: count the pieces of every batch it receives; at the end send back its chunk counts, packed."""
     try:
-        pieces, firsts = Counter(), Counter()
+        pieces, firsts, counts = Counter(), Counter(), {}
         for texts in iter(inbox.get, None):
-            _count_pieces(texts, pieces, firsts)
-        outbox.put(_packed(_chunk_counts(pieces, firsts)))
+            _count_pieces(texts, pieces, firsts, counts)
+        outbox.put(_packed(_fold(pieces, firsts, counts)))
     except BaseException as e:  # hand the error to the parent instead of leaving it waiting forever
         outbox.put(RuntimeError(f"chunk counting failed in a worker: {type(e).__name__}: {e}"))
 
@@ -117,19 +122,19 @@ def count_chunks(texts, num_workers=None, progress=None):
     procs = [ctx.Process(target=_count_worker, args=(inbox, outbox), daemon=True) for _ in range(num_workers - 1)]
     for p in procs:
         p.start()
-    pieces, firsts, done, ok = Counter(), Counter(), 0, False
+    pieces, firsts, counts, done, ok = Counter(), Counter(), {}, 0, False
     try:
         for batch, size in itertools.chain(head, batches):
             if procs and not inbox.full():
                 inbox.put(batch)
             else:  # every worker has work waiting (or there is none): count this batch here
-                _count_pieces(batch, pieces, firsts)
+                _count_pieces(batch, pieces, firsts, counts)
             done += size
             progress and progress(done)
         for _ in procs:
             inbox.put(None)
         # ours while the workers convert theirs; read theirs before join, as a big result would block a worker's exit
-        packs = [_packed(_chunk_counts(pieces, firsts))] + [outbox.get() for _ in procs]
+        packs = [_packed(_fold(pieces, firsts, counts))] + [outbox.get() for _ in procs]
         for r in packs:
             if isinstance(r, Exception):
                 raise r
