@@ -77,6 +77,14 @@ def _packed(counts):
     return b"\xff".join(chunk.encode("utf-8") for chunk in counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
+def _merged(packs):
+    """Sum the packed counts of the processes -> one pack, each distinct chunk once."""
+    counts = Counter()
+    for blob, n in packs:
+        counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
+    return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
+
+
 def _count_worker(inbox, outbox):
     """Worker process: count the pieces of every batch it receives; at the end send back its chunk counts, packed."""
     try:
@@ -102,14 +110,6 @@ def _batches(texts):
         yield batch, size
 
 
-def _merged(packs):
-    """Sum packed counts -> one pack, each distinct chunk once."""
-    counts = Counter()
-    for blob, n in packs:
-        counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
-    return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
-
-
 def count_chunks(texts, num_workers=None, progress=None):
     """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process reads
     the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch itself
@@ -133,7 +133,7 @@ def count_chunks(texts, num_workers=None, progress=None):
             progress and progress(done)
         for _ in procs:
             inbox.put(None)
-        # ours while the workers convert theirs; read theirs before join, as a big result would block a worker's exit
+        # fold our pieces while the workers fold theirs; read their results before join: a big one blocks a worker's exit
         packs = [_packed(_fold(pieces, firsts, counts))] + [outbox.get() for _ in procs]
         for r in packs:
             if isinstance(r, Exception):
@@ -698,8 +698,9 @@ def cmd_bench(args):
     runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, MB, ranks)]
     for r in range(args.rounds):  # interleaved, in turned order: a busy machine slows every trainer alike
         for name in list(trainers)[::1 if r % 2 else -1]:
-            runs[name].append(_timed_in_child(trainers[name]))
-            print(f"round {r + 1} {name:<8} %6.2f s wall, %6.2f s CPU, peak PSS +%4.0f MB" % runs[name][-1][:3])
+            wall, cpu, mb, ranks = _timed_in_child(trainers[name])
+            runs[name].append((wall, cpu, mb, ranks))
+            print(f"round {r + 1} {name:<8} {wall:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS +{mb:4.0f} MB")
     med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
     print(f"medians of {args.rounds}: " + ", ".join(f"{n} {t:.2f} s wall, {c:.2f} s CPU, +{m:.0f} MB" for n, (t, c, m) in med.items())
           + f"; load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
