@@ -199,7 +199,9 @@ def _tie_corpus():
     rng = random.Random(0)
     parts = ["ab", "ba", "aab", "bba", "abab", "aaaa", "cab", "abc", "1234", "99", "日本", "🙂🙂", "don't", "we'll", "  ", "\n"]
     texts = ["".join(rng.choice(parts) + rng.choice(["", " "]) for _ in range(rng.randint(20, 80))) for _ in range(300)]
-    return texts + ["aaaaaaa abababab bbbb", "x" * 50, "xy" * 40]
+    # spaces after whitespace (no chunk starts there) and at the ends: the cases the trainer's split on spaces must get right
+    spaces = [" lead", "  two", "trail ", "a  b", "a\t b", "a\n b", "a\xa0 b", "a\u3000 b", "ab \n cd", "x, y. z"]
+    return texts + ["aaaaaaa abababab bbbb", "x" * 50, "xy" * 40] + spaces * 3
 
 
 def test_tokenizer_train_matches_reference_bpe(monkeypatch):
@@ -214,6 +216,21 @@ def test_tokenizer_train_matches_reference_bpe(monkeypatch):
     monkeypatch.setattr(T, "BATCH_CHARS", 2000)  # many small batches through 2 worker processes
     assert T.train_bpe(texts, 700, num_workers=2) == want
     assert not multiprocessing.active_children()
+
+
+def test_tokenizer_count_chunks_equals_plain_findall(monkeypatch):
+    """count_chunks splits texts on spaces and runs the regex once per distinct piece: the counts must be exactly those
+    of the regex over every whole text, in one process or several."""
+    import tokenizer as T
+    texts = _tie_corpus() + HARD_TEXTS + [t.replace(" ", "  ") for t in HARD_TEXTS] + ["\n ".join(HARD_TEXTS)]
+    want = Counter(chunk.encode() for t in texts for chunk in regex.findall(T.SPLIT_PATTERN, t))
+    monkeypatch.setattr(T, "BATCH_CHARS", 3000)
+    for workers, max_pieces in ((1, 10**9), (2, 10**9), (3, 10**9), (1, 50), (2, 50)):  # 50: many folds into chunk counts
+        monkeypatch.setattr(T, "MAX_PIECES", max_pieces)
+        blob, counts = T.count_chunks(texts, num_workers=workers)
+        assert dict(zip(blob.split(b"\xff"), counts.tolist())) == want
+    # a piece of letters counts as one chunk without the regex: Python's letters must all be the regex's \p{L}
+    assert not regex.search(r"\P{L}", "".join(c for c in map(chr, range(0x110000)) if c.isalpha()))
 
 
 def test_tokenizer_train_bad_input():
