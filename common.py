@@ -146,6 +146,7 @@ def atomic_write_text(path, text):
 # -----------------------------------------------------------------------------
 # pretraining shards: base_data/shard_NNNNN.parquet; shard 1822 (the dataset's last) is always validation
 
+SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
 VAL_SHARD_INDEX = 1822
 
 def shard_path(index):

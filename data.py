@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 import common
 
-SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
+from common import SHARD_URL
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 HF_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/{subset}/{split}/{index:04d}.parquet"

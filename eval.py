@@ -1,10 +1,11 @@
 """
-Evaluation and the report card: bits per byte, CORE (base models), the chat evaluations with a small code sandbox,
-and the assembly of report/report.md.
+Evaluation and the report card, a section each: bits per byte, CORE (base models), the code sandbox, the chat evaluations
+(ChatCORE), the report card (report/report.md), then the command line.
 
     python eval.py --stage base bpb                   train/val bits per byte + greedy samples
     python eval.py --stage base core [--max-per-task N]
     python eval.py --stage sft chat [-a ARC-Easy|GSM8K] [--max-problems N]
+    python eval.py --stage sft endings                how many sampled replies end within --max-new-tokens
     python eval.py report reset                       start a run's report (header)
     python eval.py report                             assemble report/report.md (+ loss.svg), copy report.md here
 
@@ -23,23 +24,25 @@ import signal
 import argparse
 import platform
 import datetime
+import resource
 import tempfile
 import subprocess
 
 import torch
 import torch.nn.functional as F
-import torch.distributed as dist
 
 import common
 from common import print0
+from tokenizer import get_tokenizer, get_token_bytes
+from model import Engine, load_model, default_tag
+import data
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 # -----------------------------------------------------------------------------
-# small distributed helper
-
-# -----------------------------------------------------------------------------
-# bits per byte (SPEC 4.6)
+# bits per byte (SPEC 4.6) and greedy samples
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -56,106 +59,41 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         nb = torch.where(y < 0, torch.zeros_like(y), token_bytes[y.clamp(min=0)].to(y.dtype))
         total_nats += (loss.to(device) * (nb > 0)).sum()
         total_bytes += nb.sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    if total_bytes.item() == 0:
-        return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    nats, num_bytes = common.all_reduce([total_nats.item(), total_bytes.item()], device)  # summed over ranks
+    return nats / (math.log(2) * num_bytes) if num_bytes else float("inf")
 
-# -----------------------------------------------------------------------------
-# the YAML subset the CORE bundle uses: block mappings/sequences by indentation, "- key: v" items,
-# [a, b] flow lists, double/single-quoted strings with escapes, ints/floats/bools, # comments
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "/": "/", " ": " ", "a": "\a", "b": "\b", "e": "\x1b"}
-
-def _unescape(body):
-    def repl(m):
-        s = m.group(1)
-        if s[0] in "xuU":
-            return chr(int(s[1:], 16))
-        return _ESCAPES[s]
-    return re.sub(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[ntr0\\"/ abe])', repl, body)
-
-def _scalar(s):
-    s = s.strip()
-    if s.startswith('"') and s.endswith('"') and len(s) >= 2:
-        return _unescape(s[1:-1])
-    if s.startswith("'") and s.endswith("'") and len(s) >= 2:
-        return s[1:-1].replace("''", "'")
-    if s.startswith("[") and s.endswith("]"):
-        inner = s[1:-1].strip()
-        return [_scalar(p) for p in inner.split(",")] if inner else []
-    if s in ("", "~", "null", "true", "false"):
-        return {"true": True, "false": False}.get(s)
-    if re.fullmatch(r"[-+]?\d+", s):
-        return int(s)
-    return float(s) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s) else s
-
-# a line up to its comment: quoted strings kept whole, '#' starts a comment only after whitespace or at the start
-_UNCOMMENTED = re.compile(r"""(?:"(?:\\.|[^"\\])*"|'[^']*'|[^'"#]|(?<=\S)#)*""")
-
-_KEY = re.compile(r"^([A-Za-z_][\w\-. ]*):(\s|$)")
-
-def _parse_block(lines, i, indent):
-    if lines[i][1] == "-" or lines[i][1].startswith("- "):  # a sequence
-        out = []
-        while i < len(lines) and lines[i][0] == indent and (lines[i][1] == "-" or lines[i][1].startswith("- ")):
-            rest = lines[i][1][1:].strip()
-            if not rest:
-                i += 1
-                if i < len(lines) and lines[i][0] > indent:
-                    val, i = _parse_block(lines, i, lines[i][0])
-                else:
-                    val = None
-            elif _KEY.match(rest):  # "- key: value" opens a mapping indented under the dash
-                lines[i] = (indent + 2, rest)
-                val, i = _parse_block(lines, i, indent + 2)
-            else:
-                val, i = _scalar(rest), i + 1
-            out.append(val)
-        return out, i
-    out = {}
-    while i < len(lines) and lines[i][0] == indent:
-        m = _KEY.match(lines[i][1])
-        if not m:
-            raise ValueError(f"unsupported YAML line: {lines[i][1]!r}")
-        key, rest = m.group(1).strip(), lines[i][1][m.end():].strip()
-        i += 1
-        if rest:
-            out[key] = _scalar(rest)
-        elif i < len(lines) and (lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("-"))):
-            out[key], i = _parse_block(lines, i, lines[i][0])
-        else:
-            out[key] = None
-    return out, i
-
-def parse_yaml(text):
-    lines = []
-    for raw in text.splitlines():
-        line = _UNCOMMENTED.match(raw).group(0).rstrip()
-        if line.strip():
-            lines.append((len(line) - len(line.lstrip(" ")), line.strip()))
-    return _parse_block(lines, 0, lines[0][0])[0] if lines else {}
+def greedy_samples(model, tokenizer):
+    """Greedy 16-token continuations of SAMPLE_PROMPTS, each printed: what a base model has learned, at a glance."""
+    engine, samples = Engine(model, tokenizer), []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        rows, _ = engine.generate_batch(ids, num_samples=1, max_tokens=16, temperature=0.0)
+        samples.append(tokenizer.decode(rows[0][1:]))
+        print0(samples[-1])
+    return samples
 
 # -----------------------------------------------------------------------------
 # CORE (SPEC 9.1)
 
 def load_core_tasks(bundle_dir):
-    """[(label, dataset_uri, num_fewshot, task_type, delimiter, random_baseline_percent)] from core.yaml + eval_meta_data.csv."""
+    """[dict(label, uri, shots, type, delim, baseline)] from core.yaml + eval_meta_data.csv. core.yaml is one list of tasks,
+    each a "-" line and then "key: value" lines; a value is a plain word, a list [N] or a double-quoted string (JSON's escapes)."""
+    items = []
     with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
-        config = parse_yaml(f.read())
+        for line in f:
+            if line.strip() == "-":
+                items.append({})
+            elif items and line.strip():
+                key, value = (part.strip() for part in line.split(":", 1))
+                items[-1][key] = json.loads(value) if value.startswith(('"', "[")) else value
     with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
-    for t in config["icl_tasks"]:
-        shots = t["num_fewshot"]
-        shots = shots[0] if isinstance(shots, list) else shots
+    for t in items:
         if t["label"] not in baselines:
             raise ValueError(f"task {t['label']} has no random baseline in eval_meta_data.csv")
-        delim = t.get("continuation_delimiter")
-        tasks.append(dict(label=t["label"], uri=t["dataset_uri"], shots=int(shots), type=t["icl_task_type"],
-                          delim=" " if delim is None else delim, baseline=baselines[t["label"]]))
+        tasks.append(dict(label=t["label"], uri=t["dataset_uri"], shots=t["num_fewshot"][0], type=t["icl_task_type"],
+                          delim=t.get("continuation_delimiter", " "), baseline=baselines[t["label"]]))
     return tasks
 
 def _fewshot(rows, idx, k):
@@ -253,9 +191,7 @@ def _model_max_len(model):
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
     """CORE = mean centered accuracy over the tasks of the bundle's core.yaml. -> dict(core, results, centered)."""
-    if bundle_dir is None:
-        import data
-        bundle_dir = data.download_eval_bundle()
+    bundle_dir = bundle_dir or data.download_eval_bundle()
     results, centered = {}, {}
     max_len = _model_max_len(model)
     was_training = model.training
@@ -360,7 +296,6 @@ def _sandbox(tmp, limits, report_fd, prefix, hidden):
         os.setuid(NOBODY)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binary gives rights back
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the relay
-    import resource
     mem, cpu_s, fsize = limits
     for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
                         ("RLIMIT_FSIZE", fsize), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
@@ -450,7 +385,7 @@ def predict_letters(model, tokenizer, prompts, letter_lists, device):
 
 def _task_evaluator(task):
     """HumanEval's programs run in this file's sandbox; the other tasks check the text themselves."""
-    if type(task).__name__ == "HumanEval":
+    if isinstance(task, data.HumanEval):
         return lambda conv, text: task.evaluate(conv, text, execute=execute_code)
     return task.evaluate
 
@@ -486,7 +421,6 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
                   max_new_tokens=512, temperature=0.0, top_k=50, task=None):
     """Accuracy of one chat task (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)."""
     if task is None:
-        import data
         if task_name not in data.TASKS:
             raise ValueError(f"unknown task {task_name!r}; choose from {sorted(data.TASKS)}")
         task = data.TASKS[task_name]()
@@ -496,7 +430,6 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
     if task.eval_type == "categorical":
         passed = run_categorical(task, model, tokenizer, device, n, batch_size)
     else:
-        from model import Engine
         passed = run_generative(task, Engine(model, tokenizer), tokenizer, device, n, num_samples, max_new_tokens, temperature, top_k)
     model.train(was_training)
     passed = common.all_reduce([passed], device)[0]
@@ -663,32 +596,24 @@ def report_generate(copy_to=None):
 # -----------------------------------------------------------------------------
 # command line
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-
 def cmd_core(args, model, meta, tokenizer, device):
     t0 = time.time()
     out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
-    dt = time.time() - t0
-    print0(f"CORE: {out['core']:.4f} ({len(out['results'])} tasks, {dt:.1f}s)")
+    print0(f"CORE: {out['core']:.4f} ({len(out['results'])} tasks, {time.time() - t0:.1f}s)")
     if common.get_rank() == 0:
-        name = f"{args.stage}_{meta.get('_tag', 'model')}_{int(meta.get('step') or 0):06d}.csv"
+        name = f"{args.stage}_{args.tag}_{int(meta.get('step') or 0):06d}.csv"
         path = os.path.join(common.get_base_dir(), "base_eval", name)
         common.atomic_write_text(path, core_csv(out))
         print0(f"per-task results: {path}")
     common.write_report_section("Base model evaluation", [{"Model": f"{args.stage} step {meta.get('step')}", "CORE": out["core"],
                                                            "tasks": len(out["results"]), "max per task": args.max_per_task},
-                                                          {k: v for k, v in out["centered"].items()}])
+                                                          out["centered"]])
 
 def cmd_bpb(args, model, meta, tokenizer, device):
-    import data
-    from tokenizer import get_token_bytes
-    from model import Engine
     T = model.config.sequence_len
     world = common.get_world_size()
     steps = max(1, args.eval_tokens // (args.device_batch_size * T * world))
     token_bytes = get_token_bytes(device=device)
-    model.eval()
     bpb = {}
     for split in ("train", "val"):
         loader = data.PretrainLoader(tokenizer, args.device_batch_size, T, split=split, device=device,
@@ -696,14 +621,7 @@ def cmd_bpb(args, model, meta, tokenizer, device):
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         loader.close()  # stop its tokenizing thread
         print0(f"{split} bpb: {bpb[split]:.4f}")
-    samples = []
-    if common.get_rank() == 0:
-        engine = Engine(model, tokenizer)
-        for prompt in SAMPLE_PROMPTS:
-            toks = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            seqs, _ = engine.generate_batch(toks, num_samples=1, max_tokens=16, temperature=0.0)
-            samples.append(tokenizer.decode(seqs[0][1:]))
-            print0(samples[-1])
+    samples = greedy_samples(model, tokenizer) if common.get_rank() == 0 else []
     common.write_report_section("Base model loss", [{"train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": steps * args.device_batch_size * T * world},
                                                     "", "Samples:", *[f"- {json.dumps(s, ensure_ascii=False)}" for s in samples]])
 
@@ -728,8 +646,6 @@ def cmd_chat(args, model, meta, tokenizer, device):
 
 def cmd_endings(args, model, meta, tokenizer, device):
     """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like chat.py)."""
-    import data
-    from model import Engine
     engine, end = Engine(model, tokenizer), tokenizer.encode_special("<|assistant_end|>")
     task = data.SmolTalk("test", size=args.num_prompts)
     finished, lengths = 0, []
@@ -772,14 +688,11 @@ def main(argv=None):
     if args.action:
         p.error(f"'{args.action}' only goes with the report command")
     args.stage = args.stage or ("sft" if args.command == "chat" else "base")
-    from tokenizer import get_tokenizer
-    from model import load_model
+    args.tag = args.tag or default_tag(common.checkpoint_dir(args.stage))  # the one load_model takes; names core's CSV
     ddp, rank, local_rank, world, device = common.init_runtime(args.device)
     try:
         tokenizer = get_tokenizer()
         model, meta = load_model(args.stage, device, tag=args.tag, step=args.step, tokenizer=tokenizer)
-        meta = dict(meta or {})
-        meta["_tag"] = args.tag or meta.get("tag") or f"d{meta.get('model_config', {}).get('n_layer', model.config.n_layer)}"
         {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat, "endings": cmd_endings}[args.command](args, model, meta, tokenizer, device)
     except (FileNotFoundError, ValueError) as e:  # missing checkpoint/tokenizer/data, vocab mismatch: one clear line
         raise SystemExit(f"error: {e}")

@@ -17,7 +17,7 @@ import argparse
 import warnings
 import zipfile
 from collections import deque
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 
 import torch
 import torch.nn as nn
@@ -59,15 +59,20 @@ def config_from_depth(depth, vocab_size, sequence_len=2048):
 def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
-def linear(x, w):
-    """x @ w.T without bias. For a few rows on CPU (decode) F.linear reads w at about a third of memory speed (this 2-core AMD
-    machine); the same fp32 product as one bmm over the two halves of w (a view) is ~3x faster, ~1.5x at a batch's 9-64 rows."""
-    rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > 64 or w.size(0) % 2:
-        return F.linear(x, w)
-    o, i = w.shape
-    y = torch.bmm(w.view(2, o // 2, i), x.reshape(rows, i).t().unsqueeze(0).expand(2, i, rows))  # (2, o/2, rows)
-    return y.view(o, rows).t().reshape(*x.shape[:-1], o)
+class Linear(nn.Linear):
+    """A bias-free nn.Linear. For a few rows on CPU (decode) F.linear reads the weight at about a third of memory speed (this
+    2-core AMD machine); the same fp32 product as one bmm over the two halves of w (a view) is ~3x faster, ~1.5x at 9-64 rows."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        w, rows = self.weight, x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > 64 or w.size(0) % 2:
+            return F.linear(x, w)
+        o, i = w.shape
+        y = torch.bmm(w.view(2, o // 2, i), x.reshape(rows, i).t().unsqueeze(0).expand(2, i, rows))  # (2, o/2, rows)
+        return y.view(o, rows).t().reshape(*x.shape[:-1], o)
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm
@@ -85,16 +90,16 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, cos, sin, kv_cache):
         B, T, _ = x.shape
-        q = linear(x, self.c_q.weight).view(B, T, self.n_head, self.head_dim)
-        k = linear(x, self.c_k.weight).view(B, T, self.n_kv_head, self.head_dim)
-        v = linear(x, self.c_v.weight).view(B, T, self.n_kv_head, self.head_dim)
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
         q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, H, T, hd); one dtype for SDPA and the cache
         if kv_cache is not None:
@@ -110,16 +115,16 @@ class Attention(nn.Module):
         else:            # a chunk after a prefix: full access to the prefix, causal inside the chunk
             mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj.weight)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return linear(F.relu(linear(x, self.c_fc.weight)).square(), self.c_proj.weight)  # ReLU^2
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -139,7 +144,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        self.lm_head = Linear(config.n_embd, config.vocab_size)  # untied from wte
         half = config.n_embd // config.n_head // 2
         shape = (1, ROPE_SPAN * config.sequence_len, 1, half)  # broadcasts over (B, T, H, hd/2)
         self.register_buffer("cos", torch.empty(shape), persistent=False)
@@ -174,15 +179,13 @@ class GPT(nn.Module):
 
     def param_counts(self):
         """Parameter counts: wte, lm_head, transformer blocks (matrices), total."""
-        wte = self.transformer.wte.weight.numel()
-        lm_head = self.lm_head.weight.numel()
+        wte, lm_head = self.transformer.wte.weight.numel(), self.lm_head.weight.numel()
         blocks = sum(p.numel() for p in self.transformer.h.parameters())
         return {"wte": wte, "lm_head": lm_head, "blocks": blocks, "total": sum(p.numel() for p in self.parameters())}
 
     def estimate_flops(self):
         """FLOPs per token, release formula: 6*(N - N_wte) + 12*L*H*hd*T (lm_head counted, embedding not)."""
-        c = self.config
-        n = self.param_counts()
+        c, n = self.config, self.param_counts()
         return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
     def trunk(self, idx, kv_cache=None):
@@ -201,11 +204,11 @@ class GPT(nn.Module):
 
     def head(self, x):
         """Hidden states -> fp32 softcapped logits."""
-        return softcap(linear(x, self.lm_head.weight).float())  # softcap in fp32
+        return softcap(self.lm_head(x).float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 compute on CUDA, callers do nothing
+        with common.autocast_ctx(idx.device):  # bf16 compute on CUDA, callers do nothing
             x = self.trunk(idx, kv_cache)
             if targets is None:
                 return self.head(x)
@@ -279,12 +282,14 @@ def chunked_cross_entropy(x, w, y, reduction="mean"):
 
 def estimate_memory(model, rows, world=1, cuda=True, T=None):
     """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
-    state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, a loss chunk."""
+    state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, the backward's
+    working set, a loss chunk. Measured on CPU it falls 9-18% short of the peak RSS above the process's start (README)."""
     c, n = model.config, model.param_counts()
     tokens = rows * (T or c.sequence_len)
     parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
                  optimizer=(4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"])) // world,
                  activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
+                 backward=tokens * c.n_embd * ACT_BYTES[cuda],  # the layer being backpropagated: its grads and temporaries
                  loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))  # 4 temporaries + dw
     return dict(parts, total=sum(parts.values()))
 
@@ -311,17 +316,15 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long) if ragged else None
 
     def _allocate(self, like):
-        # zeros, not empty: a ragged batch attends over every row's slots up to the longest row, masked; garbage there could be
-        # NaN, and a masked NaN still poisons the softmax
+        # zeros, not empty: a ragged batch reads every row's slots up to the longest row, and a masked NaN still poisons softmax
         self.k = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
         self.lengths = None if self.lengths is None else self.lengths.to(like.device)
 
     def _grow(self, needed):
         """Allocate a larger buffer and copy the stored entries over (never an in-place resize)."""
-        cap = (needed + 1024 + 1023) // 1024 * 1024
         k, v = self.k, self.v
-        self.shape[3] = cap
+        self.shape[3] = (needed + 1024 + 1023) // 1024 * 1024  # room for 1024 more, in whole blocks of 1024
         self._allocate(k)
         self.k[:, :, :, :self.pos] = k[:, :, :, :self.pos]
         self.v[:, :, :, :self.pos] = v[:, :, :, :self.pos]
@@ -353,8 +356,7 @@ class KVCache:
     def prefill(self, other, row=None):
         """Copy a batch-1 cache into every row of this empty cache, or (ragged) into row `row` only."""
         assert self.k is None or row is not None, "prefill needs an empty cache"
-        L, B, H, cap, hd = self.shape
-        oL, oB, oH, _, ohd = other.shape
+        (L, _, H, cap, hd), (oL, oB, oH, _, ohd) = self.shape, other.shape
         assert (L, H, hd) == (oL, oH, ohd) and oB == 1 and cap >= other.pos, "incompatible caches"
         if self.k is None:
             self._allocate(other.k)
@@ -412,8 +414,6 @@ def use_calculator(expr):
     if not isinstance(expr, str) or len(expr) > MAX_CALC_CHARS:
         return None
     expr = expr.replace(",", "").strip()
-    if "**" in expr:
-        return None
     try:
         with warnings.catch_warnings():  # model-written junk such as "1.2.3" should not print SyntaxWarnings
             warnings.simplefilter("ignore")
@@ -425,14 +425,13 @@ def use_calculator(expr):
         return None
     return value
 
+@dataclass
 class RowState:
     """Per-row tool-use state (SPEC 10.3)."""
-
-    def __init__(self):
-        self.forced = deque()          # tokens to emit instead of samples (mask 0)
-        self.in_python_block = False
-        self.python_expr_tokens = []
-        self.completed = False
+    forced: deque = field(default_factory=deque)  # tokens to emit instead of samples (mask 0)
+    in_python_block: bool = False
+    python_expr_tokens: list = field(default_factory=list)
+    completed: bool = False
 
 class Engine:
     """Batch-1 prefill, then num_samples rows decoded together through a KV cache, with the calculator tool."""
@@ -449,7 +448,7 @@ class Engine:
 
     def forward_last(self, ids, kv):
         """Token ids (B, T) through the cache -> fp32 logits (B, V) of each row's last position."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+        with common.autocast_ctx(ids.device):
             return self.model.head(self.model.trunk(ids, kv)[:, -1, :])
 
     def prefill(self, tokens):
@@ -509,11 +508,8 @@ class Engine:
         done = [False] * num_samples
         for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (t, m) in enumerate(zip(token_column, mask_column)):
-                if done[i]:
-                    continue
-                if t in stop_ids:
-                    done[i] = True
-                else:
+                done[i] = done[i] or t in stop_ids
+                if not done[i]:
                     results[i].append(t)
                     masks[i].append(m)
             if all(done):
@@ -524,8 +520,7 @@ class TextStreamer:
     """Turns a stream of token ids into text, releasing it only at whole UTF-8 characters (emoji, CJK)."""
 
     def __init__(self, tokenizer, max_pending=8):
-        self.tokenizer, self.max_pending = tokenizer, max_pending
-        self.pending = []
+        self.tokenizer, self.max_pending, self.pending = tokenizer, max_pending, []
 
     def push(self, token_id):
         """-> the newly completed text ("" while in the middle of a character)."""
@@ -625,15 +620,11 @@ def last_step(ckpt_dir, world=0):
 
 def default_tag(root):
     """The largest d<N> folder under a stage's checkpoint root, else the newest folder, else None."""
-    if not os.path.isdir(root):
-        return None
-    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))]
-    if not tags:
-        return None
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
     depth_tags = [t for t in tags if re.fullmatch(r"d\d+", t)]
     if depth_tags:
         return max(depth_tags, key=lambda t: int(t[1:]))
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)), default=None)
 
 def load_model(stage, device, tag=None, step=None, tokenizer=None):
     """-> (model in eval mode, meta) from <stage> checkpoints: largest d<N> tag and latest step by default."""
@@ -673,8 +664,16 @@ class _BenchTokenizer:
     NAMES = ["bos", "user_start", "user_end", "assistant_start", "assistant_end", "python_start", "python_end", "output_start", "output_end"]
 
     def __init__(self, vocab_size):
-        self.encode_special = lambda name: vocab_size - len(self.NAMES) + self.NAMES.index(name.strip("<|>"))
-        self.encode, self.decode = (lambda text: [ord(ch) % 256 for ch in text]), (lambda ids: "".join(chr(i % 256) for i in ids))
+        self.vocab_size = vocab_size
+
+    def encode_special(self, name):
+        return self.vocab_size - len(self.NAMES) + self.NAMES.index(name.strip("<|>"))
+
+    def encode(self, text):
+        return [ord(ch) % 256 for ch in text]
+
+    def decode(self, ids):
+        return "".join(chr(i % 256) for i in ids)
 
 def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
     """Prefill tok/s, time to first token and decode tok/s (best of `repeats` each) of random-init models, top-k 50 sampling."""

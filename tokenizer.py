@@ -16,6 +16,7 @@ import heapq
 import pickle
 import statistics
 import hashlib
+import resource
 import argparse
 import itertools
 import multiprocessing as mp
@@ -35,11 +36,39 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 
 MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
+MAX_PIECES = 1_000_000   # distinct pieces a process keeps (~150 MB) before it folds them into its chunk counts
+
+# A space right after a non-space character always starts a chunk of SPLIT_PATTERN (no chunk ends in that character and
+# runs on into a space), and where a chunk starts the split ahead of it depends only on the text ahead. So a text cut at
+# those spaces gives the same chunks piece by piece: the regex then runs once per distinct piece, not over the corpus.
+SPACE_AFTER_SPACE = regex.compile(r"\s ")    # where text.split(" ") would cut at a space that is no chunk start
+CHUNK_SPACE = regex.compile(r"(?<=\S) ")     # the exact cut, slower, for texts that have one
 
 
-def _count_batch(findall, texts, counts):
+def _count_pieces(texts, pieces, firsts, counts):
     for text in texts:
-        counts.update(findall(text))
+        parts = CHUNK_SPACE.split(text) if SPACE_AFTER_SPACE.search(text) else text.split(" ")
+        pieces.update(parts)
+        firsts[parts[0]] += 1  # a text's first piece had no space before it
+    if len(pieces) > MAX_PIECES:  # bound the memory: fold the pieces into the chunk counts so far
+        _fold(pieces, firsts, counts)
+
+
+def _fold(pieces, firsts, counts):
+    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces. A piece of
+    letters only is one chunk, its space included."""
+    findall, get = regex.compile(SPLIT_PATTERN).findall, counts.get
+    for piece, n in firsts.items():
+        pieces[piece] -= n
+        for chunk in findall(piece):
+            counts[chunk] = get(chunk, 0) + n
+    for piece, n in pieces.items():
+        if n:
+            for chunk in (" " + piece,) if piece.isalpha() else findall(" " + piece):
+                counts[chunk] = get(chunk, 0) + n
+    pieces.clear()
+    firsts.clear()
+    return counts
 
 
 def _packed(counts):
@@ -49,20 +78,20 @@ def _packed(counts):
 
 
 def _merged(packs):
-    """Sum the packed counts of the workers -> one pack, each distinct chunk once."""
+    """Sum the packed counts of the processes -> one pack, each distinct chunk once."""
     counts = Counter()
     for blob, n in packs:
         counts.update(dict(zip(blob.split(b"\xff"), n.tolist())) if len(n) else {})
     return b"\xff".join(counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
-def _count_worker(pattern, inbox, outbox):
-    """Worker process: count the chunks of every batch it receives; at the end send back its counts, packed."""
+def _count_worker(inbox, outbox):
+    """Worker process: count the pieces of every batch it receives; at the end send back its chunk counts, packed."""
     try:
-        findall, counts = regex.compile(pattern).findall, Counter()
+        pieces, firsts, counts = Counter(), Counter(), {}
         for texts in iter(inbox.get, None):
-            _count_batch(findall, texts, counts)
-        outbox.put(_packed(counts))
+            _count_pieces(texts, pieces, firsts, counts)
+        outbox.put(_packed(_fold(pieces, firsts, counts)))
     except BaseException as e:  # hand the error to the parent instead of leaving it waiting forever
         outbox.put(RuntimeError(f"chunk counting failed in a worker: {type(e).__name__}: {e}"))
 
@@ -81,36 +110,32 @@ def _batches(texts):
         yield batch, size
 
 
-def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
-    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). Counting runs
-    in `num_workers` processes (default: all cores), each keeping its own Counter, so memory grows with the distinct
-    chunks, not with the corpus."""
-    num_workers = num_workers or os.cpu_count() or 1
+def count_chunks(texts, num_workers=None, progress=None):
+    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process reads
+    the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch itself
+    whenever they are all busy. Each counts on its own, so memory grows with the distinct pieces, not with the corpus."""
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
-    batches, done = itertools.chain(head, batches), 0
-    if num_workers == 1 or len(head) < 2:  # one core or a small input: not worth starting processes
-        counts, findall = Counter(), regex.compile(pattern).findall
-        for batch, size in batches:
-            _count_batch(findall, batch, counts)
-            done += size
-            progress and progress(done)
-        return _packed(counts)
+    num_workers = (num_workers or os.cpu_count() or 1) if len(head) == 2 else 1  # a small input: no processes to start
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     inbox, outbox = ctx.Queue(maxsize=2 * num_workers), ctx.Queue()  # bounded: the reader never runs far ahead
-    procs = [ctx.Process(target=_count_worker, args=(pattern, inbox, outbox), daemon=True) for _ in range(num_workers)]
+    procs = [ctx.Process(target=_count_worker, args=(inbox, outbox), daemon=True) for _ in range(num_workers - 1)]
     for p in procs:
         p.start()
-    ok = False
+    pieces, firsts, counts, done, ok = Counter(), Counter(), {}, 0, False
     try:
-        for batch, size in batches:
-            inbox.put(batch)
+        for batch, size in itertools.chain(head, batches):
+            if procs and not inbox.full():
+                inbox.put(batch)
+            else:  # every worker has work waiting (or there is none): count this batch here
+                _count_pieces(batch, pieces, firsts, counts)
             done += size
             progress and progress(done)
         for _ in procs:
             inbox.put(None)
-        results = [outbox.get() for _ in procs]  # read before join: a big result would block the worker's exit
-        for r in results:
+        # fold our pieces while the workers fold theirs; read their results before join: a big one blocks a worker's exit
+        packs = [_packed(_fold(pieces, firsts, counts))] + [outbox.get() for _ in procs]
+        for r in packs:
             if isinstance(r, Exception):
                 raise r
         ok = True
@@ -120,16 +145,16 @@ def count_chunks(texts, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
                 inbox.cancel_join_thread()  # and do not wait at exit to flush batches nobody will read
                 p.terminate()
             p.join()
-    return _merged(results)
+    return packs[0] if len(packs) == 1 else _merged(packs)
 
 
-def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN, num_workers=None, progress=None):
+def train_bpe(texts, vocab_size, num_workers=None, progress=None):
     """Learn vocab_size - 9 - 256 merges on `texts` -> mergeable ranks {token bytes: id} (ids 0..255 = single bytes).
     Tie-break: highest count, then the smallest pair (a, b) — so the ranks equal rustbpe's for the same input."""
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
         raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), got {vocab_size}")
-    chunks, counts = count_chunks(texts, pattern, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
+    chunks, counts = count_chunks(texts, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
     if not len(counts):
         raise ValueError("no text to train on: the corpus is empty")
     if progress:
@@ -233,7 +258,6 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
             made = _merge_many(*arrays, np.asarray(ps, dtype=np.int32), a, b, new, SHIFT, pair_count)
         else:
             created = {}  # pair made by this merge -> [its count, positions...]
-            cget = created.get
             for p in (ps if isinstance(ps, list) else ps.tolist()):  # ascending: a run of a's merges from the left
                 if T[p] != a or T[N[p]] != b:
                     continue  # a listed position gone stale
@@ -247,13 +271,11 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
                     pair_count[(x << SHIFT) | a] -= c
                 if y >= 0:
                     pair_count[(b << SHIFT) | y] -= c
-                for k, at in (((x << SHIFT) | new, left), ((new << SHIFT) | y, p)):  # a key < 0: no neighbour there
-                    e = cget(k)
-                    if e is not None:
+                for k, at in (((x << SHIFT) | new, left), ((new << SHIFT) | y, p)):
+                    if k >= 0:  # a key < 0: no neighbour there
+                        e = created.setdefault(k, [0])
                         e[0] += c
                         e.append(at)
-                    elif k >= 0:
-                        created[k] = [c, at]
             made = ((k, e[0], e) for k, e in created.items())
         del pair_count[key]  # no occurrence of (a, b) is left anywhere
         for k, count, ps in made:
@@ -452,9 +474,6 @@ def get_token_bytes(device="cpu"):
 # -----------------------------------------------------------------------------
 # command line: train / eval / bench
 
-SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
-
-
 def read_input_file(path):
     """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...} per line) or plain text
     (paragraphs separated by blank lines)."""
@@ -503,44 +522,9 @@ def training_documents(inputs, max_chars, doc_cap, stats):
             return
 
 
-def _tree_pss():
-    """PSS in MB summed over this process and all its descendants (the counting workers), from /proc: forked workers
-    share their parent's pages, which a sum of RSS would count twice and PSS splits fairly."""
-    children = {}
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
-        except (ValueError, OSError):
-            continue
-    pss, stack = 0, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                pss += int(dict(line.split(":")[:2] for line in f.read().splitlines()[1:])["Pss"].split()[0]) / 1024
-        except (OSError, KeyError, ValueError):
-            pass
-    return pss
-
-
-class PeakMemory:
-    """Samples the process tree's PSS every 50 ms in a thread while the block runs: .start and .peak in MB."""
-    def __enter__(self):
-        import threading
-        self.start = self.peak = _tree_pss()
-        self._stop = threading.Event()
-        def sample():
-            while not self._stop.wait(0.05):
-                self.peak = max(self.peak, _tree_pss())
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def peak_rss_mb():
+    """Peak RSS of this process plus its largest reaped child's (a counting worker) in MB: an upper bound on the tree's."""
+    return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
 class Progress:
@@ -569,8 +553,7 @@ def cmd_train(args):
         raise ValueError("--max-chars and --doc-cap must be positive")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
-    with PeakMemory() as mem:
-        ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
+    ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
     train_time = time.time() - t0
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
@@ -581,11 +564,11 @@ def cmd_train(args):
               f"not {args.vocab_size:,}; read it from the tokenizer, not from the flag")
     lengths = np.array([n for n in tok.token_byte_lengths() if n > 0])
     print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: vocab {tok.get_vocab_size():,} "
-          f"({len(ranks) - 256:,} merges), peak memory of the process tree {mem.peak:,.0f} MB PSS; saved to {tokenizer_dir()}")
+          f"({len(ranks) - 256:,} merges), peak RSS {peak_rss_mb():,.0f} MB (with the largest worker); saved to {tokenizer_dir()}")
     write_report_section("Tokenizer training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
-        "train_time_s": train_time, "peak_pss_mb": mem.peak,
+        "train_time_s": train_time, "peak_rss_mb": peak_rss_mb(),
         "token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
         "token_bytes_mean": float(lengths.mean()), "token_bytes_std": float(lengths.std())})
 
@@ -664,11 +647,20 @@ def cmd_eval(args):
     write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
+def _tree_pss_mb(pid):
+    """PSS of a process and its children in MB: forked workers share pages, which PSS splits and RSS would count twice."""
+    try:
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        return sum(int(open(f"/proc/{p}/smaps_rollup").read().split("\nPss:")[1].split()[0]) for p in [pid, *kids]) / 1024
+    except (OSError, IndexError):  # a process that just ended: this sample counts nothing
+        return 0
+
+
 def _timed_in_child(fn):
-    """(wall seconds, CPU seconds of it and its workers, result) of fn() run in a forked child: every run starts from the
-    same heap and none reuses memory an earlier one freed, so the peaks of the process tree's memory compare fairly."""
+    """fn() in a forked child, so that every run starts from the same heap -> (wall s, CPU s of it and its workers,
+    peak PSS of its process tree over the start in MB, sampled every 50 ms, result)."""
     def child():
-        t0, c0 = time.time(), sum(os.times()[:4])  # CPU: user + system, of this process and its reaped workers
+        t0, c0 = time.time(), sum(os.times()[:4])
         out = fn()
         send.send((time.time() - t0, sum(os.times()[:4]) - c0, out))
     ctx = mp.get_context("fork")
@@ -676,25 +668,23 @@ def _timed_in_child(fn):
     proc = ctx.Process(target=child)
     proc.start()
     send.close()  # so that recv() fails instead of waiting forever if the child dies
-    out = recv.recv()
+    start = peak = _tree_pss_mb(proc.pid)
+    while not recv.poll(0.05):
+        peak = max(peak, _tree_pss_mb(proc.pid))
+    wall, cpu, out = recv.recv()
     proc.join()
-    return out
+    return wall, cpu, peak - start, out
 
 
 def cmd_bench(args):
-    # common.py imports torch, which forked workers would then carry: this command reads the shards without it
     import pyarrow.parquet as pq
-    mirror = os.environ.get("NANOCHAT_MIRROR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
-    default_dir = os.path.join(mirror, *SHARD_URL.split("/")[2:-1])
-    data_dir = args.data_dir or default_dir
-    paths = [os.path.join(data_dir, SHARD_URL.format(i).rsplit("/", 1)[1]) for i in range(args.shards)]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"benchmark shard missing: {p} (set NANOCHAT_MIRROR to the mirror directory or pass --data-dir)")
+    from common import SHARD_URL, resolve_url
+    paths = [resolve_url(SHARD_URL.format(i)) for i in range(args.shards)]
+    if missing := [p for p in paths if not os.path.isfile(p)]:
+        raise FileNotFoundError(f"benchmark shards missing: {missing[0]} ... (set NANOCHAT_MIRROR to the mirror directory)")
     docs = [d[:args.doc_cap] for p in paths for d in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
     V = args.vocab_size
-    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
+    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; {os.cpu_count()} cores")
     trainers = {"ours": lambda: train_bpe(docs, V, num_workers=args.workers)}
     try:
         import rustbpe
@@ -705,41 +695,19 @@ def cmd_bench(args):
         trainers["rustbpe"] = train_rustbpe
     except ImportError:
         print("rustbpe not installed (pip install rustbpe): no reference run")
-    runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, peak PSS over the start in MB, ranks)]
+    runs = {name: [] for name in trainers}  # name -> [(wall s, CPU s, MB, ranks)]
     for r in range(args.rounds):  # interleaved, in turned order: a busy machine slows every trainer alike
         for name in list(trainers)[::1 if r % 2 else -1]:
-            with PeakMemory() as mem:
-                dt, cpu, ranks = _timed_in_child(trainers[name])
-            runs[name].append((dt, cpu, mem.peak - mem.start, ranks))
-            print(f"round {r + 1} {name:<8} {dt:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS of the process tree "
-                  f"{mem.peak:5,.0f} MB ({mem.peak - mem.start:+,.0f} MB over the start)")
+            wall, cpu, mb, ranks = _timed_in_child(trainers[name])
+            runs[name].append((wall, cpu, mb, ranks))
+            print(f"round {r + 1} {name:<8} {wall:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS +{mb:4.0f} MB")
     med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
-    print(f"medians of {args.rounds}: " + ", ".join(f"{name} {t:.2f} s wall, {c:.2f} s CPU, {m:+,.0f} MB" for name, (t, c, m) in med.items()))
+    print(f"medians of {args.rounds}: " + ", ".join(f"{n} {t:.2f} s wall, {c:.2f} s CPU, +{m:.0f} MB" for n, (t, c, m) in med.items())
+          + f"; load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
     if "rustbpe" in runs:
         ratio = [o / r for o, r in zip(med["ours"], med["rustbpe"])]
         print(f"ours/rustbpe: wall {ratio[0]:.2f}x, CPU {ratio[1]:.2f}x, memory {ratio[2]:.2f}x; "
               f"ranks equal rustbpe's: {all(o[3] == runs['rustbpe'][0][3] for o in runs['ours'])}")
-    # the runtime: our batch encode against tiktoken's raw batch call on the same ranks (best of 15, interleaved), and
-    # the time of our own work on top of tiktoken's call (prepending <|bos|> to every row), measured alone
-    # one thread on both sides: thread scheduling on a loaded machine would drown a difference of a few percent
-    tok, sample = Tokenizer.from_ranks(runs["ours"][0][3]), docs[:200]
-    calls = {"raw encode_ordinary_batch": lambda: tok.enc.encode_ordinary_batch(sample, num_threads=1),
-             "Tokenizer.encode(list)": lambda: tok.encode(sample, num_threads=1),
-             "... prepend=<|bos|>": lambda: tok.encode(sample, prepend="<|bos|>", num_threads=1)}
-    best, names = {name: float("inf") for name in calls}, list(calls)
-    for r in range(15):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate the order so no call always goes first
-            t0 = time.perf_counter()
-            out = calls[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-            del out  # freeing the result stays out of the timing
-    rows, t0 = tok.enc.encode_ordinary_batch(sample, num_threads=8), time.perf_counter()
-    for row in rows:
-        row.insert(0, tok.get_bos_token_id())
-    ours_only, raw = time.perf_counter() - t0, best["raw encode_ordinary_batch"]
-    print(f"encode {sum(map(len, sample)):,} chars in {len(sample)} docs: " + ", ".join(
-        f"{name} {t * 1000:.1f} ms ({100 * (t / raw - 1):+.1f}%)" for name, t in best.items()))
-    print(f"our own work on top of tiktoken's call: {ours_only * 1000:.3f} ms = {100 * ours_only / raw:.3f}% of the raw call")
 
 
 def main():
@@ -756,8 +724,7 @@ def main():
     sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
     p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read")
-    p.add_argument("--data-dir", default=None, help="folder holding the shards (default: the fineweb folder of $NANOCHAT_MIRROR)")
+    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read from $NANOCHAT_MIRROR")
     p.add_argument("--doc-cap", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer; the medians are compared")

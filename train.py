@@ -35,8 +35,6 @@ import eval as nc_eval
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c) of the release
 CPU_COMPILE_DEFAULT = 1                # measured: ~1.5x faster steps at depth 4/8 (seq 512) for a ~70-90 s cold compile; tests pass 0
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2.25e15),
                    ("A100", 312e12), ("L40S", 362e12), ("4090", 165.2e12), ("3090", 71e12), ("A10", 125e12)]  # dense, per GPU
 REPORT_TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
@@ -514,10 +512,7 @@ def train_base(args):
             if every(args.core_metric_every, step, last) and step > 0:
                 metrics["core"] = nc_eval.evaluate_core(model, rt.tokenizer, rt.device, max_per_task=args.core_metric_max_per_task)["core"]
             if every(args.sample_every, step, last) and step > 0 and rt.rank == 0:
-                engine = model_lib.Engine(model, rt.tokenizer)
-                for prompt in SAMPLE_PROMPTS:
-                    rows, _ = engine.generate_batch(rt.tokenizer.encode(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0.0)
-                    print0(rt.tokenizer.decode(rows[0][1:]))
+                nc_eval.greedy_samples(model, rt.tokenizer)
         model.train()
         log_eval("base", step, metrics, stats)
         if last:
