@@ -2911,6 +2911,8 @@ def test_chat_bad_inputs_get_4xx_with_reason(chat_server):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # two Content-Length headers
         s.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}")
         answer = s.recv(1000)
+        while b"one Content-Length" not in answer and (more := s.recv(1000)):  # the body may come after the headers
+            answer += more
         assert answer.startswith(b"HTTP/1.1 400") and b"one Content-Length" in answer, answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # garbage instead of HTTP
         s.sendall(b"\x16\x03\x01 hello there\r\n\r\n")
