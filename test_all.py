@@ -1761,15 +1761,16 @@ def test_train_sft_trains_only_assistant_tokens_mid_trains_user_tokens(tokenizer
 
 def test_train_rl_reward_and_advantages(tiny_model):
     import train
-    ref = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 1,234"
-    assert train.rl_reward("so the answer is\n#### 1234", ref) == 1.0
-    assert train.rl_reward("#### 1,234", ref) == 1.0  # commas are ignored
-    assert train.rl_reward("#### 1235", ref) == 0.0
-    assert train.rl_reward("the answer is 1234", ref) == 0.0  # no ####
+    import data
     conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
         {"type": "text", "text": "3 + 4 = "}, {"type": "python", "text": "3+4"}, {"type": "python_output", "text": "7"},
-        {"type": "text", "text": "7\n#### 7"}]}]}
-    assert train.rl_reward("#### 7", train.reference_answer(conv)) == 1.0
+        {"type": "text", "text": "7 apples, 1,227 more is 1,234\n#### 1,234"}]}]}
+    def reward(completion):  # the reward train_rl takes: GSM8K.evaluate (it reads no task state)
+        return float(data.GSM8K.evaluate(None, conv, completion))
+    assert reward("so the answer is\n#### 1234") == 1.0
+    assert reward("#### 1,234") == 1.0  # commas are ignored
+    assert reward("#### 1235") == 0.0
+    assert reward("the answer is 1234") == 0.0  # no ####
     adv = train.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
     assert abs(adv.sum().item()) < 1e-6 and adv[0] > 0 > adv[1]
     # all-equal rewards: exactly zero gradient

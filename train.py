@@ -634,16 +634,6 @@ def repeat(make_loader):
 # -----------------------------------------------------------------------------
 # RL (SPEC 8): on-policy REINFORCE on GSM8K train from the SFT model, group-mean baseline, token-level normalisation, no KL
 
-def reference_answer(conversation):
-    """The text of the final assistant message (a string, or a list of parts whose texts are joined)."""
-    content = conversation["messages"][-1]["content"]
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-
-def rl_reward(completion, reference):
-    """1.0 when the completion's `#### answer` equals the reference's (extraction rule of data.extract_answer), else 0.0."""
-    pred = data.extract_answer(completion)
-    return float(pred is not None and pred == data.extract_answer(reference))
-
 def group_advantages(rewards):
     """REINFORCE with a group-mean baseline: A = r - mean(r) (no std division)."""
     return rewards - rewards.mean()
@@ -694,9 +684,9 @@ def train_rl(args):
             hits, count = [0.0] * 8, 0
             for i in range(rt.rank, min(len(test_task), args.eval_examples), rt.world):
                 conv = test_task[i]
-                prompt, ref = tok.render_for_completion(conv), reference_answer(conv)
+                prompt = tok.render_for_completion(conv)
                 rows, _ = sample(engine, prompt, 8, i, args)
-                ok = [rl_reward(tok.decode(r[len(prompt):]), ref) for r in rows]
+                ok = [test_task.evaluate(conv, tok.decode(r[len(prompt):])) for r in rows]
                 hits = [h + float(any(ok[:k + 1])) for k, h in enumerate(hits)]
                 count += 1
             tot = common.all_reduce(hits + [count], rt.device)
@@ -708,12 +698,13 @@ def train_rl(args):
         for j in range(per_rank):
             idx = order[(rt.rank + rt.world * (step * per_rank + j)) % len(order)]
             conv = train_task[idx]
-            prompt, ref = tok.render_for_completion(conv), reference_answer(conv)
+            prompt = tok.render_for_completion(conv)
             rows, masks = [], []
             for s in range(passes):  # the group of num_samples completions, B per forward pass
                 r, m = sample(engine, prompt, B, hash((step, idx, s)) & 0x7FFFFFFF, args)
                 rows, masks = rows + r, masks + m
-            rewards = torch.tensor([rl_reward(tok.decode(r[len(prompt):]), ref) for r in rows], device=rt.device)
+            # the reward: 1 when the completion's `#### answer` equals the reference's (GSM8K.evaluate), else 0
+            rewards = torch.tensor([float(train_task.evaluate(conv, tok.decode(r[len(prompt):]))) for r in rows], device=rt.device)
             adv = group_advantages(rewards)
             for s in range(passes):
                 chunk = slice(s * B, (s + 1) * B)
