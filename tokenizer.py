@@ -26,6 +26,8 @@ import regex
 import numpy as np
 import tiktoken
 
+import common
+
 # GPT-4's cl100k pattern with digit runs chunked by 1-2 instead of 1-3 (SPEC 1.1)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -314,11 +316,10 @@ class Tokenizer:
             return cls(pickle.load(f), path)
 
     def save(self, directory):
-        from common import atomic_write
         import torch
-        atomic_write(os.path.join(directory, "tokenizer.pkl"), lambda f: pickle.dump(self.enc, f))
+        common.atomic_write(os.path.join(directory, "tokenizer.pkl"), lambda f: pickle.dump(self.enc, f))
         token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
-        atomic_write(os.path.join(directory, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
+        common.atomic_write(os.path.join(directory, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
 
     def token_byte_lengths(self):
         """Raw UTF-8 byte length of every token id, 0 for the special tokens (SPEC 1.6, the raw-bytes definition)."""
@@ -442,13 +443,11 @@ class Tokenizer:
 # loading the saved tokenizer
 
 def tokenizer_dir():
-    from common import get_base_dir
-    return os.path.join(get_base_dir(), "tokenizer")
+    return os.path.join(common.get_base_dir(), "tokenizer")
 
 
 def _unreadable(path, e):
-    from common import UserError
-    return UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
+    return common.UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
 
 
 def get_tokenizer():
@@ -511,8 +510,7 @@ def training_documents(inputs, max_chars, doc_cap, stats):
     """SPEC 1.3: --input files in order, the word train-shards standing for the train split (never the val shard),
     each document capped at doc_cap characters;
     stop right after the running character count exceeds max_chars."""
-    from common import iter_documents
-    docs = itertools.chain.from_iterable(iter_documents("train") if x == "train-shards" else read_input_file(x) for x in inputs)
+    docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x) for x in inputs)
     for doc in docs:
         doc = doc[:doc_cap]
         stats["docs"] += 1
@@ -545,16 +543,15 @@ class Progress:
 
 
 def cmd_train(args):
-    from common import write_report_section, UserError
     if not 256 + len(SPECIAL_TOKENS) < args.vocab_size <= MAX_VOCAB:
-        raise UserError(f"--vocab-size must be {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (256 bytes + 9 special tokens + at least one "
+        raise common.UserError(f"--vocab-size must be {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (256 bytes + 9 special tokens + at least one "
                         f"merge; at most 2^20), not {args.vocab_size}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise ValueError("--max-chars and --doc-cap must be positive")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
     ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
-    train_time = time.time() - t0
+    train_time, peak_mb = time.time() - t0, peak_rss_mb()
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
     assert tok.decode(tok.encode(sample)) == sample, "round trip failed on the sanity string"
@@ -564,11 +561,11 @@ def cmd_train(args):
               f"not {args.vocab_size:,}; read it from the tokenizer, not from the flag")
     lengths = np.array([n for n in tok.token_byte_lengths() if n > 0])
     print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: vocab {tok.get_vocab_size():,} "
-          f"({len(ranks) - 256:,} merges), peak RSS {peak_rss_mb():,.0f} MB (with the largest worker); saved to {tokenizer_dir()}")
-    write_report_section("Tokenizer training", {
+          f"({len(ranks) - 256:,} merges), peak RSS {peak_mb:,.0f} MB (with the largest worker); saved to {tokenizer_dir()}")
+    common.write_report_section("Tokenizer training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
-        "train_time_s": train_time, "peak_rss_mb": peak_rss_mb(),
+        "train_time_s": train_time, "peak_rss_mb": peak_mb,
         "token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
         "token_bytes_mean": float(lengths.mean()), "token_bytes_std": float(lengths.std())})
 
@@ -612,13 +609,12 @@ SAMPLES = {
 
 
 def cmd_eval(args):
-    from common import list_shards, write_report_section
     ours = get_tokenizer()
     texts = dict(SAMPLES)
     for name, split in (("fwe-train", "train"), ("fwe-val", "val")):
         try:
             import pyarrow.parquet as pq
-            texts[name] = "\n".join(pq.ParquetFile(list_shards(split)[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
+            texts[name] = "\n".join(pq.ParquetFile(common.list_shards(split)[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
         except FileNotFoundError as e:
             print(f"skipping {name}: {e}")
     tokenizers = {"ours": ours}
@@ -644,7 +640,7 @@ def cmd_eval(args):
             line += f" {100 * (n[label] - n['ours']) / n[label]:>+7.1f}%"
         lines.append(line)
     print(f"vocab {ours.get_vocab_size():,}\n" + "\n".join(lines))
-    write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
+    common.write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
 def _tree_pss_mb(pid):
@@ -678,8 +674,7 @@ def _timed_in_child(fn):
 
 def cmd_bench(args):
     import pyarrow.parquet as pq
-    from common import SHARD_URL, resolve_url
-    paths = [resolve_url(SHARD_URL.format(i)) for i in range(args.shards)]
+    paths = [common.resolve_url(common.SHARD_URL.format(i)) for i in range(args.shards)]
     if missing := [p for p in paths if not os.path.isfile(p)]:
         raise FileNotFoundError(f"benchmark shards missing: {missing[0]} ... (set NANOCHAT_MIRROR to the mirror directory)")
     docs = [d[:args.doc_cap] for p in paths for d in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
