@@ -476,16 +476,25 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def small_model(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, vocab=265, seq=64, seed=0, zero=False):
-    """A random-init model; with zero=False the zero-initialised matrices get small noise so the logits are not flat."""
+def small_model(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, vocab=265, seq=64, seed=0, zero=False, **options):
+    """A random-init model; with zero=False the zero-initialised matrices get small noise so the logits are not flat, and
+    the options' gates and scalars move off their start (a closed smear gate would hide a smear bug)."""
     torch.manual_seed(seed)
-    model = build_model(dict(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd), "cpu")
+    model = build_model(dict(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                             **options), "cpu")
     if not zero:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name == "lm_head.weight" or name.endswith("c_proj.weight"):
                     p.normal_(0, 0.1 if name == "lm_head.weight" else 0.02)
+                elif "." not in name or "gate" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
+
+
+# nanochat 92d63d4's whole set of architecture options (its pattern SSSL shortened to the tests' 3 layers)
+ALL_OPTIONS = dict(window_pattern="SSL", rope_base=100_000, qk_scale=1.2, pad_vocab_to=64, resid_lambdas=True, value_embeds=True,
+                   smear=True, backout=True)
 
 
 def naive_greedy(model, tokens, n):
@@ -660,6 +669,69 @@ def test_model_engine_greedy_matches_naive():
     assert [c[0][0] for c in cols] == expected and all(c[1] == [1] for c in cols)
     cols = list(engine.generate(prompt, num_samples=3, max_tokens=20, temperature=0.0))
     assert all(col == [t] * 3 for (col, _), t in zip(cols, expected))
+
+
+def test_model_sliding_window_equals_the_band_mask():
+    """A layer with a window computes full attention under the explicit band mask: query i sees key j when 0 <= i - j <= w."""
+    from model import layer_windows, GPTConfig, norm, apply_rotary
+    assert layer_windows(GPTConfig(sequence_len=2048, n_layer=5, window_pattern="SSSL")) == [512, 512, 512, None, None]
+    assert layer_windows(GPTConfig(sequence_len=300, n_layer=3, window_pattern="sl")) == [128, None, None]
+    model = small_model(n_layer=2, n_head=4, n_kv_head=2, seq=512, window_pattern="S")
+    attn, T, w = model.transformer.h[0].attn, 300, 128
+    assert attn.window == w and model.transformer.h[1].attn.window is None
+    x, cos, sin = torch.randn(2, T, 64), model.cos[:, :T], model.sin[:, :T]
+    with torch.no_grad():
+        y = attn(x, cos, sin, None)
+        q, k, v = (lin(x).view(2, T, -1, 16) for lin in (attn.c_q, attn.c_k, attn.c_v))
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1)
+        d = torch.arange(T)[:, None] - torch.arange(T)
+        scores = (q @ k.mT / 4.0).masked_fill(~((d >= 0) & (d <= w)), -math.inf)
+        expected = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, 64))
+        assert (y - expected).abs().max() < 1e-5
+        attn.window = None  # the window does cut: without it the late positions differ
+        assert (attn(x, cos, sin, None) - y)[:, w + 1:].abs().max() > 1e-3
+
+
+def test_model_options_cache_engine_and_chunks_equal_full_forward():
+    """Every option on: the Engine's KV-cache decode (smear's previous token from the cache, windows cut past 128 keys),
+    a prompt fed in two chunks, and several rows all equal a full forward of the whole sequence."""
+    model = small_model(n_layer=3, n_kv_head=1, seq=256, **ALL_OPTIONS)
+    assert model.transformer.wte.weight.size(0) == 320 and model.lm_head.weight.size(0) == 320  # 265 padded to 64s
+    assert sorted(n for n, _ in model.named_parameters() if "." not in n or "gate" in n or "value_embeds" in n) == [
+        "backout_lambda", "resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.ve_gate.weight",
+        "transformer.h.2.attn.ve_gate.weight", "value_embeds.0.weight", "value_embeds.2.weight", "x0_lambdas"]  # nanochat's names
+    prompt = [(7 * i) % 250 + 1 for i in range(150)]
+    expected = naive_greedy(model, prompt, 30)  # positions up to 180: the short layers' window (128) cuts
+    assert len(set(expected)) > 3
+    cols = list(Engine(model, ByteTokenizer()).generate(prompt, num_samples=2, max_tokens=30, temperature=0.0))
+    assert all(col == [t] * 2 for (col, _), t in zip(cols, expected))
+    ids = torch.tensor([prompt + expected])
+    engine = Engine(model, ByteTokenizer())
+    with torch.no_grad():
+        kv = engine.cache(1, 256)
+        engine.forward_last(ids[:, :100], kv)
+        chunked, full = engine.forward_last(ids[:, 100:], kv), model(ids)[:, -1]
+        assert (chunked - full).abs().max() < 1e-4
+        for block in model.transformer.h:  # the windows matter at this length
+            block.attn.window = None
+        assert (model(ids)[:, -1] - full).abs().max() > 1e-3
+
+
+def test_model_options_checkpoint_meta_and_release_meta(tmp_path):
+    """A checkpoint with options round-trips through its meta; a release meta (no option fields) loads as the release
+    architecture; an option of the wrong type is a one-line problem naming the file."""
+    from model import save_checkpoint, load_checkpoint, _read_meta, GPTConfig, GPT
+    model = small_model(n_layer=3, seq=256, **ALL_OPTIONS)
+    save_checkpoint(str(tmp_path), 1, model.state_dict(), {"model_config": asdict(model.config)})
+    meta = load_checkpoint(str(tmp_path), 1, "cpu")[2]
+    assert GPTConfig(**meta["model_config"]) == model.config
+    release = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    (tmp_path / "meta_000002.json").write_text(json.dumps({"model_config": release}))
+    assert GPTConfig(**_read_meta(str(tmp_path / "meta_000002.json"))[0]["model_config"]) == GPTConfig(**release)
+    assert list(GPT(GPTConfig(**release)).state_dict()) == list(small_model().state_dict())
+    (tmp_path / "meta_000003.json").write_text(json.dumps({"model_config": dict(release, qk_scale="big")}))
+    assert _read_meta(str(tmp_path / "meta_000003.json"))[1].endswith("model_config's qk_scale must be of the type of GPTConfig's default")
 
 
 def test_model_linear_decode_path_equals_f_linear(monkeypatch):
@@ -964,10 +1036,12 @@ def test_model_engine_with_real_tokenizer(tokenizer, tiny_model):
 HF_TAG = "hf_test"  # its own tag under the session base dir
 
 
-@pytest.fixture(scope="module")
-def hf_export(base_dir, tokenizer, tiny_config, tmp_path_factory):
+@pytest.fixture(scope="module", params=[{}, dict(rope_base=100_000, pad_vocab_to=640)], ids=["release", "rope_pad"])
+def hf_export(base_dir, tokenizer, tiny_config, tmp_path_factory, request):
     """A tiny SFT checkpoint with every weight random (no zero-init head: the logits must carry signal), exported by the
-    CLI and loaded once by transformers (a test dependency: absent only outside CI)."""
+    CLI and loaded once by transformers (a test dependency: absent only outside CI). The options transformers can hold
+    (rotary base, padded vocabulary: cropped) export too."""
+    tiny_config = dataclasses.replace(tiny_config, **request.param)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -1055,6 +1129,21 @@ def test_model_export_cli_bad_input(hf_export, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs the safetensors package: pip install safetensors"):
         export_hf("sft", str(tmp_path / "new"), tag=HF_TAG)
     assert os.listdir(tmp_path / "full") == ["keep.txt"] and not os.path.exists(tmp_path / "new")
+
+
+def test_model_export_refuses_options_transformers_cannot_hold(tokenizer, tmp_path, monkeypatch):
+    from model import build_model, save_checkpoint, export_hf, GPTConfig
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    cfg = dict(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=2, n_kv_head=2, n_embd=64)
+    shutil.copytree(os.path.dirname(tokenizer.path), tmp_path / "tokenizer")
+    for options, named in [(dict(value_embeds=True, smear=True), "value_embeds, smear"), (dict(window_pattern="SL"), "window_pattern"),
+                           (ALL_OPTIONS, "window_pattern, qk_scale, resid_lambdas, value_embeds, smear, backout")]:
+        model = build_model(dict(cfg, **options), "cpu")
+        save_checkpoint(str(tmp_path / common.CHECKPOINT_DIRS["sft"] / "opt"), 1, model.state_dict(), {"model_config": asdict(model.config)})
+        with pytest.raises(ValueError, match=f"cannot represent this model's {named}: not exported"):
+            export_hf("sft", str(tmp_path / "out"), tag="opt")
+        assert not os.path.exists(tmp_path / "out")
+        shutil.rmtree(tmp_path / common.CHECKPOINT_DIRS["sft"] / "opt")
 
 
 # =============================================================================
@@ -2773,13 +2862,16 @@ def test_chat_prompt_tokens_are_the_tokenizers_format(tokenizer):
             assert render_prompt(tokenizer, messages) == tokenizer.render_for_completion(conversation), messages  # a BPE too
 
 
-def test_chat_batched_decoding_equals_alone():
+@pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["release", "all_options"])
+def test_chat_batched_decoding_equals_alone(options):
     """Requests decoded together in one worker's batch (joining at different steps, prompts of different lengths, one calling
     the calculator, one sampled with its own seed and top-k, one waiting for a free row) get token for token the reply each
-    gets alone from the single-request path (Reply.stream over Engine.generate)."""
+    gets alone from the single-request path (Reply.stream over Engine.generate). With every option on, one prompt runs
+    past the 128-key window of the short layers and each row carries its own smear embedding."""
     from chat import WorkerPool, Reply
     tok, S = ByteTokenizer(), ByteTokenizer().encode_special
-    model = small_model(seq=128)
+    seq = 256 if options else 128
+    model = small_model(seq=seq, n_layer=3 if options else 2, **options)
     nudge = {ord("#"): S("<|python_start|>"), S("<|python_start|>"): ord("1"), ord("1"): ord("2"), ord("2"): ord("*"),
              ord("*"): ord("3"), ord("3"): S("<|python_end|>")}
     batch_sizes = []
@@ -2799,7 +2891,8 @@ def test_chat_batched_decoding_equals_alone():
                     logits[i, nudge[t]] += 100.0
             return logits
     engine = Engine(Nudged(), tok)
-    texts = ["Hello there", "A much longer prompt, so that this row's positions run well ahead of the others.", "What is 12*3? #", "hi", "Tell me more."]
+    texts = ["Hello there", "A much longer prompt, so that this row's positions run well ahead of the others." * (2 if options else 1),
+             "What is 12*3? #", "hi", "Tell me more."]
     params = [dict(max_tokens=40, temperature=0.0, top_k=0, seed=1) for _ in texts]
     params[3].update(temperature=1.0, top_k=20, seed=5)
     prompts = [[S("<|bos|>"), *tok.encode(t)] for t in texts]
@@ -2811,7 +2904,7 @@ def test_chat_batched_decoding_equals_alone():
     call = [S("<|python_start|>"), *tok.encode("12*3"), S("<|python_end|>"), S("<|output_start|>"), *tok.encode("36"), S("<|output_end|>")]
     assert alone[2][:len(call)] == call
     batch_sizes.clear()
-    pool = WorkerPool([engine], max_queue=4, cap=4, context=128)
+    pool = WorkerPool([engine], max_queue=4, cap=4, context=seq)
     jobs, deadline = [], time.time() + 120
     for prompt, p in zip(prompts, params):
         while jobs and len(jobs[-1].reply.ids) < 3 and time.time() < deadline:  # each joins a few steps after the previous one
@@ -3434,7 +3527,7 @@ def test_guide_model_sizes_match_code():
     text = _guide_text("GUIDE.md")
     vocab = guide_code_value("model.py:GPTConfig.vocab_size")
     seq = guide_code_value("model.py:GPTConfig.sequence_len")
-    ratio = guide_code_value("train.py:parse_args(--target-param-data-ratio)")
+    ratio = guide_code_value('train.py:RECIPES["release"]["target_param_data_ratio"]')
     batch = guide_code_value('train.py:STAGE_DEFAULTS["base"]["total_batch_size"]')
     header = "| depth | width d | heads | parameters | FLOPs per token | tokens (20 × params) | base steps |"
     assert header in text and f"({ratio:g} × params)" in header
