@@ -369,14 +369,18 @@ def chunked_cross_entropy(x, w, y, reduction="mean"):
 def estimate_memory(model, rows, world=1, cuda=True, T=None):
     """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
     state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, the backward's
-    working set, a loss chunk. On CPU it came within 20% of the measured peak RSS above the process's start (README)."""
+    working set, a loss chunk, CPU attention under a window. On CPU it came within 20% of the measured peak RSS above the
+    process's start (README)."""
     c, n = model.config, model.param_counts()
-    tokens = rows * (T or c.sequence_len)
+    T = T or c.sequence_len
+    tokens = rows * T
     parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
                  optimizer=(4 * n["blocks"] + 8 * (n["total"] - n["blocks"])) // world,  # Muon: momentum; AdamW: two
                  activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
                  backward=tokens * c.n_embd * ACT_BYTES[cuda],  # the layer being backpropagated: its grads and temporaries
-                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))  # 4 temporaries + dw
+                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]),  # 4 temporaries + dw
+                 # a windowed layer on CPU: SDPA with a mask keeps its (rows, heads, T, T) probabilities for the backward
+                 windows=0 if cuda else 4 * tokens * T * c.n_head * sum(w is not None and w < T - 1 for w in layer_windows(c)))
     return dict(parts, total=sum(parts.values()))
 
 def build_model(model_config, device, init="release"):

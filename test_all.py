@@ -616,6 +616,11 @@ def test_model_estimate_memory_parts():
         train.main(["--dry-run", "--depth", "20", "--vocab-size", "65536", "--max-seq-len", "2048"])
     assert out.getvalue().endswith("suggested --device-batch-size: 24 GB: 4, 40 GB: 8, 80 GB: 16\n"), out.getvalue()
     assert "memory estimate per rank at 32 rows x 2048: params 2.98, grads 2.09, optimizer 2.71, activations 76.25" in out.getvalue()
+    with torch.device("meta"):  # the options: their parameters count; a CPU window keeps (rows, heads, T, T) probabilities
+        d4 = GPT(config_from_depth(4, 8192, 2048, window_pattern="SSSL", value_embeds=True, resid_lambdas=True))
+    cpu, gpu, n4 = model_lib.estimate_memory(d4, 8, cuda=False), model_lib.estimate_memory(d4, 8), d4.param_counts()
+    assert cpu["windows"] == 4 * 8 * 2048 * 2048 * 2 * 3 and gpu["windows"] == 0 and n4["value_embeds"] == 2 * 8192 * 256
+    assert cpu["optimizer"] == 4 * n4["blocks"] + 8 * (n4["total"] - n4["blocks"])
 
 
 if torch.cuda.is_available():  # CUDA cases (run by `bash run.sh --gpu-check`); on a machine without a GPU they do not exist
