@@ -2499,6 +2499,61 @@ def test_eval_sandbox_warns_once_about_refused_protections(monkeypatch, capsys):
     assert capsys.readouterr().err.count("warning: the code sandbox runs without: time namespace of the test") == 1
 
 
+# issue 27: the program replaces the files its output used to go through, or writes many files. Each runs execute_code
+# in a child with its own TMPDIR and 1 GiB more address space than torch takes: a parent reading /dev/zero fails, not
+# the host.
+SANDBOX_UNLINK = """import posix
+for n in ('stdout.txt', 'stderr.txt'):
+    try:
+        posix.unlink(n)
+    except OSError:
+        pass
+"""
+SANDBOX_COUNT = """n = 0
+try:
+    while n < {n}:
+        open(f'f{{n}}', 'wb').write(bytes({size}))
+        n += 1
+finally:
+    print(n)
+"""
+SANDBOX_OWN_FILES = {
+    "symlinked output files": SANDBOX_UNLINK + "    posix.symlink(SECRET, n)\n",
+    "output files to /dev/zero": SANDBOX_UNLINK + "    posix.symlink('/dev/zero', n)\n",
+    "fifo as stdout.txt": SANDBOX_UNLINK + "posix.mkfifo('stdout.txt')\n",
+    "many small files": SANDBOX_COUNT.format(n=20000, size=0),
+    "many 1 MB files": SANDBOX_COUNT.format(n=100, size=1 << 20),
+}
+SANDBOX_OWN_FILES_RUNNER = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import eval as ev
+vm = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize:'))) << 10
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+print(json.dumps(ev.execute_code(sys.argv[2], timeout=3.0)))
+"""
+
+
+@pytest.mark.parametrize("name", SANDBOX_OWN_FILES)
+def test_eval_sandbox_own_files_and_their_number(name, tmp_path, world_writable_folder):
+    secret = tmp_path / "secret.txt"  # only its owner may read it: root in CI, the sandbox runs as nobody
+    secret.write_text("the caller's secret 27")
+    secret.chmod(0o600)
+    tmpdir = world_writable_folder  # under /tmp, so nobody can reach the program in it
+    code = f"SECRET = {str(secret)!r}\n" + SANDBOX_OWN_FILES[name]
+    p = subprocess.run([sys.executable, "-c", SANDBOX_OWN_FILES_RUNNER, REPO, code], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, TMPDIR=str(tmpdir)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.splitlines()[-1])
+    assert "secret 27" not in r["stdout"] + r["stderr"] and len(r["stdout"]) + len(r["stderr"]) < 1 << 20, name
+    assert os.listdir(tmpdir) == [], "the temp dir is removed"
+    if name.startswith("many"):  # in all at most 16 MB (the file-size limit) and SANDBOX_MAX_FILES files
+        assert not r["success"] and "No space left" in r["error"], r
+        assert int(r["stdout"]) <= (16 if "MB" in name else ev.SANDBOX_MAX_FILES)
+    else:
+        assert r["success"], r  # the program ran and did what it meant to
+
+
 # ---- report ---------------------------------------------------------------------------------------------------------
 
 def test_eval_report_assembles(tmp_path, monkeypatch):
