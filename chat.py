@@ -310,6 +310,13 @@ def job_pieces(job):
             raise piece
         yield piece
 
+class GenerationError(RuntimeError):
+    """One request's generation failed; its message is safe to show that request's client."""
+
+def row_failure(e):
+    traceback.print_exc()
+    return GenerationError(f"generation failed for this request ({type(e).__name__}); other requests were not affected")
+
 @torch.inference_mode()
 def decode_loop(pool, worker):
     """Continuous batching: each step samples one token for every active request (its own settings, seed and tool state) and
@@ -327,26 +334,43 @@ def decode_loop(pool, worker):
                 if job.cancel.is_set():
                     pool.finish(worker)
                     continue
+                try:
+                    kv1, first = engine.prefill(job.prompt)
+                except Exception as e:  # this request alone fails
+                    pool.finish(worker)
+                    job.out.put(row_failure(e))
+                    continue
                 rows.append((job, RowState(), torch.Generator(device=engine.model.get_device()).manual_seed(job.params["seed"])))
-                kv1, first = engine.prefill(job.prompt)
                 kv.prefill(kv1, row=len(rows) - 1)
                 logits = first if len(rows) == 1 else torch.cat((logits, first))
                 job.out.put(True)
-            sampled = torch.cat([sample_next_token(logits[i:i + 1], rng, job.params["temperature"], job.params["top_k"] or None)
-                                 for i, (job, _, rng) in enumerate(rows)]).view(-1).tolist()  # a sample even when forced: same rng use as alone
-            tokens = [engine.row_step(state, s, special)[0] for (_, state, _), s in zip(rows, sampled)]
+            sampled, tokens, failed = [], [], {}  # failed: row -> the error that ends it; the other rows go on
+            for i, (job, _, rng) in enumerate(rows):  # a sample even when forced: same rng use as alone
+                try:
+                    sampled.append(sample_next_token(logits[i:i + 1], rng, job.params["temperature"], job.params["top_k"] or None))
+                except Exception as e:
+                    failed[i] = row_failure(e)
+                    sampled.append(torch.zeros(1, 1, dtype=torch.long, device=logits.device))
+            for i, ((job, state, _), s) in enumerate(zip(rows, torch.cat(sampled).view(-1).tolist())):
+                try:
+                    tokens.append(0 if i in failed else engine.row_step(state, s, special)[0])
+                except Exception as e:
+                    failed[i] = row_failure(e)
+                    tokens.append(0)
             for i in reversed(range(len(rows))):
                 job, state, _ = rows[i]
-                if state.completed:
+                if i in failed:
+                    pass
+                elif state.completed:
                     job.reply.finish = "stop"
                 elif not job.cancel.is_set():
                     job.reply.ids.append(tokens[i])
                     piece = job.reply.push(tokens[i])
                     if piece:
                         job.out.put(piece)
-                if state.completed or job.cancel.is_set() or len(job.reply.ids) >= job.params["max_tokens"]:
+                if i in failed or state.completed or job.cancel.is_set() or len(job.reply.ids) >= job.params["max_tokens"]:
                     pool.finish(worker)
-                    job.out.put(None)
+                    job.out.put(failed.get(i))
                     if i != len(rows) - 1:
                         kv.move_row(len(rows) - 1, i)
                         rows[i], tokens[i] = rows[-1], tokens[-1]
@@ -415,11 +439,12 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.note += f" internal error: {type(e).__name__}"
             self.close_connection = True
+            message = str(e) if isinstance(e, GenerationError) else "internal server error"
             try:
                 if self.status is None:
-                    self.send_json(500, error_json(500, "internal server error"))
+                    self.send_json(500, error_json(500, message))
                 else:
-                    self.send_event({"error": "internal server error"})
+                    self.send_event({"error": message})
             except OSError:
                 pass
         finally:

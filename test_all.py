@@ -1057,6 +1057,23 @@ def test_model_export_cli_bad_input(hf_export, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "full") == ["keep.txt"] and not os.path.exists(tmp_path / "new")
 
 
+def test_model_tiny_temperatures_sample_valid_ids():
+    """issue 27: every temperature the API accepts gives valid probabilities; below TEMPERATURE_FLOOR (1e-40 gave NaN) it is
+    greedy, from the floor on it samples."""
+    from model import sample_next_token, TEMPERATURE_FLOOR
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 10
+    for t in (1e-40, 1e-30, 1e-10, TEMPERATURE_FLOOR / 2):
+        for k in (None, 5):
+            ids = sample_next_token(logits, torch.Generator().manual_seed(0), t, k)
+            assert ids.view(-1).tolist() == logits.argmax(-1).tolist(), (t, k)
+    for t in (TEMPERATURE_FLOOR, 1e-3, 2.0):
+        ids = sample_next_token(logits, torch.Generator().manual_seed(0), t, None)
+        assert ids.shape == (3, 1) and 0 <= ids.min() and ids.max() < 50
+    flat = torch.zeros(1, 50)  # at the floor it still samples: a flat row is not always id 0
+    assert len({sample_next_token(flat, torch.Generator().manual_seed(i), TEMPERATURE_FLOOR).item() for i in range(20)}) > 1
+
+
 # =============================================================================
 # data.py
 # =============================================================================
@@ -3236,6 +3253,67 @@ def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg") and not driver.find_element(By.ID, "error").is_displayed()
     finally:
         driver.quit()
+
+
+def test_chat_a_failing_row_ends_alone(monkeypatch):
+    """issue 27: four concurrent streams in one worker's batch; one asks for temperature 1e-40 (greedy: the same reply as
+    temperature 0, not NaN), one fails in its sampling (patched): that one alone gets an error event, the others finish."""
+    import chat
+    tok, model = ByteTokenizer(), small_model(seq=128)
+    ends, batch_sizes = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")], []
+
+    class Endless:  # the real model, its end and tool tokens pushed down: every reply runs to max_tokens
+        config, get_device = model.config, model.get_device
+
+        def trunk(self, ids, kv):
+            batch_sizes.append(ids.size(0))
+            return model.trunk(ids, kv)
+
+        def head(self, x):
+            logits = model.head(x)
+            logits[:, ends] -= 100.0
+            return logits
+    real = chat.sample_next_token
+
+    def sample(logits, rng, temperature, top_k):
+        time.sleep(0.005)  # slow steps: the four requests meet in the batch
+        if temperature == 0.5 and max(batch_sizes) == 4:
+            raise RuntimeError("a bug in one row")
+        return real(logits, rng, temperature, top_k)
+    monkeypatch.setattr(chat, "sample_next_token", sample)
+    pool = chat.WorkerPool([Engine(Endless(), tok)], max_queue=4, cap=4, context=128)
+    app = chat.App(tok, pool, "test", 0, {"temperature": 0.6, "top_k": 50, "max_tokens": 40})
+    server = chat.make_server(app, "127.0.0.1", 0, lambda line: None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    asks = [("/chat/completions", 1e-40), ("/v1/chat/completions", 0.5), ("/chat/completions", 0.0), ("/v1/chat/completions", 1.0)]
+
+    def one(ask):
+        body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 40, "temperature": ask[1], "stream": True}
+        status, _, data = http_request(port, "POST", ask[0], body, timeout=120)
+        return status, sse_events(data)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, asks))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert max(batch_sizes) == 4 and all(status == 200 for status, _ in results)
+    (_, tiny), (_, failed), (_, greedy), (_, sampled) = results
+    assert failed[-1] == {"error": "generation failed for this request (RuntimeError); other requests were not affected"}
+    assert tiny[-1] == greedy[-1] == {"done": True} and sampled[-1] == "[DONE]" and sampled[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["token"] for e in tiny[:-1]) == "".join(e["token"] for e in greedy[:-1]) != ""
+
+
+@SLOW
+def test_chat_cli_tiny_temperature(tokenizer, tiny_config, tmp_path):
+    """`chat.py -p hi -t 1e-40` answers (greedily) on a model whose logits are not all zero."""
+    from model import save_checkpoint
+    shutil.copytree(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "tokenizer"), tmp_path / "tokenizer")
+    model = small_model(vocab=tiny_config.vocab_size, seq=128)
+    save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), {"model_config": asdict(model.config)})
+    p = run_script(["chat.py", "-p", "hi", "-t", "1e-40", "-m", "8"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and p.stdout.strip(), p.stderr[-2000:]
 
 
 # =============================================================================
