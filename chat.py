@@ -347,7 +347,8 @@ def decode_loop(pool, worker):
             sampled, tokens, failed = [], [], {}  # failed: row -> the error that ends it; the other rows go on
             for i, (job, _, rng) in enumerate(rows):  # a sample even when forced: same rng use as alone
                 try:
-                    sampled.append(sample_next_token(logits[i:i + 1], rng, job.params["temperature"], job.params["top_k"] or None))
+                    p = job.params
+                    sampled.append(sample_next_token(logits[i:i + 1], rng, p["temperature"], p["top_k"] or None))
                 except Exception as e:
                     failed[i] = row_failure(e)
                     sampled.append(torch.zeros(1, 1, dtype=torch.long, device=logits.device))
@@ -368,7 +369,8 @@ def decode_loop(pool, worker):
                     piece = job.reply.push(tokens[i])
                     if piece:
                         job.out.put(piece)
-                if i in failed or state.completed or job.cancel.is_set() or len(job.reply.ids) >= job.params["max_tokens"]:
+                if (i in failed or state.completed or job.cancel.is_set()
+                        or len(job.reply.ids) >= job.params["max_tokens"]):
                     pool.finish(worker)
                     job.out.put(failed.get(i))
                     if i != len(rows) - 1:

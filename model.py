@@ -374,11 +374,11 @@ class KVCache:
         self.k[:, dst, :, :n], self.v[:, dst, :, :n] = self.k[:, src, :, :n], self.v[:, src, :, :n]
         self.lengths[dst] = n
 
-TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40 gives NaN probabilities); sampling is all but greedy there
+TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40: NaN probabilities); sampling is all but greedy there
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1). Temperature 0 (or below TEMPERATURE_FLOOR) = argmax; top_k keeps the k largest; every row
-    sampled independently."""
+    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest; every
+    row sampled independently."""
     assert temperature >= 0.0, "temperature must be non-negative"
     if temperature < TEMPERATURE_FLOOR:
         return torch.argmax(logits, dim=-1, keepdim=True)
