@@ -490,6 +490,7 @@ SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-m
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft", "RL": "chat-evaluation-rl"}
 GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
+REPORT_MARKER = "<!-- written by `python eval.py report`, which rewrites it -->"  # how it knows a report.md is its own
 
 def _run(cmd):
     try:
@@ -550,13 +551,24 @@ def _section_values(text):
 def _timestamps(text):
     return [datetime.datetime.fromisoformat(t) for t in re.findall(r"^timestamp: (\S+)", text, re.M)]
 
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
 def read_logs(rdir):
+    """{stage: records}; a line a killed run left half-written is skipped with a note."""
     logs = {}
     for stage in ("base", "mid", "sft", "rl"):
         path = os.path.join(rdir, f"{stage}_log.jsonl")
         if os.path.exists(path):
-            with open(path) as f:
-                logs[stage] = [json.loads(line) for line in f if line.strip()]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                records = [_json_or_none(line) for line in f if line.strip()]
+            logs[stage] = [r for r in records if isinstance(r, dict)]
+            if len(logs[stage]) < len(records):
+                print0(f"note: skipped {len(records) - len(logs[stage])} unreadable line(s) of {path} (a run cut off "
+                       "while writing it)")
     return logs
 
 STAGE_COLORS = {"base": "#1f77b4", "mid": "#ff7f0e", "sft": "#2ca02c", "rl": "#d62728"}
@@ -629,12 +641,16 @@ def report_generate(copy_to=None):
     logs = read_logs(rdir)
     common.atomic_write_text(os.path.join(rdir, "loss.svg"), loss_svg(logs))
     summary += ["", "## Loss curves", "", "![loss curves](loss.svg)", ""]
-    report = "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
+    report = REPORT_MARKER + "\n" + "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
     path = os.path.join(rdir, "report.md")
     common.atomic_write_text(path, report)
-    if copy_to:  # the copy points at the picture where it lies
-        common.atomic_write_text(os.path.join(copy_to, "report.md"), report.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})"))
-    print0(f"report written: {path}" + (f" (copied to {os.path.join(copy_to, 'report.md')})" if copy_to else ""))
+    copy = copy_to and os.path.join(copy_to, "report.md")
+    if copy and os.path.exists(copy) and not open(copy, errors="replace").readline().startswith(REPORT_MARKER):
+        raise common.UserError(f"{path} is written, but {copy} was not written by `eval.py report` and stays as it is: "
+                               "move it away to get the copy (or run from another folder)")
+    if copy:  # the copy points at the picture where it lies
+        common.atomic_write_text(copy, report.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})"))
+    print0(f"report written: {path}" + (f" (copied to {copy})" if copy else ""))
     return report
 
 # -----------------------------------------------------------------------------
@@ -657,7 +673,7 @@ def cmd_bpb(args, model, meta, tokenizer, device):
     T = model.config.sequence_len
     world = common.get_world_size()
     steps = max(1, args.eval_tokens // (args.device_batch_size * T * world))
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, tokenizer=tokenizer)
     bpb = {}
     for split in ("train", "val"):
         loader = data.PretrainLoader(tokenizer, args.device_batch_size, T, split=split, device=device,
@@ -731,6 +747,8 @@ def main(argv=None):
         return
     if args.action:
         p.error(f"'{args.action}' only goes with the report command")
+    if args.max_problems is not None and args.max_problems < 1:
+        raise common.UserError(f"--max-problems must be at least 1 (or left out for all), not {args.max_problems}")
     args.stage = args.stage or ("sft" if args.command == "chat" else "base")
     args.tag = args.tag or default_tag(common.checkpoint_dir(args.stage))  # the one load_model takes; names core's CSV
     ddp, rank, local_rank, world, device = common.init_runtime(args.device)

@@ -445,6 +445,23 @@ def test_tokenizer_training_documents(tmp_path, base_dir):
         list(T.read_input_file(str(bad)))
 
 
+
+def test_tokenizer_token_bytes_must_match_the_tokenizer(tmp_path, tokenizer, monkeypatch):
+    """issue 27: a token_bytes.pt from another tokenizer (an IndexError deep in bpb) is a one-line error naming both files
+    and a fix that works."""
+    import tokenizer as T
+    shutil.copytree(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "tokenizer"), tmp_path / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path, good = tmp_path / "tokenizer" / "token_bytes.pt", T.get_token_bytes()
+    for wrong in (good[:-5], good.flip(0), good[:, None]):  # another vocab, the same size but other lengths, another shape
+        torch.save(wrong, path)
+        with pytest.raises(common.UserError) as e:
+            T.get_token_bytes(tokenizer=tokenizer)
+        message = str(e.value)
+        assert message.startswith(f"error: {path} (") and f"does not match {tmp_path / 'tokenizer' / 'tokenizer.pkl'}" in message
+    run_script(["-c", re.search(r"`python -c \"(.*)\"`", message).group(1)], env={"NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert T.get_token_bytes().tolist() == good.tolist()
+
 # =============================================================================
 # model.py
 # =============================================================================
@@ -2747,6 +2764,35 @@ def test_eval_cli_missing_checkpoint_is_a_clear_error(tmp_path, tokenizer):
     p = run_script(["eval.py", "--stage", "mid", "chat"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
     assert p.returncode != 0 and "error: no mid checkpoints" in p.stderr and "Traceback" not in p.stderr
 
+
+
+def test_eval_report_keeps_a_foreign_report_md_and_skips_a_half_line(tmp_path, monkeypatch, capsys):
+    """issue 27: `eval.py report` never overwrites a ./report.md it did not write (one line; its own report is still
+    written), rewrites its own copy, and a half-written last line in base_log.jsonl is skipped with a note."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    ev.report_reset()
+    common.append_log("base", {"step": 0, "train_loss": 5.0})
+    with open(os.path.join(common.report_dir(), "base_log.jsonl"), "a") as f:
+        f.write('{"step": 1, "train_lo')  # a run killed while writing
+    mine = tmp_path / "report.md"
+    mine.write_text("# my notes\n")
+    with pytest.raises(common.UserError, match=f"^error: .* is written, but {re.escape(str(mine))} was not written by"):
+        ev.report_generate(copy_to=str(tmp_path))
+    assert mine.read_text() == "# my notes\n" and "## Summary" in open(os.path.join(common.report_dir(), "report.md")).read()
+    assert "note: skipped 1 unreadable line(s) of " in capsys.readouterr().out
+    mine.unlink()
+    ev.report_generate(copy_to=str(tmp_path))
+    common.append_log("base", {"step": 2, "train_loss": 4.0})  # a line of its own after the half line
+    text = ev.report_generate(copy_to=str(tmp_path))  # its own copy: rewritten
+    assert "## Summary" in mine.read_text() and text.startswith(ev.REPORT_MARKER)
+    assert [r["step"] for r in ev.read_logs(common.report_dir())["base"]] == [0, 2]
+
+
+@SLOW
+def test_eval_cli_max_problems_below_one(base_dir, tiny_checkpoints):
+    for n in ("-3", "0"):
+        p = run_script(["eval.py", "chat", "-a", "ARC-Easy", "--max-problems", n], env={"NANOCHAT_BASE_DIR": base_dir}, check=False)
+        assert p.returncode == 1 and p.stderr == f"error: --max-problems must be at least 1 (or left out for all), not {n}\n"
 
 # =============================================================================
 # chat.py
