@@ -221,5 +221,5 @@ def append_log(stage, record):
         return
     with open(os.path.join(report_dir(), f"{stage}_log.jsonl"), "ab+") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - 1))
-        cut = f.read(1) not in (b"", b"\n")  # a line a killed run left half-written: the record starts a line of its own
+        cut = f.read(1) not in (b"", b"\n")  # after a line a killed run left half-written: a line of its own
         f.write((cut * "\n" + json.dumps(record) + "\n").encode())

@@ -3362,6 +3362,45 @@ def test_chat_cli_tiny_temperature(tokenizer, tiny_config, tmp_path):
     assert p.returncode == 0 and "Traceback" not in p.stderr and p.stdout.strip(), p.stderr[-2000:]
 
 
+
+def test_chat_until_stop_cuts_across_pieces():
+    from chat import until_stop
+
+    class Reply:
+        finish = "length"
+    for pieces, stops, text, finish in [(["Hel", "lo w", "orld"], ["o wo"], "Hell", "stop"), (["ab", "c"], ["cd"], "abc", "length"),
+                                        (["x\n\nUser", ": more"], ["\n\n", "User:"], "x", "stop"), (["stop"], ["stop"], "", "stop"),
+                                        (["a", "b", "c"], ["bd", "zz"], "abc", "length")]:
+        reply = Reply()
+        got = list(until_stop(iter(pieces), stops, reply))
+        assert "".join(got) == text and reply.finish == finish and "" not in got, (pieces, stops, got)
+
+
+def test_chat_api_stop_seed_and_stream_types(chat_server):
+    """issue 27: `stop` is honoured (cut before it, finish 'stop'); a float `seed`, a string `stream` and a bad `stop` are
+    400s naming the field."""
+    port, _ = chat_server
+    user = [{"role": "user", "content": "Tell me a story."}]
+    stops = ["e", "a", "o", "t"]  # the random model's 24 tokens hold one of these
+    for seed in range(3):
+        body = json.loads(http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": seed, "stop": stops})[2])
+        text, finish = body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
+        assert finish == "stop" and not any(s in text for s in stops), body
+        status, _, data = http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": seed, "stop": stops, "stream": True})
+        events = sse_events(data)
+        assert status == 200 and events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text  # same seed, same cut
+    for field, value in (("seed", 1.5), ("seed", "7"), ("stream", "false"), ("stream", 1), ("stop", 5), ("stop", [""]),
+                         ("stop", ["a", "b", "c", "d", "e"])):
+        status, _, data = http_request(port, "POST", "/v1/chat/completions", {"messages": user, field: value})
+        assert status == 400 and f"'{field}' must be" in json.loads(data)["error"]["message"], (field, value, data)
+    assert http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": 7, "stop": None, "stream": False})[0] == 200
+
+
+def test_chat_web_port_out_of_range(chat_checkpoint):
+    p = run_script(["chat.py", "-g", CHAT_TAG, "--web", "--port", "99999"], check=False)
+    assert p.returncode == 1 and p.stderr == "error: --port must be 0..65535 (0 = any free port), not 99999\n", p.stderr
+
 # =============================================================================
 # GUIDE.md
 # =============================================================================
