@@ -341,10 +341,11 @@ def _read_output(proc, deadline, cap):
         if sum(map(len, got.values())) > cap:
             stop = "output"
             break
-    try:  # it may have closed both pipes and run on
-        stop or proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        stop = "timeout"
+    if not stop:  # it may have closed both pipes and run on (where no relay holds them: not Linux)
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stop = "timeout"
     out, err = (bytes(b[:cap]).decode("utf-8", "replace") for b in got.values())
     return out, err, stop
 
