@@ -478,10 +478,13 @@ class KVCache:
         if self.emb is not None:
             self.emb[dst] = self.emb[src]
 
+TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40: NaN probabilities); sampling is all but greedy there
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1). Temperature 0 = argmax; top_k keeps the k largest; every row sampled independently."""
+    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest; every
+    row sampled independently."""
     assert temperature >= 0.0, "temperature must be non-negative"
-    if temperature == 0.0:
+    if temperature < TEMPERATURE_FLOOR:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)

@@ -445,6 +445,23 @@ def test_tokenizer_training_documents(tmp_path, base_dir):
         list(T.read_input_file(str(bad)))
 
 
+
+def test_tokenizer_token_bytes_must_match_the_tokenizer(tmp_path, tokenizer, monkeypatch):
+    """issue 27: a token_bytes.pt from another tokenizer (an IndexError deep in bpb) is a one-line error naming both files
+    and a fix that works."""
+    import tokenizer as T
+    shutil.copytree(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "tokenizer"), tmp_path / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path, good = tmp_path / "tokenizer" / "token_bytes.pt", T.get_token_bytes()
+    for wrong in (good[:-5], good.flip(0), good[:, None]):  # another vocab, the same size but other lengths, another shape
+        torch.save(wrong, path)
+        with pytest.raises(common.UserError) as e:
+            T.get_token_bytes(tokenizer=tokenizer)
+        message = str(e.value)
+        assert message.startswith(f"error: {path} (") and f"does not match {tmp_path / 'tokenizer' / 'tokenizer.pkl'}" in message
+    run_script(["-c", re.search(r"`python -c \"(.*)\"`", message).group(1)], env={"NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert T.get_token_bytes().tolist() == good.tolist()
+
 # =============================================================================
 # model.py
 # =============================================================================
@@ -1149,6 +1166,23 @@ def test_model_export_refuses_options_transformers_cannot_hold(tokenizer, tmp_pa
             export_hf("sft", str(tmp_path / "out"), tag="opt")
         assert not os.path.exists(tmp_path / "out")
         shutil.rmtree(tmp_path / common.CHECKPOINT_DIRS["sft"] / "opt")
+
+
+def test_model_tiny_temperatures_sample_valid_ids():
+    """issue 27: every temperature the API accepts gives valid probabilities; below TEMPERATURE_FLOOR (1e-40 gave NaN) it is
+    greedy, from the floor on it samples."""
+    from model import sample_next_token, TEMPERATURE_FLOOR
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 10
+    for t in (1e-40, 1e-30, 1e-10, TEMPERATURE_FLOOR / 2):
+        for k in (None, 5):
+            ids = sample_next_token(logits, torch.Generator().manual_seed(0), t, k)
+            assert ids.view(-1).tolist() == logits.argmax(-1).tolist(), (t, k)
+    for t in (TEMPERATURE_FLOOR, 1e-3, 2.0):
+        ids = sample_next_token(logits, torch.Generator().manual_seed(0), t, None)
+        assert ids.shape == (3, 1) and 0 <= ids.min() and ids.max() < 50
+    flat = torch.zeros(1, 50)  # at the floor it still samples: a flat row is not always id 0
+    assert len({sample_next_token(flat, torch.Generator().manual_seed(i), TEMPERATURE_FLOOR).item() for i in range(20)}) > 1
 
 
 # =============================================================================
@@ -2677,6 +2711,61 @@ def test_eval_sandbox_warns_once_about_refused_protections(monkeypatch, capsys):
     assert capsys.readouterr().err.count("warning: the code sandbox runs without: time namespace of the test") == 1
 
 
+# issue 27: the program replaces the files its output used to go through, or writes many files. Each runs execute_code
+# in a child with its own TMPDIR and 1 GiB more address space than torch takes: a parent reading /dev/zero fails, not
+# the host.
+SANDBOX_UNLINK = """import posix
+for n in ('stdout.txt', 'stderr.txt'):
+    try:
+        posix.unlink(n)
+    except OSError:
+        pass
+"""
+SANDBOX_COUNT = """n = 0
+try:
+    while n < {n}:
+        open(f'f{{n}}', 'wb').write(bytes({size}))
+        n += 1
+finally:
+    print(n)
+"""
+SANDBOX_OWN_FILES = {
+    "symlinked output files": SANDBOX_UNLINK + "    posix.symlink(SECRET, n)\n",
+    "output files to /dev/zero": SANDBOX_UNLINK + "    posix.symlink('/dev/zero', n)\n",
+    "fifo as stdout.txt": SANDBOX_UNLINK + "posix.mkfifo('stdout.txt')\n",
+    "many small files": SANDBOX_COUNT.format(n=20000, size=0),
+    "many 1 MB files": SANDBOX_COUNT.format(n=100, size=1 << 20),
+}
+SANDBOX_OWN_FILES_RUNNER = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import eval as ev
+vm = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize:'))) << 10
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+print(json.dumps(ev.execute_code(sys.argv[2], timeout=3.0)))
+"""
+
+
+@pytest.mark.parametrize("name", SANDBOX_OWN_FILES)
+def test_eval_sandbox_own_files_and_their_number(name, tmp_path, world_writable_folder):
+    secret = tmp_path / "secret.txt"  # only its owner may read it: root in CI, the sandbox runs as nobody
+    secret.write_text("the caller's secret 27")
+    secret.chmod(0o600)
+    tmpdir = world_writable_folder  # under /tmp, so nobody can reach the program in it
+    code = f"SECRET = {str(secret)!r}\n" + SANDBOX_OWN_FILES[name]
+    p = subprocess.run([sys.executable, "-c", SANDBOX_OWN_FILES_RUNNER, REPO, code], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, TMPDIR=str(tmpdir)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.splitlines()[-1])
+    assert "secret 27" not in r["stdout"] + r["stderr"] and len(r["stdout"]) + len(r["stderr"]) < 1 << 20, name
+    assert os.listdir(tmpdir) == [], "the temp dir is removed"
+    if name.startswith("many"):  # in all at most 16 MB (the file-size limit) and SANDBOX_MAX_FILES files
+        assert not r["success"] and "No space left" in r["error"], r
+        assert int(r["stdout"]) <= (16 if "MB" in name else ev.SANDBOX_MAX_FILES)
+    else:
+        assert r["success"], r  # the program ran and did what it meant to
+
+
 # ---- report ---------------------------------------------------------------------------------------------------------
 
 def test_eval_report_assembles(tmp_path, monkeypatch):
@@ -2853,6 +2942,35 @@ def test_eval_cli_missing_checkpoint_is_a_clear_error(tmp_path, tokenizer):
     p = run_script(["eval.py", "--stage", "mid", "chat"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
     assert p.returncode != 0 and "error: no mid checkpoints" in p.stderr and "Traceback" not in p.stderr
 
+
+
+def test_eval_report_keeps_a_foreign_report_md_and_skips_a_half_line(tmp_path, monkeypatch, capsys):
+    """issue 27: `eval.py report` never overwrites a ./report.md it did not write (one line; its own report is still
+    written), rewrites its own copy, and a half-written last line in base_log.jsonl is skipped with a note."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    ev.report_reset()
+    common.append_log("base", {"step": 0, "train_loss": 5.0})
+    with open(os.path.join(common.report_dir(), "base_log.jsonl"), "a") as f:
+        f.write('{"step": 1, "train_lo')  # a run killed while writing
+    mine = tmp_path / "report.md"
+    mine.write_text("# my notes\n")
+    with pytest.raises(common.UserError, match=f"^error: .* is written, but {re.escape(str(mine))} was not written by"):
+        ev.report_generate(copy_to=str(tmp_path))
+    assert mine.read_text() == "# my notes\n" and "## Summary" in open(os.path.join(common.report_dir(), "report.md")).read()
+    assert "note: skipped 1 unreadable line(s) of " in capsys.readouterr().out
+    mine.unlink()
+    ev.report_generate(copy_to=str(tmp_path))
+    common.append_log("base", {"step": 2, "train_loss": 4.0})  # a line of its own after the half line
+    text = ev.report_generate(copy_to=str(tmp_path))  # its own copy: rewritten
+    assert "## Summary" in mine.read_text() and text.startswith(ev.REPORT_MARKER)
+    assert [r["step"] for r in ev.read_logs(common.report_dir())["base"]] == [0, 2]
+
+
+@SLOW
+def test_eval_cli_max_problems_below_one(base_dir, tiny_checkpoints):
+    for n in ("-3", "0"):
+        p = run_script(["eval.py", "chat", "-a", "ARC-Easy", "--max-problems", n], env={"NANOCHAT_BASE_DIR": base_dir}, check=False)
+        assert p.returncode == 1 and p.stderr == f"error: --max-problems must be at least 1 (or left out for all), not {n}\n"
 
 # =============================================================================
 # chat.py
@@ -3364,6 +3482,106 @@ def test_chat_web_page_in_headless_browser(chat_server, tmp_path):
     finally:
         driver.quit()
 
+
+def test_chat_a_failing_row_ends_alone(monkeypatch):
+    """issue 27: four concurrent streams in one worker's batch; one asks for temperature 1e-40 (greedy: the same reply as
+    temperature 0, not NaN), one fails in its sampling (patched): that one alone gets an error event, the others finish."""
+    import chat
+    tok, model = ByteTokenizer(), small_model(seq=128)
+    ends, batch_sizes = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")], []
+
+    class Endless:  # the real model, its end and tool tokens pushed down: every reply runs to max_tokens
+        config, get_device = model.config, model.get_device
+
+        def trunk(self, ids, kv):
+            batch_sizes.append(ids.size(0))
+            return model.trunk(ids, kv)
+
+        def head(self, x):
+            logits = model.head(x)
+            logits[:, ends] -= 100.0
+            return logits
+    real = chat.sample_next_token
+
+    def sample(logits, rng, temperature, top_k):
+        time.sleep(0.005)  # slow steps: the four requests meet in the batch
+        if temperature == 0.5 and max(batch_sizes) == 4:
+            raise RuntimeError("a bug in one row")
+        return real(logits, rng, temperature, top_k)
+    monkeypatch.setattr(chat, "sample_next_token", sample)
+    pool = chat.WorkerPool([Engine(Endless(), tok)], max_queue=4, cap=4, context=128)
+    app = chat.App(tok, pool, "test", 0, {"temperature": 0.6, "top_k": 50, "max_tokens": 40})
+    server = chat.make_server(app, "127.0.0.1", 0, lambda line: None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    asks = [("/chat/completions", 1e-40), ("/v1/chat/completions", 0.5), ("/chat/completions", 0.0), ("/v1/chat/completions", 1.0)]
+
+    def one(ask):
+        body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 40, "temperature": ask[1], "stream": True}
+        status, _, data = http_request(port, "POST", ask[0], body, timeout=120)
+        return status, sse_events(data)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, asks))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert max(batch_sizes) == 4 and all(status == 200 for status, _ in results)
+    (_, tiny), (_, failed), (_, greedy), (_, sampled) = results
+    assert failed[-1] == {"error": "generation failed for this request (RuntimeError); other requests were not affected"}
+    assert tiny[-1] == greedy[-1] == {"done": True} and sampled[-1] == "[DONE]" and sampled[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["token"] for e in tiny[:-1]) == "".join(e["token"] for e in greedy[:-1]) != ""
+
+
+@SLOW
+def test_chat_cli_tiny_temperature(tokenizer, tiny_config, tmp_path):
+    """`chat.py -p hi -t 1e-40` answers (greedily) on a model whose logits are not all zero."""
+    from model import save_checkpoint
+    shutil.copytree(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "tokenizer"), tmp_path / "tokenizer")
+    model = small_model(vocab=tiny_config.vocab_size, seq=128)
+    save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), {"model_config": asdict(model.config)})
+    p = run_script(["chat.py", "-p", "hi", "-t", "1e-40", "-m", "8"], env={"NANOCHAT_BASE_DIR": str(tmp_path)}, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and p.stdout.strip(), p.stderr[-2000:]
+
+
+
+def test_chat_until_stop_cuts_across_pieces():
+    from chat import until_stop
+
+    class Reply:
+        finish = "length"
+    for pieces, stops, text, finish in [(["Hel", "lo w", "orld"], ["o wo"], "Hell", "stop"), (["ab", "c"], ["cd"], "abc", "length"),
+                                        (["x\n\nUser", ": more"], ["\n\n", "User:"], "x", "stop"), (["stop"], ["stop"], "", "stop"),
+                                        (["a", "b", "c"], ["bd", "zz"], "abc", "length")]:
+        reply = Reply()
+        got = list(until_stop(iter(pieces), stops, reply))
+        assert "".join(got) == text and reply.finish == finish and "" not in got, (pieces, stops, got)
+
+
+def test_chat_api_stop_seed_and_stream_types(chat_server):
+    """issue 27: `stop` is honoured (cut before it, finish 'stop'); a float `seed`, a string `stream` and a bad `stop` are
+    400s naming the field."""
+    port, _ = chat_server
+    user = [{"role": "user", "content": "Tell me a story."}]
+    stops = ["e", "a", "o", "t"]  # the random model's 24 tokens hold one of these
+    for seed in range(3):
+        body = json.loads(http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": seed, "stop": stops})[2])
+        text, finish = body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
+        assert finish == "stop" and not any(s in text for s in stops), body
+        status, _, data = http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": seed, "stop": stops, "stream": True})
+        events = sse_events(data)
+        assert status == 200 and events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text  # same seed, same cut
+    for field, value in (("seed", 1.5), ("seed", "7"), ("stream", "false"), ("stream", 1), ("stop", 5), ("stop", [""]),
+                         ("stop", ["a", "b", "c", "d", "e"])):
+        status, _, data = http_request(port, "POST", "/v1/chat/completions", {"messages": user, field: value})
+        assert status == 400 and f"'{field}' must be" in json.loads(data)["error"]["message"], (field, value, data)
+    assert http_request(port, "POST", "/v1/chat/completions", {"messages": user, "seed": 7, "stop": None, "stream": False})[0] == 200
+
+
+def test_chat_web_port_out_of_range(chat_checkpoint):
+    p = run_script(["chat.py", "-g", CHAT_TAG, "--web", "--port", "99999"], check=False)
+    assert p.returncode == 1 and p.stderr == "error: --port must be 0..65535 (0 = any free port), not 99999\n", p.stderr
 
 # =============================================================================
 # GUIDE.md
