@@ -92,6 +92,8 @@ def init_runtime(device=None, seed=42):
     import torch.distributed as dist
     ddp, rank, local_rank, world = dist_info()
     device = device or autodetect_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)

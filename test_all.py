@@ -1185,6 +1185,22 @@ def test_model_tiny_temperatures_sample_valid_ids():
     assert len({sample_next_token(flat, torch.Generator().manual_seed(i), TEMPERATURE_FLOOR).item() for i in range(20)}) > 1
 
 
+def test_model_export_out_under_a_file_or_onto_a_full_disk(hf_export, tmp_path):
+    """Issue 27: --out under a file, or a write that fails half way (a file-size limit as a full disk): one line, and
+    nothing half-written is left (the folder is written whole beside --out, then renamed)."""
+    import resource
+    limit = os.path.getsize(os.path.join(hf_export[3], "export", "model.safetensors")) // 2
+    (tmp_path / "file").write_text("mine")
+    for out, preexec in ((str(tmp_path / "file" / "sub"), None),
+                         (str(tmp_path / "new"), lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))):
+        p = subprocess.run([sys.executable, "model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out], cwd=REPO,
+                           env=dict(os.environ, NANOCHAT_BASE_DIR=hf_export[3]), capture_output=True, text=True, timeout=300,
+                           preexec_fn=preexec)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+        assert p.stderr.startswith(f"error: could not write --out {out} (") and "is the disk full" in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "mine"
+
+
 # =============================================================================
 # data.py
 # =============================================================================
@@ -2330,6 +2346,168 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer
     assert "Traceback" not in p.stderr
     ckpts = sorted(n for n in os.listdir(os.path.join(base, "base_checkpoints", "d1")) if n.startswith("model_"))
     assert ckpts == ["model_000003.pt", "model_000006.pt"]
+
+
+# -----------------------------------------------------------------------------
+# hardening, second round (issue 27): resume past the end, signals, a full disk, the log on resume, the GPU profile
+
+def _run_train(base, args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), **kw)
+
+
+def _log_keys(base, stage):
+    """(step, kind) of every line of report/<stage>_log.jsonl, kind 'train' or the eval metric."""
+    with open(os.path.join(base, "report", f"{stage}_log.jsonl")) as f:
+        return [(r["step"], "train" if "loss" in r else ",".join(sorted(r))) for r in map(json.loads, f)]
+
+
+@SLOW
+def test_train_resume_past_the_end_log_once_and_seq_len(base_dir, tokenizer, tmp_path):
+    base = _clone_base(base_dir, str(tmp_path / "b"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    args = [*TINY_BASE, "--eval-every", "2", "--save-every", "2"]
+    _train(base, [*args, "--num-iterations", "4"])
+    names, keys = sorted(os.listdir(folder)), _log_keys(base, "base")
+    assert len(keys) == len(set(keys)) and (4, "step,val_bpb") in keys
+    # a resume at or past --num-iterations finishes at once with one note (it used to train on: step 00005/00002 ...)
+    p = _run_train(base, [*args, "--num-iterations", "2", "--resume"], timeout=120)
+    assert p.returncode == 0 and "step 4 is at or past the end of this run (--num-iterations 2); nothing to train" in p.stdout, p.stdout + p.stderr
+    assert not re.search(r"step 0000\d/", p.stdout) and sorted(os.listdir(folder)) == names and _log_keys(base, "base") == keys
+    # killed after step 3 was logged (the step-4 save lost, half a line written): the resumed run logs steps 2-4 once
+    for n in names:
+        if "000004" in n:
+            os.remove(os.path.join(folder, n))
+    with open(os.path.join(base, "report", "base_log.jsonl"), "a") as f:
+        f.write('{"step": 4, "val_')
+    out = _train(base, [*args, "--num-iterations", "4", "--resume"])
+    assert "resuming base from" in out and _log_keys(base, "base") == keys
+    # a longer (or any other) T than the checkpoint's: one line, not the rotary assertion; no flag takes the checkpoint's T
+    p = _run_train(base, [*args, "--num-iterations", "5", "--resume", "--max-seq-len", "1024"])
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == ("error: --max-seq-len 1024: the checkpoint resumed from was "
+                                                                         "trained at 32; resume with --max-seq-len 32 (or without the flag)"), p.stderr
+    assert "Traceback" not in p.stderr
+    i = TINY_BASE.index("--max-seq-len")
+    out = _train(base, [*TINY_BASE[:i], *TINY_BASE[i + 2:], "--num-iterations", "5", "--resume"])
+    assert "T=32" in out and "step 00004/00005" in out
+
+
+@SLOW
+def test_train_source_without_optimizer_state_starts_fresh(base_dir, tokenizer, tmp_path):
+    import model as M
+    base = _clone_base(base_dir, str(tmp_path / "b"))
+    _train(base, [*TINY_BASE, "--num-iterations", "2"])
+    optim = os.path.join(base, "base_checkpoints", "d1", "optim_000002_rank0.pt")
+    os.remove(optim)  # a checkpoint saved without one, or the original nanochat's optim_<step>.pt
+    with pytest.raises(SystemExit) as e:
+        M.load_checkpoint(os.path.dirname(optim), 2, "cpu", load_optimizer=True)
+    assert str(e.value.code) == f"error: {optim} is missing: the checkpoint holds no optimizer state for rank 0", e.value.code
+    out = _train(base, [*STAGE_TINY["mid"], "--num-iterations", "1", "--source-optimizer", "1"])
+    assert "has no optimizer state for 1 rank(s) (optim_000002_rank0.pt is missing): starting from fresh optimizer moments" in out, out
+    assert os.path.exists(os.path.join(base, "mid_checkpoints", "d1", "model_000001.pt"))
+
+
+def _wait_for_step(p, n, lines, deadline=240):
+    end = time.time() + deadline
+    for line in p.stdout:
+        lines.append(line)
+        if (re.match(r"step (\d+)/", line) and int(line[5:10]) >= n) or time.time() > end:
+            return
+
+
+@SLOW
+def test_train_sigint_saves_the_step_and_exits_with_one_line(base_dir, tokenizer, tmp_path):
+    base = _clone_base(base_dir, str(tmp_path / "b"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "train.py", *TINY_BASE, "--num-iterations", "100000"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    _wait_for_step(p, 3, lines)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and len(err.strip().splitlines()) == 1, (p.returncode, err[-3000:])
+    m = re.fullmatch(r"SIGINT: stopped at step (\d+), saved step \1 in (\S+); continue with --resume", err.strip())
+    assert m and m.group(2) == folder, err
+    step = int(m.group(1))
+    assert sorted(os.listdir(folder)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt"]
+    out = _train(base, [*TINY_BASE, "--num-iterations", str(step + 1), "--resume"])
+    assert f"resuming base from {folder} step {step}" in out and f"step {step:05d}/{step + 1:05d}" in out
+
+
+@SLOW
+def test_train_sigterm_to_one_rank_stops_every_rank_at_the_same_step(base_dir, tokenizer, tmp_path):
+    base = _clone_base(base_dir, str(tmp_path / "b"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(_launch(2, _free_port()) + ["train.py", *TINY_BASE, "--num-iterations", "100000"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        _wait_for_step(p, 3, lines)
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            workers = [int(w) for w in f.read().split()]
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)  # one rank alone: the other must not wait for it in a collective
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = "".join(lines) + out
+    m = re.search(r"SIGTERM: stopped at step (\d+), saved step \1 in ", out)
+    assert p.returncode != 0 and m and "KeyboardInterrupt" not in out and 'train.py", line' not in out, out[-3000:]
+    step = int(m.group(1))
+    assert sorted(os.listdir(folder)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)]
+
+
+def _file_size_limit(nbytes):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))  # Python ignores SIGXFSZ: writes fail
+
+
+@SLOW
+def test_train_full_disk_keeps_the_previous_checkpoint(base_dir, tokenizer, tmp_path):
+    import model as M
+    base = _clone_base(base_dir, str(tmp_path / "b"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    _train(base, [*TINY_BASE, "--num-iterations", "2"])
+    names = sorted(os.listdir(folder))
+    sizes = {n.split("_")[0]: os.path.getsize(os.path.join(folder, n)) for n in names}
+    assert sizes["model"] < sizes["optim"]
+    # the model's write fails; then the model and meta are written and the optimizer's fails (they are removed again)
+    for limit in (sizes["model"] // 2, (sizes["model"] + sizes["optim"]) // 2):
+        p = _run_train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"], preexec_fn=_file_size_limit(limit))
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+        assert p.stderr.startswith(f"error: could not save step 4 into {folder} (") and "is the disk full?" in p.stderr, p.stderr
+        assert sorted(os.listdir(folder)) == names and M.last_step(folder, 1) == 2
+    out = _train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"])
+    assert f"resuming base from {folder} step 2" in out and M.last_step(folder, 1) == 4
+
+
+def test_train_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
+    import model as M
+    path = str(tmp_path / "model_000001.pt")
+    torch.save({"w": torch.zeros(2)}, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (lambda: common.init_runtime("cuda"), lambda: M._torch_load(path, "cuda")):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert str(e.value.code).startswith("error: --device cuda: CUDA is not available here") and "use --device cpu" in str(e.value.code)
+
+
+def test_train_gpu_profile_leaves_rows_to_auto(capsys):
+    """run.sh's GPU profile must not pin the rows of base and mid (pinned, the out-of-memory fallback is off), and the README
+    quotes what `train.py --depth 20 --dry-run` estimates."""
+    import train
+    profile = re.search(r"\n  gpu\)(.*?);;", open(os.path.join(REPO, "run.sh")).read(), re.S).group(1)
+    for name in ("BASE", "MID"):
+        value = re.search(rf'\b{name}="([^"]*)"', profile).group(1)
+        assert "--device-batch-size" not in value, (name, value)
+    train.dry_run(train.parse_args(["--depth", "20", "--vocab-size", "65536", "--dry-run"]))
+    out = capsys.readouterr().out
+    total, rows80 = float(re.search(r"total ([\d.]+) GiB", out).group(1)), int(re.search(r"80 GB: (\d+)", out).group(1))
+    readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
+    assert total > 80 and rows80 < 32 and f"{total:.1f} GiB per GPU at 32 rows" in readme and f"an 80 GB card trains {rows80} rows" in readme
 
 
 # =============================================================================

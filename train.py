@@ -11,11 +11,13 @@ Optimizers: Muon for every matrix inside the transformer blocks, AdamW for wte a
 DDP: under torch.distributed the optimizers average the gradients themselves (reduce-scatter -> the owning rank updates
 and alone keeps the state -> all-gather), so optimizer state is sharded across ranks.
 """
+import os
 import sys
 import json
 import math
 import time
 import random
+import signal
 import hashlib
 import argparse
 import resource
@@ -347,9 +349,29 @@ Runtime = namedtuple("Runtime", "ddp rank world device cuda peak_flops tokenizer
 def start(args):
     """Join the process group (under torchrun: NCCL on GPU, gloo on CPU), pick the device, load the tokenizer."""
     ddp, rank, _, world, device = common.init_runtime(args.device, seed=args.seed)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit (interrupted() polls the flag)
+        signal.signal(sig, on_signal)
     cuda = device.startswith("cuda")
     peak = next((f for key, f in PEAK_BF16_FLOPS if key in torch.cuda.get_device_name(device)), None) if cuda else None  # for MFU
     return Runtime(ddp, rank, world, device, cuda, peak, tok_lib.get_tokenizer(), tok_lib.get_token_bytes(device))
+
+STOP = dict(signal=0)  # the first SIGINT/SIGTERM received; the training loops stop at the next step boundary
+
+def on_signal(signum, frame):
+    STOP["signal"] = STOP["signal"] or signum
+
+def interrupted(rt):
+    """The signal number if any rank was signalled (all ranks agree, so none waits alone in a collective), else 0."""
+    return int(common.all_reduce([STOP["signal"]], rt.device, op=dist.ReduceOp.MAX)[0]) if rt.ddp else STOP["signal"]
+
+def stop(signum, args, rt, ckpt_dir, step, resumed_at, model, model_config, optimizers, loader, stats):
+    """After a SIGINT/SIGTERM: save this step (unless it is the checkpoint resumed from) and exit with one line."""
+    if step > 0 and step != resumed_at:
+        save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)
+    saved = f"saved step {stats['saved']} in {ckpt_dir}; continue with --resume" if stats["saved"] else "no checkpoint saved"
+    print0(f"{signal.Signals(signum).name}: stopped at step {step}, {saved}", file=sys.stderr)
+    common.cleanup_runtime()
+    sys.exit(128 + signum)
 
 def source_tag(args):
     """The checkpoint tag a chat stage starts from (mid: base, sft: mid, rl: sft); this stage saves under the same tag.
@@ -379,13 +401,51 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     model, meta = model_lib.load_model(args.source, rt.device, tag=src_tag, step=args.source_step, tokenizer=rt.tokenizer)
     src_dir = common.checkpoint_dir(args.source, src_tag)
     print0(f"{args.stage}: starting from {args.source} checkpoint {src_dir} step {meta.get('step')}")
-    trainer = None
+    trainer, optim = None, os.path.join(src_dir, f"optim_{meta['step']:06d}_rank{rt.rank}.pt")
     if args.source_optimizer and meta.get("world_size", 1) != rt.world:  # each rank's shard of the moments is its own
         print0(f"note: the {args.source} run had {meta.get('world_size', 1)} ranks, this one {rt.world}: starting from fresh optimizer moments")
+    elif args.source_optimizer and common.all_reduce([not os.path.exists(optim)], rt.device, op=dist.ReduceOp.MAX)[0]:
+        print0(f"note: {src_dir} step {meta['step']} has no optimizer state for {rt.world} rank(s) ({os.path.basename(optim)} "
+               "is missing): starting from fresh optimizer moments")
     elif args.source_optimizer:  # carry the source's optimizer moments over (its own learning rates are not kept)
         _, trainer, _ = model_lib.load_checkpoint(src_dir, meta["step"], rt.device, load_optimizer=True, rank=rt.rank)
     model.train()
     return model, meta["model_config"], trainer, 0
+
+def past_end(args, rt, ckpt_dir, step, num_steps, stats):
+    """True, with a one-line note, when the checkpoint a run resumes from is at or past its last step: nothing to train.
+    Else the run continues from `step`, and the log drops what it will write again (no step is logged twice)."""
+    if step < num_steps if num_steps else stats["progress"] < 1.0:
+        if rt.rank == 0:
+            trim_log(args.stage, step)
+        return False
+    print0(f"--resume: {ckpt_dir} step {step} is at or past the end of this run "
+           f"({f'--num-iterations {num_steps}' if num_steps else 'one epoch'}); nothing to train")
+    return True
+
+def trim_log(stage, step):
+    """--resume from `step`: drop the log records from that step on (the resumed run logs them again) and half-written lines."""
+    path, keep = os.path.join(common.report_dir(), f"{stage}_log.jsonl"), []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            if json.loads(line)["step"] < step:
+                keep.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    common.atomic_write_text(path, "".join(keep))
+
+def seq_len(args, model_config, resumed, default):
+    """T: --max-seq-len, else the checkpoint's when resuming, else `default`. A resumed run keeps the T it was trained at,
+    and no run goes past the positions the model's rotary tables cover."""
+    S = model_config["sequence_len"]
+    T = args.max_seq_len or (S if resumed else default)
+    if resumed and T != S:
+        raise common.UserError(f"--max-seq-len {T}: the checkpoint resumed from was trained at {S}; "
+                               f"resume with --max-seq-len {S} (or without the flag)")
+    if T > model_lib.ROPE_SPAN * S:
+        raise common.UserError(f"--max-seq-len {T} is past the {model_lib.ROPE_SPAN * S} positions the {args.source} model's "
+                               f"rotary tables cover; use at most that")
+    return T
 
 def new_stats():
     """The running figures a checkpoint carries, so a resumed run logs exactly what an uninterrupted one would."""
@@ -552,6 +612,7 @@ def train_base(args):
     ckpt_dir = common.checkpoint_dir("base", args.model_tag or f"d{args.depth}")
     fresh = asdict(model_lib.config_from_depth(args.depth, V, T, **arch_options(args)))
     model, model_config, trainer, step = load_start(args, rt, ckpt_dir, fresh_config=fresh)
+    T = seq_len(args, model_config, trainer is not None, T)
     # data and batch: documents packed BOS-aligned into rows of T+1 tokens; steps from the tokens : parameters ratio
     loader = data.PretrainLoader(rt.tokenizer, B, T, split="train", device=rt.device, rank=rt.rank, world_size=rt.world)
     total, accum = grad_accum_steps(args.total_batch_size, B, T, rt.world)
@@ -574,8 +635,12 @@ def train_base(args):
     print0(memory_line(model, B, T, rt.world, rt.cuda))
     val_steps = base_val_steps(rt, args.eval_tokens // (B * T * rt.world), B, T)
     resumed_at = step if trainer is not None else None
+    if resumed_at is not None and past_end(args, rt, ckpt_dir, step, num_steps, stats):
+        return loader.close()
     while True:  # save -> evaluate -> stop at the end -> one optimizer step (SPEC 4.4)
         last = step == num_steps
+        if signum := interrupted(rt):  # SIGINT/SIGTERM on any rank: every rank saves this step and exits
+            stop(signum, args, rt, ckpt_dir, step, resumed_at, model, model_config, optimizers, loader, stats)
         if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
             save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)  # before the evals (nanochat #446)
         metrics = {}
@@ -643,7 +708,7 @@ def train_chat(args):
     src_tag = source_tag(args)
     ckpt_dir = common.checkpoint_dir(args.stage, args.model_tag or src_tag)
     model, model_config, trainer, step = load_start(args, rt, ckpt_dir, src_tag=src_tag)
-    T, B = args.max_seq_len or model_config["sequence_len"], args.device_batch_size
+    T, B = seq_len(args, model_config, step > 0, model_config["sequence_len"]), args.device_batch_size
     model_config = dict(model_config, sequence_len=T)  # the next stage's default T is the one trained here
     model_lib.set_sequence_len(model, T)  # short attention windows are a quarter of it
     # the mixture: edit the lists freely (a task listed twice is seen twice; size 0 leaves it out)
@@ -685,8 +750,12 @@ def train_chat(args):
            f"({accum} micro-steps of {B} rows per rank), lr x{args.init_lr_frac}, warmdown {args.warmdown_ratio}")
     print0(memory_line(model, B, T, rt.world, rt.cuda))
     val_steps, resumed_at = args.eval_tokens // (B * T * rt.world), step if step > 0 else None
+    if resumed_at is not None and past_end(args, rt, ckpt_dir, step, num_steps, stats):
+        return
     while True:
         last = step == num_steps if num_steps else stats["progress"] >= 1.0
+        if signum := interrupted(rt):
+            stop(signum, args, rt, ckpt_dir, step, resumed_at, model, model_config, optimizers, loader, stats)
         if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
             save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)
         metrics = {}
@@ -767,8 +836,12 @@ def train_rl(args):
     engine, pad, wandb_run = model_lib.Engine(model, tok), tok.encode_special("<|assistant_end|>"), start_wandb(args, rt)
     print0(f"rl: device={rt.device}, world={rt.world}, steps={num_steps}, {per_rank * rt.world} questions x {args.num_samples} samples per step")
     resumed_at = step if step > 0 else None
+    if resumed_at is not None and past_end(args, rt, ckpt_dir, step, num_steps, stats):
+        return
     while True:
         last = step == num_steps
+        if signum := interrupted(rt):
+            stop(signum, args, rt, ckpt_dir, step, resumed_at, model, model_config, optimizers, None, stats)
         if step > 0 and step != resumed_at and (last or (args.save_every > 0 and step % args.save_every == 0)):
             save(args, rt, ckpt_dir, step, model, model_config, optimizers, None, stats)
         metrics = {}
