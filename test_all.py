@@ -2367,9 +2367,12 @@ def test_train_resume_past_the_end_log_once_and_seq_len(base_dir, tokenizer, tmp
     base = _clone_base(base_dir, str(tmp_path / "b"))
     folder = os.path.join(base, "base_checkpoints", "d1")
     args = [*TINY_BASE, "--eval-every", "2", "--save-every", "2"]
-    _train(base, [*args, "--num-iterations", "4"])
+    os.makedirs(os.path.join(base, "report"))
+    with open(os.path.join(base, "report", "base_log.jsonl"), "w") as f:  # a run killed before its first save logged these
+        f.write('{"step": 0, "val_bpb": 9.0}\n{"step": 0, "loss": 9.0}\n')
+    out = _train(base, [*args, "--num-iterations", "4", "--resume"])
     names, keys = sorted(os.listdir(folder)), _log_keys(base, "base")
-    assert len(keys) == len(set(keys)) and (4, "step,val_bpb") in keys
+    assert "no complete checkpoint" in out and len(keys) == len(set(keys)) and (4, "step,val_bpb") in keys, keys
     # a resume at or past --num-iterations finishes at once with one note (it used to train on: step 00005/00002 ...)
     p = _run_train(base, [*args, "--num-iterations", "2", "--resume"], timeout=120)
     assert p.returncode == 0 and "step 4 is at or past the end of this run (--num-iterations 2); nothing to train" in p.stdout, p.stdout + p.stderr
@@ -2393,7 +2396,7 @@ def test_train_resume_past_the_end_log_once_and_seq_len(base_dir, tokenizer, tmp
 
 
 @SLOW
-def test_train_source_without_optimizer_state_starts_fresh(base_dir, tokenizer, tmp_path):
+def test_train_checkpoint_without_optimizer_state(base_dir, tokenizer, tmp_path):
     import model as M
     base = _clone_base(base_dir, str(tmp_path / "b"))
     _train(base, [*TINY_BASE, "--num-iterations", "2"])
@@ -2402,6 +2405,9 @@ def test_train_source_without_optimizer_state_starts_fresh(base_dir, tokenizer, 
     with pytest.raises(SystemExit) as e:
         M.load_checkpoint(os.path.dirname(optim), 2, "cpu", load_optimizer=True)
     assert str(e.value.code) == f"error: {optim} is missing: the checkpoint holds no optimizer state for rank 0", e.value.code
+    p = _run_train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"])  # not a silent start from scratch
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (f"error: --resume: {os.path.dirname(optim)} step 2 holds no "
+        "optimizer state for 1 rank(s): resume with the number of ranks that saved it, or train under a new --model-tag"), p.stderr
     out = _train(base, [*STAGE_TINY["mid"], "--num-iterations", "1", "--source-optimizer", "1"])
     assert "has no optimizer state for 1 rank(s) (optim_000002_rank0.pt is missing): starting from fresh optimizer moments" in out, out
     assert os.path.exists(os.path.join(base, "mid_checkpoints", "d1", "model_000001.pt"))

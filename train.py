@@ -386,8 +386,13 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config (base),
     else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step)."""
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
+    if args.resume and step is None and (other := model_lib.last_step(ckpt_dir)) is not None:  # models, no shards for us
+        raise common.UserError(f"--resume: {ckpt_dir} step {other} holds no optimizer state for {rt.world} rank(s): resume with "
+                               "the number of ranks that saved it, or train under a new --model-tag")
     if args.resume and step is None:
         print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
+        if rt.rank == 0:
+            trim_log(args.stage, 0)  # what an interrupted run logged before its first save is logged again
     if step is not None:
         state, trainer, meta = model_lib.load_checkpoint(ckpt_dir, step, rt.device, load_optimizer=True, rank=rt.rank, tokenizer=rt.tokenizer)
         if meta.get("world_size", rt.world) != rt.world:
