@@ -648,10 +648,11 @@ class TextStreamer:
 # checkpoints: <dir>/model_NNNNNN.pt, meta_NNNNNN.json, optim_NNNNNN_rankR.pt; every write atomic
 
 def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, rank=0):
-    """Rank 0 writes the model and meta; every rank writes its own optimizer shard when given. A failed write (a full disk,
-    a file-size limit) removes this step's files, so loading picks the previous checkpoint, and is one line."""
+    """Rank 0 writes the model and meta; every rank writes its own optimizer shard when given. A failed write (a full
+    disk, a file-size limit) removes this step's files, so loading picks the previous checkpoint, and is one line."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    paths = [os.path.join(ckpt_dir, name) for name in (f"model_{step:06d}.pt", f"meta_{step:06d}.json", f"optim_{step:06d}_rank{rank}.pt")]
+    names = f"model_{step:06d}.pt", f"meta_{step:06d}.json", f"optim_{step:06d}_rank{rank}.pt"
+    paths = [os.path.join(ckpt_dir, name) for name in names]
     try:
         if rank == 0:
             common.atomic_write(paths[0], lambda f: torch.save(model_state, f))
@@ -662,8 +663,9 @@ def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, ran
         for path in paths if rank == 0 else paths[2:]:  # each rank its own files
             if os.path.exists(path):
                 os.remove(path)
-        raise common.UserError(f"could not save step {step} into {ckpt_dir} ({type(e).__name__}: {e}): is the disk full? "
-                               "free some space and continue with --resume (the previous checkpoints are intact)") from None
+        raise common.UserError(f"could not save step {step} into {ckpt_dir} ({type(e).__name__}: {e}): is the disk "
+                               "full? free some space and continue with --resume (the previous checkpoints are "
+                               "intact)") from None
 
 def _read_meta(path):
     """-> (meta, None), or (None, one line naming the file and what is wrong: unreadable, or no model_config a GPT takes)."""
@@ -687,7 +689,8 @@ def _torch_load(path, device, weights_only=True):
         return torch.load(path, map_location=device, weights_only=weights_only)
     except Exception as e:  # torch says "failed finding central directory", pickle says other things: name the file
         if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise common.UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu") from None
+            raise common.UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                                   "use --device cpu") from None
         raise common.UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokenizer=None):
@@ -706,8 +709,9 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokeni
     if load_optimizer:
         path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
         if not os.path.exists(path):
+            saved_by = meta.get("world_size", rank + 1)
             raise common.UserError(f"{path} is missing: the checkpoint holds no optimizer state for rank {rank}"
-                                   + (f" (it was saved by {meta['world_size']} ranks)" if rank >= meta.get("world_size", rank + 1) else ""))
+                                   + (f" (it was saved by {saved_by} ranks)" if rank >= saved_by else ""))
         optimizer_state = _torch_load(path, device, weights_only=False)  # our own file
     return model_state, optimizer_state, meta
 
@@ -910,18 +914,21 @@ def export_hf(source, out, tag=None, step=None):
             "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "model, tok = AutoModelForCausalLM.from_pretrained('DIR'), AutoTokenizer.from_pretrained('DIR')",
             "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, return_tensors='pt', return_dict=False)", "```", ""]
-    tmp = f"{os.path.abspath(out)}.tmp{os.getpid()}"  # written whole, then renamed to --out: a failure leaves nothing behind
+    tmp = f"{os.path.abspath(out)}.tmp{os.getpid()}"  # written whole, then renamed to --out: a failure leaves nothing
     try:
         os.makedirs(tmp)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
-        for name, obj in (("config.json", config), ("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config),
-                          ("generation_config.json", generation_config), ("README.md", "\n".join(card))):
-            common.atomic_write_text(os.path.join(tmp, name), obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False))
+        for name, obj in (("config.json", config), ("tokenizer.json", tokenizer_json),
+                          ("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config),
+                          ("README.md", "\n".join(card))):
+            text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False)
+            common.atomic_write_text(os.path.join(tmp, name), text)
         os.replace(tmp, out)  # onto a missing path or an empty folder
     except Exception as e:  # a full disk, a file-size limit, --out under a file (safetensors raises its own error type)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write --out {out} ({type(e).__name__}: {e}): is the disk full, or the path under a file?") from None
+        raise ValueError(f"could not write --out {out} ({type(e).__name__}: {e}): is the disk full, or the path under "
+                         "a file?") from None
     return out
 
 if __name__ == "__main__":

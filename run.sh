@@ -95,8 +95,8 @@ case $PROFILE in
   gpu)   # SPEC 12.1: the d20 speedrun; with fewer than 8 GPUs the same run accumulates gradients
     LAUNCH="torchrun --standalone --nproc_per_node=$NGPU"
     FIRST_SHARDS=8; SHARDS=240; TOK="--vocab-size 65536 --max-chars 2000000000"
-    # 2^19 tokens per step = rows x 2048 x GPUs x accumulation; train.py rounds every stage's batch for 3, 5, 6 or 7 GPUs.
-    # Rows per GPU: auto (32, halved on out of memory): at d20, 32 rows need more than 80 GB (README "Profiles", --dry-run)
+    # 2^19 tokens per step = rows x 2048 x GPUs x accumulation; train.py rounds every stage's batch for 3-7 GPUs
+    # rows per GPU: auto (32, halved on out of memory); at d20 32 rows need over 80 GB (README "Profiles", --dry-run)
     BASE="--depth 20"
     MID=""
     SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"

@@ -1193,9 +1193,9 @@ def test_model_export_out_under_a_file_or_onto_a_full_disk(hf_export, tmp_path):
     (tmp_path / "file").write_text("mine")
     for out, preexec in ((str(tmp_path / "file" / "sub"), None),
                          (str(tmp_path / "new"), lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))):
-        p = subprocess.run([sys.executable, "model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out], cwd=REPO,
-                           env=dict(os.environ, NANOCHAT_BASE_DIR=hf_export[3]), capture_output=True, text=True, timeout=300,
-                           preexec_fn=preexec)
+        p = subprocess.run([sys.executable, "model.py", "export", "--source", "sft", "--tag", HF_TAG, "--out", out],
+                           cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=hf_export[3]), capture_output=True,
+                           text=True, timeout=300, preexec_fn=preexec)
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
         assert p.stderr.startswith(f"error: could not write --out {out} (") and "is the disk full" in p.stderr, p.stderr
     assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "mine"
@@ -2352,8 +2352,9 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer
 # hardening, second round (issue 27): resume past the end, signals, a full disk, the log on resume, the GPU profile
 
 def _run_train(base, args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), **kw)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
 
 
 def _log_keys(base, stage):
@@ -2368,15 +2369,16 @@ def test_train_resume_past_the_end_log_once_and_seq_len(base_dir, tokenizer, tmp
     folder = os.path.join(base, "base_checkpoints", "d1")
     args = [*TINY_BASE, "--eval-every", "2", "--save-every", "2"]
     os.makedirs(os.path.join(base, "report"))
-    with open(os.path.join(base, "report", "base_log.jsonl"), "w") as f:  # a run killed before its first save logged these
+    with open(os.path.join(base, "report", "base_log.jsonl"), "w") as f:  # logged by a run killed before its first save
         f.write('{"step": 0, "val_bpb": 9.0}\n{"step": 0, "loss": 9.0}\n')
     out = _train(base, [*args, "--num-iterations", "4", "--resume"])
     names, keys = sorted(os.listdir(folder)), _log_keys(base, "base")
     assert "no complete checkpoint" in out and len(keys) == len(set(keys)) and (4, "step,val_bpb") in keys, keys
     # a resume at or past --num-iterations finishes at once with one note (it used to train on: step 00005/00002 ...)
     p = _run_train(base, [*args, "--num-iterations", "2", "--resume"], timeout=120)
-    assert p.returncode == 0 and "step 4 is at or past the end of this run (--num-iterations 2); nothing to train" in p.stdout, p.stdout + p.stderr
-    assert not re.search(r"step 0000\d/", p.stdout) and sorted(os.listdir(folder)) == names and _log_keys(base, "base") == keys
+    note = "step 4 is at or past the end of this run (--num-iterations 2); nothing to train"
+    assert p.returncode == 0 and note in p.stdout and not re.search(r"step 0000\d/", p.stdout), p.stdout + p.stderr
+    assert sorted(os.listdir(folder)) == names and _log_keys(base, "base") == keys
     # killed after step 3 was logged (the step-4 save lost, half a line written): the resumed run logs steps 2-4 once
     for n in names:
         if "000004" in n:
@@ -2385,11 +2387,11 @@ def test_train_resume_past_the_end_log_once_and_seq_len(base_dir, tokenizer, tmp
         f.write('{"step": 4, "val_')
     out = _train(base, [*args, "--num-iterations", "4", "--resume"])
     assert "resuming base from" in out and _log_keys(base, "base") == keys
-    # a longer (or any other) T than the checkpoint's: one line, not the rotary assertion; no flag takes the checkpoint's T
+    # a longer (or any other) T than the checkpoint's: one line, not the rotary assertion; no flag: the checkpoint's T
     p = _run_train(base, [*args, "--num-iterations", "5", "--resume", "--max-seq-len", "1024"])
-    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == ("error: --max-seq-len 1024: the checkpoint resumed from was "
-                                                                         "trained at 32; resume with --max-seq-len 32 (or without the flag)"), p.stderr
-    assert "Traceback" not in p.stderr
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1] == (
+        "error: --max-seq-len 1024: the checkpoint resumed from was trained at 32; resume with --max-seq-len 32 "
+        "(or without the flag)"), p.stderr
     i = TINY_BASE.index("--max-seq-len")
     out = _train(base, [*TINY_BASE[:i], *TINY_BASE[i + 2:], "--num-iterations", "5", "--resume"])
     assert "T=32" in out and "step 00004/00005" in out
@@ -2404,12 +2406,14 @@ def test_train_checkpoint_without_optimizer_state(base_dir, tokenizer, tmp_path)
     os.remove(optim)  # a checkpoint saved without one, or the original nanochat's optim_<step>.pt
     with pytest.raises(SystemExit) as e:
         M.load_checkpoint(os.path.dirname(optim), 2, "cpu", load_optimizer=True)
-    assert str(e.value.code) == f"error: {optim} is missing: the checkpoint holds no optimizer state for rank 0", e.value.code
+    assert str(e.value.code) == f"error: {optim} is missing: the checkpoint holds no optimizer state for rank 0"
     p = _run_train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"])  # not a silent start from scratch
-    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (f"error: --resume: {os.path.dirname(optim)} step 2 holds no "
-        "optimizer state for 1 rank(s): resume with the number of ranks that saved it, or train under a new --model-tag"), p.stderr
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: --resume: {os.path.dirname(optim)} step 2 holds no optimizer state for 1 rank(s): resume with the "
+        "number of ranks that saved it, or train under a new --model-tag"), p.stderr
     out = _train(base, [*STAGE_TINY["mid"], "--num-iterations", "1", "--source-optimizer", "1"])
-    assert "has no optimizer state for 1 rank(s) (optim_000002_rank0.pt is missing): starting from fresh optimizer moments" in out, out
+    assert "has no optimizer state for 1 rank(s) (optim_000002_rank0.pt is missing): starting from fresh optimizer " \
+           "moments" in out, out
     assert os.path.exists(os.path.join(base, "mid_checkpoints", "d1", "model_000001.pt"))
 
 
@@ -2446,8 +2450,8 @@ def test_train_sigterm_to_one_rank_stops_every_rank_at_the_same_step(base_dir, t
     base = _clone_base(base_dir, str(tmp_path / "b"))
     folder = os.path.join(base, "base_checkpoints", "d1")
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(_launch(2, _free_port()) + ["train.py", *TINY_BASE, "--num-iterations", "100000"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(_launch(2, _free_port()) + ["train.py", *TINY_BASE, "--num-iterations", "100000"], cwd=REPO,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
         _wait_for_step(p, 3, lines)
@@ -2463,7 +2467,8 @@ def test_train_sigterm_to_one_rank_stops_every_rank_at_the_same_step(base_dir, t
     m = re.search(r"SIGTERM: stopped at step (\d+), saved step \1 in ", out)
     assert p.returncode != 0 and m and "KeyboardInterrupt" not in out and 'train.py", line' not in out, out[-3000:]
     step = int(m.group(1))
-    assert sorted(os.listdir(folder)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)]
+    shards = [f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)]
+    assert sorted(os.listdir(folder)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt", *shards]
 
 
 def _file_size_limit(nbytes):
@@ -2484,7 +2489,7 @@ def test_train_full_disk_keeps_the_previous_checkpoint(base_dir, tokenizer, tmp_
     for limit in (sizes["model"] // 2, (sizes["model"] + sizes["optim"]) // 2):
         p = _run_train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"], preexec_fn=_file_size_limit(limit))
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
-        assert p.stderr.startswith(f"error: could not save step 4 into {folder} (") and "is the disk full?" in p.stderr, p.stderr
+        assert p.stderr.startswith(f"error: could not save step 4 into {folder} (") and "is the disk full?" in p.stderr
         assert sorted(os.listdir(folder)) == names and M.last_step(folder, 1) == 2
     out = _train(base, [*TINY_BASE, "--num-iterations", "4", "--resume"])
     assert f"resuming base from {folder} step 2" in out and M.last_step(folder, 1) == 4
@@ -2498,12 +2503,13 @@ def test_train_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
     for call in (lambda: common.init_runtime("cuda"), lambda: M._torch_load(path, "cuda")):
         with pytest.raises(SystemExit) as e:
             call()
-        assert str(e.value.code).startswith("error: --device cuda: CUDA is not available here") and "use --device cpu" in str(e.value.code)
+        message = str(e.value.code)
+        assert message.startswith("error: --device cuda: CUDA is not available here") and "use --device cpu" in message
 
 
 def test_train_gpu_profile_leaves_rows_to_auto(capsys):
-    """run.sh's GPU profile must not pin the rows of base and mid (pinned, the out-of-memory fallback is off), and the README
-    quotes what `train.py --depth 20 --dry-run` estimates."""
+    """run.sh's GPU profile must not pin the rows of base and mid (pinned, the out-of-memory fallback is off), and the
+    README quotes what `train.py --depth 20 --dry-run` estimates."""
     import train
     profile = re.search(r"\n  gpu\)(.*?);;", open(os.path.join(REPO, "run.sh")).read(), re.S).group(1)
     for name in ("BASE", "MID"):
@@ -2513,7 +2519,8 @@ def test_train_gpu_profile_leaves_rows_to_auto(capsys):
     out = capsys.readouterr().out
     total, rows80 = float(re.search(r"total ([\d.]+) GiB", out).group(1)), int(re.search(r"80 GB: (\d+)", out).group(1))
     readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
-    assert total > 80 and rows80 < 32 and f"{total:.1f} GiB per GPU at 32 rows" in readme and f"an 80 GB card trains {rows80} rows" in readme
+    assert total > 80 and rows80 < 32 and f"{total:.1f} GiB per GPU at 32 rows" in readme
+    assert f"an 80 GB card trains {rows80} rows" in readme
 
 
 # =============================================================================

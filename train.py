@@ -368,7 +368,7 @@ def stop(signum, args, rt, ckpt_dir, step, resumed_at, model, model_config, opti
     """After a SIGINT/SIGTERM: save this step (unless it is the checkpoint resumed from) and exit with one line."""
     if step > 0 and step != resumed_at:
         save(args, rt, ckpt_dir, step, model, model_config, optimizers, loader, stats)
-    saved = f"saved step {stats['saved']} in {ckpt_dir}; continue with --resume" if stats["saved"] else "no checkpoint saved"
+    saved = f"saved step {stats['saved']} in {ckpt_dir}; continue with --resume" if stats["saved"] else "nothing saved"
     print0(f"{signal.Signals(signum).name}: stopped at step {step}, {saved}", file=sys.stderr)
     common.cleanup_runtime()
     sys.exit(128 + signum)
@@ -386,9 +386,9 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config (base),
     else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step)."""
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
-    if args.resume and step is None and (other := model_lib.last_step(ckpt_dir)) is not None:  # models, no shards for us
-        raise common.UserError(f"--resume: {ckpt_dir} step {other} holds no optimizer state for {rt.world} rank(s): resume with "
-                               "the number of ranks that saved it, or train under a new --model-tag")
+    if args.resume and step is None and (other := model_lib.last_step(ckpt_dir)) is not None:  # no shards for us
+        raise common.UserError(f"--resume: {ckpt_dir} step {other} holds no optimizer state for {rt.world} rank(s): "
+                               "resume with the number of ranks that saved it, or train under a new --model-tag")
     if args.resume and step is None:
         print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
         if rt.rank == 0:
@@ -410,8 +410,8 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     if args.source_optimizer and meta.get("world_size", 1) != rt.world:  # each rank's shard of the moments is its own
         print0(f"note: the {args.source} run had {meta.get('world_size', 1)} ranks, this one {rt.world}: starting from fresh optimizer moments")
     elif args.source_optimizer and common.all_reduce([not os.path.exists(optim)], rt.device, op=dist.ReduceOp.MAX)[0]:
-        print0(f"note: {src_dir} step {meta['step']} has no optimizer state for {rt.world} rank(s) ({os.path.basename(optim)} "
-               "is missing): starting from fresh optimizer moments")
+        print0(f"note: {src_dir} step {meta['step']} has no optimizer state for {rt.world} rank(s) "
+               f"({os.path.basename(optim)} is missing): starting from fresh optimizer moments")
     elif args.source_optimizer:  # carry the source's optimizer moments over (its own learning rates are not kept)
         _, trainer, _ = model_lib.load_checkpoint(src_dir, meta["step"], rt.device, load_optimizer=True, rank=rt.rank)
     model.train()
@@ -429,7 +429,7 @@ def past_end(args, rt, ckpt_dir, step, num_steps, stats):
     return True
 
 def trim_log(stage, step):
-    """--resume from `step`: drop the log records from that step on (the resumed run logs them again) and half-written lines."""
+    """--resume from `step`: drop the log records from that step on (the resumed run logs them again) and torn lines."""
     path, keep = os.path.join(common.report_dir(), f"{stage}_log.jsonl"), []
     for line in open(path) if os.path.exists(path) else []:
         try:
@@ -440,16 +440,16 @@ def trim_log(stage, step):
     common.atomic_write_text(path, "".join(keep))
 
 def seq_len(args, model_config, resumed, default):
-    """T: --max-seq-len, else the checkpoint's when resuming, else `default`. A resumed run keeps the T it was trained at,
-    and no run goes past the positions the model's rotary tables cover."""
+    """T: --max-seq-len, else the checkpoint's when resuming, else `default`. A resumed run keeps the T it was trained
+    at, and no run goes past the positions the model's rotary tables cover."""
     S = model_config["sequence_len"]
     T = args.max_seq_len or (S if resumed else default)
     if resumed and T != S:
         raise common.UserError(f"--max-seq-len {T}: the checkpoint resumed from was trained at {S}; "
                                f"resume with --max-seq-len {S} (or without the flag)")
     if T > model_lib.ROPE_SPAN * S:
-        raise common.UserError(f"--max-seq-len {T} is past the {model_lib.ROPE_SPAN * S} positions the {args.source} model's "
-                               f"rotary tables cover; use at most that")
+        raise common.UserError(f"--max-seq-len {T} is past the {model_lib.ROPE_SPAN * S} positions the {args.source} "
+                               "model's rotary tables cover; use at most that")
     return T
 
 def new_stats():
