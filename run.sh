@@ -115,7 +115,7 @@ case $PROFILE in
     FIRST_SHARDS=2; SHARDS=2; CHATTEXT="-n 200"; TOK="--vocab-size 1024 --max-chars 1000000"
     BASE="--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 10 --eval-every 5 --eval-tokens 2048 --core-metric-every -1 --sample-every -1 --save-every 5 --compile 0"
     MID="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --mmlu-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --eval-tokens 1024 --compile 0"
-    SFT="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --arc-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --chat-eval-every -1 --compile 0"
+    SFT="--device-batch-size 4 --total-batch-size 512 --num-iterations 4 --smoltalk-size 40 --arc-size 10 --gsm8k-size 10 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --val-size 10 --eval-every -1 --eval-tokens 1024 --chat-eval-every -1 --compile 0"
     RL="--num-iterations 2 --examples-per-step 1 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --eval-every -1 --eval-examples 2 --save-every -1"
     BPB="--device-batch-size 4 --eval-tokens 2048"; CORE="--max-per-task 2"; CHAT="--max-problems 2 --max-new-tokens 16"; EVALRL="--max-problems 2 --max-new-tokens 16"; ENDINGS="--num-prompts 4"
     ;;
