@@ -462,6 +462,42 @@ def test_tokenizer_token_bytes_must_match_the_tokenizer(tmp_path, tokenizer, mon
     run_script(["-c", re.search(r"`python -c \"(.*)\"`", message).group(1)], env={"NANOCHAT_BASE_DIR": str(tmp_path)})
     assert T.get_token_bytes().tolist() == good.tolist()
 
+
+def test_tokenizer_progress_plain_lines_in_logs(monkeypatch):
+    """Progress redraws one line with \\r on a terminal; into a log it prints a plain line per tenth of a stage or 30 s,
+    plus each stage's first and last line, never a carriage return (run.sh's logs had one line of 255 redraws)."""
+    import tokenizer as T
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    def run(stream, chars=10**6, merges=1000, slow_at=None):
+        monkeypatch.setattr(sys, "stderr", stream)
+        p = T.Progress(chars)
+        for done in range(chars // 100, chars + 1, chars // 100):
+            p("count", done, 0, 0)
+        p("counted", 5000, 0, 0)
+        for done in range(10, merges + 1, 10):
+            if done == slow_at:
+                p.t0 -= T.LOG_EVERY_S + 1  # as if 31 s passed since the last line
+            p("merge", done, merges, 1.0)
+        return stream.getvalue()
+
+    log = run(io.StringIO()).splitlines(keepends=True)
+    assert "\r" not in "".join(log) and all(l.endswith("\n") for l in log)
+    counting = [l for l in log if l.startswith("counting chunks: ")]
+    merging = [l for l in log if l.startswith("merges ")]
+    assert [l.split()[2] for l in counting] == ["0.0M", "0.1M", "0.2M", "0.3M", "0.4M", "0.5M", "0.6M", "0.7M", "0.8M",
+                                                 "0.9M", "1.0M"]  # the first (1%), then each tenth of --max-chars
+    assert [l.split()[1] for l in merging] == [f"{n:,}/1,000" for n in [10] + list(range(100, 1001, 100))]
+    assert len(log) == len(counting) + 1 + len(merging)  # + the "counted" line
+    slow = [l.split()[1] for l in run(io.StringIO(), slow_at=150).splitlines() if l.startswith("merges ")]
+    assert slow == [f"{n:,}/1,000" for n in [10, 100, 150] + list(range(200, 1001, 100))]  # + the line after 30 s
+    tty = run(Tty())
+    assert tty.count("\r") == 100 + 1 + 100 and tty.count("\n") == 2  # each redraw in place; a newline ends each stage
+
+
 # =============================================================================
 # model.py
 # =============================================================================

@@ -39,6 +39,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
 MAX_PIECES = 1_000_000   # distinct pieces a process keeps (~150 MB) before it folds them into its chunk counts
+LOG_TENTHS, LOG_EVERY_S = 10, 30.0  # progress in a log (not a terminal): a line per tenth of a stage or per 30 s
 
 # A space right after a non-space character always starts a chunk of SPLIT_PATTERN (no chunk ends in that character and
 # runs on into a space), and where a chunk starts the split ahead of it depends only on the text ahead. So a text cut at
@@ -534,9 +535,11 @@ def peak_rss_mb():
 
 
 class Progress:
-    """One live status line: characters counted, then merges done, rate and ETA."""
-    def __init__(self):
-        self.t0 = time.time()
+    """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log (stderr
+    not a terminal) gets a plain line every ~10% of the stage or ~30 s, not hundreds of redraws on one line."""
+    def __init__(self, max_chars):
+        self.t0, self.max_chars = time.time(), max_chars
+        self.stage, self.logged = None, None  # the stage and (tenths done, time) of the last plain line
 
     def __call__(self, stage, done, total, elapsed):
         t = time.time() - self.t0
@@ -547,7 +550,16 @@ class Progress:
         else:
             rate = done / max(elapsed, 1e-9)
             line = f"merges {done:,}/{total:,} ({rate:,.0f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)"
-        print(f"\r{line:<79}", end="\n" if stage == "counted" or done == total else "", file=sys.stderr, flush=True)
+        last = stage == "counted" or done == total
+        if sys.stderr.isatty():
+            print(f"\r{line:<79}", end="\n" if last else "", file=sys.stderr, flush=True)
+            return
+        tenths = done * LOG_TENTHS // (total or self.max_chars)
+        if stage != self.stage:  # a new stage prints its first line
+            self.stage, self.logged = stage, (-1, t)
+        if last or tenths > self.logged[0] or t >= self.logged[1] + LOG_EVERY_S:
+            self.logged = (tenths, t)
+            print(line, file=sys.stderr, flush=True)
 
 
 def cmd_train(args):
@@ -558,7 +570,7 @@ def cmd_train(args):
         raise ValueError("--max-chars and --doc-cap must be positive")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
-    ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
+    ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress(args.max_chars))
     train_time, peak_mb = time.time() - t0, peak_rss_mb()
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
