@@ -18,13 +18,16 @@ for arg in "$@"; do
   esac
 done
 
-# --- environment: .venv at the repo root, from requirements.txt (reinstalled only when it changes) ---
+# --- environment: .venv at the repo root, from requirements.txt (--tests: and requirements-test.txt); a file is
+# installed again only when it changes (its hash is kept in .venv/.<name>.sha) ---
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-STAMP=.venv/.requirements.sha
-if [ ! -f "$STAMP" ] || [ "$(sha256sum requirements.txt | cut -d' ' -f1)" != "$(cat "$STAMP")" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-  sha256sum requirements.txt | cut -d' ' -f1 > "$STAMP"
-fi
+for FILE in requirements.txt $([ "$MODE" = tests ] && echo requirements-test.txt); do
+  STAMP=.venv/.${FILE%.txt}.sha
+  if [ ! -f "$STAMP" ] || [ "$(sha256sum $FILE | cut -d' ' -f1)" != "$(cat "$STAMP")" ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r $FILE
+    sha256sum $FILE | cut -d' ' -f1 > "$STAMP"
+  fi
+done
 source .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 

@@ -41,8 +41,8 @@ import xml.etree.ElementTree as ET
 import zipfile
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-# every test has a time limit, so a hang fails instead of stalling CI (pytest-timeout, from requirements.txt; slow tests
-# carry their own larger mark). Under CI=true the plugin must be there.
+# every test has a time limit, so a hang fails instead of stalling CI (pytest-timeout, from requirements-test.txt; slow
+# tests carry their own larger mark). Under CI=true the plugin must be there.
 pytestmark = pytest.mark.timeout(300)
 SLOW = pytest.mark.timeout(900)  # the tests that start several processes or train: 20-100 s each on 2 loaded cores
 if os.environ.get("CI") == "true":
@@ -60,9 +60,10 @@ import eval as ev
 
 
 def skip_or_fail(reason):
-    """A missing optional dependency skips its test on a developer's machine, and fails it under CI=true (.ci/run installs it)."""
+    """A missing test dependency skips its test on a developer's machine, and fails it under CI=true (`bash run.sh --tests`
+    installs requirements-test.txt; .ci/run adds the system browser)."""
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: under CI=true nothing may be skipped (.ci/run installs it)")
+        pytest.fail(f"{reason}: under CI=true nothing may be skipped (bash run.sh --tests installs it)")
     print(f"SKIP reason: {reason}")
     pytest.skip(reason)
 
@@ -1105,7 +1106,7 @@ def hf_export(base_dir, tokenizer, tiny_config, tmp_path_factory, request):
     except ImportError:
         if os.environ.get("CI"):
             raise
-        print("SKIP reason: transformers is not installed (CI installs it)")
+        print("SKIP reason: transformers is not installed (bash run.sh --tests installs it)")
         pytest.skip("transformers not installed")
     from model import build_model, save_checkpoint
     torch.manual_seed(0)
@@ -4290,3 +4291,34 @@ def test_guide_worked_numbers_match_code():
     assert f"renormalised to `[{top2[0]:.2f}, {top2[1]:.2f}]`" in text
     rms = M.norm(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
     assert "[" + ", ".join(f"{r:.4f}" for r in rms) + "]" in math_text
+
+
+def test_run_tests_installs_test_requirements_once(tmp_path):
+    """`bash run.sh --tests` installs requirements.txt and requirements-test.txt into .venv/, each again only when it
+    changes; the pipeline modes install requirements.txt alone (a stub .venv python logs pip calls, runs the rest)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("run.sh", "requirements.txt", "requirements-test.txt"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    (tmp_path / "test_all.py").write_text("def test_common_one():\n    pass\n")
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m pip" ]; then echo "${{*:3}}" >> {tmp_path}/pip.log; exit 0; fi\n'
+                                 f'exec {sys.executable} "$@"\n')
+    (venv / "python").chmod(0o755)
+    (venv / "activate").write_text(f"export PATH={venv}:$PATH\n")
+    pip_calls = lambda: (tmp_path / "pip.log").read_text().splitlines() if (tmp_path / "pip.log").exists() else []
+    run = lambda mode: subprocess.run(["bash", str(tmp_path / "run.sh"), mode], capture_output=True, text=True, timeout=120,
+                                      env=dict(os.environ, CUDA_VISIBLE_DEVICES="", NANOCHAT_BASE_DIR=str(tmp_path / "b")))
+    r = run("--gpu-check")  # a pipeline mode: the runtime file only (then no GPU: exit 2)
+    assert r.returncode == 2 and [c.split()[-1] for c in pip_calls()] == ["requirements.txt"], (r.stdout, r.stderr)
+    r = run("--tests")
+    assert r.returncode == 0 and "1 passed" in r.stdout, (r.stdout, r.stderr)
+    assert [c.split()[-1] for c in pip_calls()] == ["requirements.txt", "requirements-test.txt"]
+    assert run("--tests").returncode == 0 and len(pip_calls()) == 2  # nothing changed: nothing installed
+    with open(tmp_path / "requirements-test.txt", "a") as f:
+        f.write("pytest-xdist\n")
+    assert run("--tests").returncode == 0 and [c.split()[-1] for c in pip_calls()[2:]] == ["requirements-test.txt"]
+    with open(os.path.join(here, "requirements-test.txt")) as f:  # it stands on the runtime pins, and lists the test packages
+        listed = {l.split("#")[0].strip() for l in f}
+    assert {"-r requirements.txt", "pytest", "pytest-timeout", "openai", "selenium", "rustbpe", "transformers",
+            "safetensors", "ruff"} <= listed
