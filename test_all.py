@@ -60,8 +60,8 @@ import eval as ev
 
 
 def skip_or_fail(reason):
-    """A missing test dependency skips its test on a developer's machine, and fails it under CI=true (`bash run.sh --tests`
-    installs requirements-test.txt; .ci/run adds the system browser)."""
+    """A missing test dependency skips its test on a developer's machine, and fails it under CI=true (`bash run.sh
+    --tests` installs requirements-test.txt; .ci/run adds the system browser)."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason}: under CI=true nothing may be skipped (bash run.sh --tests installs it)")
     print(f"SKIP reason: {reason}")
@@ -4302,13 +4302,14 @@ def test_run_tests_installs_test_requirements_once(tmp_path):
     (tmp_path / "test_all.py").write_text("def test_common_one():\n    pass\n")
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)
-    (venv / "python").write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m pip" ]; then echo "${{*:3}}" >> {tmp_path}/pip.log; exit 0; fi\n'
-                                 f'exec {sys.executable} "$@"\n')
+    (venv / "python").write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m pip" ]; then echo "${{*:3}}" >> {tmp_path}/pip.log; '
+                                 f'exit 0; fi\nexec {sys.executable} "$@"\n')
     (venv / "python").chmod(0o755)
     (venv / "activate").write_text(f"export PATH={venv}:$PATH\n")
     pip_calls = lambda: (tmp_path / "pip.log").read_text().splitlines() if (tmp_path / "pip.log").exists() else []
-    run = lambda mode: subprocess.run(["bash", str(tmp_path / "run.sh"), mode], capture_output=True, text=True, timeout=120,
-                                      env=dict(os.environ, CUDA_VISIBLE_DEVICES="", NANOCHAT_BASE_DIR=str(tmp_path / "b")))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", NANOCHAT_BASE_DIR=str(tmp_path / "b"))
+    run = lambda mode: subprocess.run(["bash", str(tmp_path / "run.sh"), mode], capture_output=True, text=True,
+                                      timeout=120, env=env)
     r = run("--gpu-check")  # a pipeline mode: the runtime file only (then no GPU: exit 2)
     assert r.returncode == 2 and [c.split()[-1] for c in pip_calls()] == ["requirements.txt"], (r.stdout, r.stderr)
     r = run("--tests")
@@ -4318,7 +4319,75 @@ def test_run_tests_installs_test_requirements_once(tmp_path):
     with open(tmp_path / "requirements-test.txt", "a") as f:
         f.write("pytest-xdist\n")
     assert run("--tests").returncode == 0 and [c.split()[-1] for c in pip_calls()[2:]] == ["requirements-test.txt"]
-    with open(os.path.join(here, "requirements-test.txt")) as f:  # it stands on the runtime pins, and lists the test packages
+    with open(os.path.join(here, "requirements-test.txt")) as f:  # the runtime pins and the test packages
         listed = {l.split("#")[0].strip() for l in f}
     assert {"-r requirements.txt", "pytest", "pytest-timeout", "openai", "selenium", "rustbpe", "transformers",
             "safetensors", "ruff"} <= listed
+
+
+def test_guide_second_reading_claims_match_code(monkeypatch):
+    """What a reviewer corrected against the code: forward with targets never builds the logits (chunked loss; plain
+    F.cross_entropy only in eval scoring); the 1/micro-batches scaling in accumulate; 5.4's memory estimate; the head
+    rule with an even head size; the SFT and mid data rows; unary plus; the compile time README measured; and the
+    release's GPU figures marked as the release's."""
+    import model as M
+    text, math_text = _guide_text("GUIDE.md"), _guide_text("GUIDE_MATH.md")
+    calls = lambda file, fn: {_ast.unparse(n.func) for n in _ast.walk(guide_find_symbol(file, fn))
+                              if isinstance(n, _ast.Call)}
+    forward = calls("model.py", "GPT.forward")
+    assert "chunked_cross_entropy" in forward and "F.cross_entropy" not in forward
+    assert "F.cross_entropy" in calls("eval.py", "score_example")
+    flat_math = " ".join(math_text.split())
+    assert "`model.py:GPT.forward` gets it from `model.py:chunked_cross_entropy`" in flat_math
+    assert ("`F.cross_entropy`, which fuses softmax and log the same way, scores the answer tokens of CORE in "
+            "`eval.py:score_example`") in flat_math
+    torch.manual_seed(0)
+    gpt = M.GPT(M.config_from_depth(2, 300, sequence_len=16))
+    gpt.init_weights()
+    x = torch.randint(0, 300, (2, 16))
+    want = F.cross_entropy(gpt(x).flatten(0, 1), x.roll(-1, 1).flatten())
+    monkeypatch.setattr(M.GPT, "head", lambda self, h: pytest.fail("forward with targets built the full logits"))
+    assert torch.allclose(gpt(x, x.roll(-1, 1)), want, atol=1e-5)
+    assert "the full (B, T, V) logits" in text and "are never built" in text
+    # GUIDE_MATH 6: each micro-batch's loss is divided by the number of micro-batches in train.py:accumulate
+    divs = [_ast.unparse(n) for n in _ast.walk(guide_find_symbol("train.py", "accumulate"))
+            if isinstance(n, _ast.BinOp) and isinstance(n.op, _ast.Div)]
+    assert "loss / accum" in divs
+    assert "(`train.py:accumulate`, with the count from `train.py:grad_accum_steps`)" in math_text
+    # 5.4: the estimate at the default rows, and the rows the dry run suggests for 80 GB (largest power of two in 90%)
+    m = re.search(r"puts (\d+) rows at depth (\d+) at about (\d+) GiB per GPU and suggests (\d+) rows for (\d+) GB",
+                  text)
+    assert m, "section 5.4 no longer states the memory estimate"
+    rows, depth, gib, fit, gb = map(int, m.groups())
+    assert rows == guide_code_value('train.py:STAGE_DEFAULTS["base"]["device_batch_size"]')
+    with torch.device("meta"):
+        big = M.GPT(M.config_from_depth(depth, guide_code_value("model.py:GPTConfig.vocab_size")))
+    est = lambda r: M.estimate_memory(big, r, 1, True, 2048)["total"]
+    assert round(est(rows) / 2 ** 30) == gib
+    assert fit == next(r for r in (128, 64, 32, 16, 8, 4, 2, 1) if est(r) <= 0.9 * gb * 2 ** 30)
+    # 11: heads = d / 128 rounded up, raised until it divides d into an even head size
+    assert "raised until it divides d into an even head size" in text
+    for L in range(1, 131):  # depth 67 is the first where the head count that divides d leaves an odd head size
+        d, h = 64 * L, math.ceil(64 * L / 128)
+        while d % h or (d // h) % 2:
+            h += 1
+        assert M.config_from_depth(L, 1024).n_head == h, L
+    # 6: the mid and SFT rows name every task of their mixtures in train.py:train_chat (and nothing else)
+    lists = [a.value for a in _ast.walk(guide_find_symbol("train.py", "train_chat")) if isinstance(a, _ast.Assign)
+             and _ast.unparse(a.targets[0]) == "mixture" and isinstance(a.value, _ast.List)]
+    is_task = lambda n: isinstance(n, _ast.Attribute) and _ast.unparse(n.value) == "data"
+    mixtures = [sorted({n.attr for n in _ast.walk(v) if is_task(n)}) for v in lists]
+    table = {line.split("|")[1].strip(): line.split("|")[2].lower() for line in text.splitlines()
+             if line.startswith("| **")}
+    tasks = {"ARC", "GSM8K", "Identity", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee"}
+    named = lambda cell: sorted(t for t in tasks if re.search(rf"\b{t.lower()}\b", cell))
+    mid, sft = table["**mid** (midtraining)"], table["**SFT** (supervised fine-tuning)"]
+    assert mixtures == [named(mid), named(sft)], mixtures
+    # 7.3: unary plus and minus
+    assert "unary plus and minus" in text and M.use_calculator("+2 - -3") == 5
+    # 9: the cold compile time is README's
+    compile_s = re.search(r"a cold CPU compile costs about (\d+-\d+) s", _guide_text("README.md"))
+    assert compile_s and f"compiles the\n  model, which takes about {compile_s.group(1)} s on a CPU" in text
+    # the release's GPU figures (bpb 0.81, CORE 0.22) are said to be the release's wherever they appear
+    for m in re.finditer(r"\b0\.(?:81|22)\b", text):
+        assert "release's" in text[max(0, m.start() - 300):m.start()], text[m.start() - 120:m.end()]

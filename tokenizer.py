@@ -535,8 +535,8 @@ def peak_rss_mb():
 
 
 class Progress:
-    """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log (stderr
-    not a terminal) gets a plain line every ~10% of the stage or ~30 s, not hundreds of redraws on one line."""
+    """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log
+    (stderr not a terminal) gets a plain line per tenth of the stage or per 30 s, not hundreds of redraws on one line."""
     def __init__(self, max_chars):
         self.t0, self.max_chars = time.time(), max_chars
         self.stage, self.logged = None, None  # the stage and (tenths done, time) of the last plain line
