@@ -837,7 +837,8 @@ def _documents(path, args):
             pf = pq.ParquetFile(path)
         except (OSError, ValueError) as e:
             raise common.UserError(f"{path}: not a readable parquet file ({e})") from None
-        if field not in pf.schema_arrow.names or not pa.types.is_string(pf.schema_arrow.field(field).type):
+        kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else pa.null()
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise common.UserError(f"{path}: no text column {field!r} (columns: {', '.join(pf.schema_arrow.names)}): "
                                    f"name the text column with --text-field")
         for batch in pf.iter_batches(columns=[field], batch_size=ROWS_PER_GROUP):
@@ -961,11 +962,13 @@ def prepare(args):
                     last = _progress("writing", i, t0, last, chars) if i % 1000 == 0 else last
             train_w.close()
             val_w.close()
+            if i != n:
+                raise common.UserError(f"--input {' '.join(args.input)} changed while it was read: run prepare again")
             for p in train_w.paths + val_w.paths:  # on disk before the swap
                 fd = os.open(p, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-            # the swap: a crash between these renames leaves base_data.old, which common.list_shards puts back
+            # the swap: a crash between these renames leaves base_data.old, which common.shard_dir puts back
             if os.path.isdir(data_dir):
                 os.replace(data_dir, old)
             os.replace(new, data_dir)
