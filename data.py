@@ -1,7 +1,8 @@
 """
 Everything the training stages read: downloads through the mirror (resume, retry, validate), the pretraining shards,
 the BOS-aligned best-fit pretraining loader with exact cheap resume, the padded best-fit chat loader, and the task
-datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtures.
+datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity, your own conversations) with mixtures, and
+`prepare`, which writes your own text as the pretraining shards.
 
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
     python data.py prepare --input PATH [PATH ...] [--replace]    your own text as the train shards + validation shard
@@ -186,6 +187,9 @@ def download_shards(n, workers=4):
     """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those already there are rechecked."""
     if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
+    if os.path.exists(os.path.join(common.shard_dir(), PREPARED)):
+        raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into another "
+                               f"NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
 
@@ -793,6 +797,7 @@ FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parque
 ROWS_PER_GROUP = 1024             # the downloaded shards' row group
 SHARD_CHARS = 250_000_000         # the downloaded shards' size: a new train shard after this many characters
 VAL_DOCS_MAX = 10_240             # the default validation set: 10% of the documents, at most this many
+PREPARED = "prepared.json"        # in base_data/: these shards are the user's (a download would mix with them)
 
 def _format(path):
     name = path[:-len(ext)] if (ext := os.path.splitext(path)[1]) in (".gz", ".zst") else path
@@ -964,6 +969,8 @@ def prepare(args):
             val_w.close()
             if i != n:
                 raise common.UserError(f"--input {' '.join(args.input)} changed while it was read: run prepare again")
+            summary = {"input": args.input, "documents": n, "val_documents": k}
+            common.atomic_write_text(os.path.join(new, PREPARED), json.dumps(summary))
             for p in train_w.paths + val_w.paths:  # on disk before the swap
                 fd = os.open(p, os.O_RDONLY)
                 os.fsync(fd)

@@ -1610,8 +1610,8 @@ def test_data_prepare_every_format(tmp_path, monkeypatch):
     assert len(got["val"]) == 2 and sorted(got["train"] + got["val"]) == sorted(want)
     # the downloaded layout: shard_00000 + the validation shard, a `text` column, zstd
     names = sorted(os.listdir(tmp_path / "base" / "base_data"))
-    assert names == ["shard_00000.parquet", f"shard_{common.VAL_SHARD_INDEX:05d}.parquet"], names
-    md = pq.ParquetFile(tmp_path / "base" / "base_data" / names[0]).metadata
+    assert names == [data.PREPARED, "shard_00000.parquet", f"shard_{common.VAL_SHARD_INDEX:05d}.parquet"], names
+    md = pq.ParquetFile(tmp_path / "base" / "base_data" / names[1]).metadata
     assert md.schema.names == ["text"] and md.row_group(0).column(0).compression == "ZSTD"
     # paragraphs; jsonl under another field; stdin (a subprocess, so its stdin is ours to give)
     (tmp_path / "p.txt").write_text("one\nstill one\n\n\ntwo\n \nthree")
@@ -1693,6 +1693,8 @@ def test_data_prepare_bad_input_one_line_and_nothing_written(tmp_path, monkeypat
     with pytest.raises(common.UserError, match="notjson.jsonl:2"):  # a failed --replace keeps the old set
         _prepare("--input", str(tmp_path / "notjson.jsonl"), "--replace")
     assert _prepared() == before and sorted(os.listdir(tmp_path / "base")) == ["base_data"]
+    with pytest.raises(common.UserError, match="holds a corpus of your own"):  # nor does a download mix with it
+        data.download_shards(1)
     p = run_script(["data.py", "prepare", "--input", str(tmp_path / "image.txt")], check=False,
                    env={"NANOCHAT_BASE_DIR": str(tmp_path / "x")})
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "image.txt: a NUL byte" in p.stderr, p.stderr
