@@ -188,8 +188,8 @@ def download_shards(n, workers=4):
     if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
     if os.path.exists(os.path.join(common.shard_dir(), PREPARED)):
-        raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into another "
-                               f"NANOCHAT_BASE_DIR, or remove that folder first")
+        raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into "
+                               f"another NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
 
