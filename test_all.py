@@ -1740,10 +1740,10 @@ def test_data_prepare_replace_is_atomic_under_kill_9(tmp_path, monkeypatch):
     assert outcomes[:2] == ["new", "old"], outcomes
     # a crash between the two renames (base_data -> base_data.old, base_data.new -> base_data): the old set comes back
     renames = []
-    def crash_on_second(src, dst):
-        if renames:
+    def crash_on_second(src, dst):  # of the folder renames (files are written by rename too)
+        if os.path.isdir(src) and renames:
             raise KeyboardInterrupt("killed between the renames")
-        renames.append(src)
+        renames.extend([src] if os.path.isdir(src) else [])
         os.rename(src, dst)
     monkeypatch.setattr(data.os, "replace", crash_on_second)
     (tmp_path / "small.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
