@@ -154,9 +154,17 @@ VAL_SHARD_INDEX = 1822
 def shard_path(index):
     return os.path.join(get_base_dir(), "base_data", f"shard_{index:05d}.parquet")
 
+def shard_dir():
+    """base_data/, put back whole if `data.py prepare --replace` was killed between its renames
+    base_data -> base_data.old and base_data.new -> base_data."""
+    path = os.path.join(get_base_dir(), "base_data")
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path
+
 def list_shards(split):
     """Sorted shard paths of a split: 'val' = the fixed validation shard, 'train' = every other shard on disk."""
-    data_dir = os.path.join(get_base_dir(), "base_data")
+    data_dir = shard_dir()
     names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".parquet")) if os.path.isdir(data_dir) else []
     val_name = os.path.basename(shard_path(VAL_SHARD_INDEX))
     paths = [os.path.join(data_dir, n) for n in names if (n == val_name) == (split == "val")]

@@ -1,18 +1,22 @@
 """
 Everything the training stages read: downloads through the mirror (resume, retry, validate), the pretraining shards,
 the BOS-aligned best-fit pretraining loader with exact cheap resume, the padded best-fit chat loader, and the task
-datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtures.
+datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity, your own conversations) with mixtures, and
+`prepare`, which writes your own text as the pretraining shards.
 
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
+    python data.py prepare --input PATH [PATH ...] [--replace]    your own text as the train shards + validation shard
     python data.py bench                                          loader throughput and resume time
 """
 import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
+import io
 import concurrent.futures as cf
 from collections import namedtuple
 
 import numpy as np
 import requests
 import torch
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import common
@@ -183,6 +187,9 @@ def download_shards(n, workers=4):
     """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those already there are rechecked."""
     if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
+    if os.path.exists(os.path.join(common.shard_dir(), PREPARED)):
+        raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into "
+                               f"another NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
 
@@ -710,6 +717,53 @@ class Identity(Task):
     def evaluate(self, conversation, completion):
         return "nanochat" in completion.lower()
 
+# --- the user's own conversations (train.py --chat-data)
+
+CHAT_ROLES = ("user", "assistant")
+
+def _chat_problem(row):
+    """What is wrong with one line's conversation, or None: {"messages": [{"role", "content"}, ...]}, an optional system
+    message first, then user and assistant alternating from the user, each with non-empty text."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return 'no "messages" list (want {"messages": [{"role": "user", "content": ...}, ...]})'
+    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m["content"].strip():
+            return f"message {i + 1} has no text content"
+        want = "system" if i < start else CHAT_ROLES[(i - start) % 2]
+        if m.get("role") != want:
+            return (f"message {i + 1} has role {m.get('role')!r} where {want!r} belongs "
+                    f"(user and assistant alternate, user first)")
+    if len(messages) - start < 2 or messages[-1]["role"] != "assistant":
+        return "the conversation must end with an assistant reply"
+
+class ChatFile(Task):
+    """Conversations from a jsonl file, one {"messages": [...]} per line (the OpenAI shape). Every line is checked here,
+    so a bad one stops training before its first step."""
+
+    def __init__(self, path):
+        self.rows = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise common.UserError(f"{path}:{n}: not JSON ({e}): one conversation per line") from None
+                        if problem := _chat_problem(row):
+                            raise common.UserError(f"{path}:{n}: {problem}")
+                        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+                        self.rows.append({"messages": messages})
+        except (OSError, UnicodeDecodeError) as e:
+            raise common.UserError(f"--chat-data {path}: unreadable ({type(e).__name__}: {e})") from None
+        if not self.rows:
+            raise common.UserError(f"--chat-data {path}: no conversations in it")
+
+    def conversation(self, row):
+        return row
+
 # --- mixtures
 
 class TaskMixture:
@@ -735,6 +789,205 @@ TASKS = {  # the chat evals (SPEC 9.2): name -> constructor taking size=
     "HumanEval": HumanEval,
     "SpellingBee": functools.partial(SpellingBee, split="test", size=256),
 }
+
+# =============================================================================
+# your own corpus: `prepare` writes the user's text as shards in the downloaded layout (SPEC 5.1); nothing else changes
+
+FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}  # by extension, after .gz / .zst
+ROWS_PER_GROUP = 1024             # the downloaded shards' row group
+SHARD_CHARS = 250_000_000         # the downloaded shards' size: a new train shard after this many characters
+VAL_DOCS_MAX = 10_240             # the default validation set: 10% of the documents, at most this many
+PREPARED = "prepared.json"        # in base_data/: these shards are the user's (a download would mix with them)
+
+def _format(path):
+    name = path[:-len(ext)] if (ext := os.path.splitext(path)[1]) in (".gz", ".zst") else path
+    return FORMATS.get(os.path.splitext(name)[1])
+
+def _input_files(paths, stdin_copy):
+    """The files to read, in a fixed order: named files as given (stdin `-` copied to a file, to be read twice),
+    directories walked in sorted order, keeping the files of a known format."""
+    files = []
+    for p in paths:
+        if p == "-":
+            with open(stdin_copy, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f, CHUNK)
+            files.append(stdin_copy)
+        elif os.path.isdir(p):
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if _format(n)]
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise common.UserError(f"--input {p}: no such file or directory")
+    if not files:
+        raise common.UserError(f"--input {' '.join(paths)}: no .txt, .md, .jsonl or .parquet file (or .gz/.zst)")
+    return files
+
+def _decode(raw, where, errors):
+    if b"\0" in raw:
+        raise common.UserError(f"{where}: a NUL byte, so this looks like a binary file: give text files only")
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise common.UserError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start}): convert the file to UTF-8, "
+                               f"or pass --errors replace to read bad bytes as U+FFFD") from None
+
+def _documents(path, args):
+    """Every non-blank document of one input file, as text. jsonl: one per line; parquet: one per row; text: the whole
+    file, or (--split-on-blank-lines) each block of lines between blank lines."""
+    fmt, field = _format(path) or "text", args.text_field
+    if fmt == "parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:
+            raise common.UserError(f"{path}: not a readable parquet file ({e})") from None
+        kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else pa.null()
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise common.UserError(f"{path}: no text column {field!r} (columns: {', '.join(pf.schema_arrow.names)}): "
+                                   f"name the text column with --text-field")
+        for batch in pf.iter_batches(columns=[field], batch_size=ROWS_PER_GROUP):
+            yield from (t for t in batch.column(0).to_pylist() if t and not t.isspace())
+        return
+    with io.BufferedReader(pa.input_stream(path, compression="detect")) as f:  # .gz / .zst decompressed as it is read
+        if fmt == "text" and not args.split_on_blank_lines:
+            text = _decode(f.read(), path, args.errors)
+            if not text.isspace():
+                yield text
+            return
+        block = []
+        for n, raw in enumerate(f, 1):
+            line = _decode(raw, f"{path}:{n}", args.errors)
+            if fmt == "text":  # a block of lines ends at a blank line
+                if not line.isspace():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).rstrip("\n")
+                    block = []
+                continue
+            if line.isspace():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise common.UserError(f"{path}:{n}: not JSON ({e}): write one JSON object per line") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise common.UserError(f"{path}:{n}: no field {field!r} (has: {keys}): name the text field with "
+                                       f"--text-field")
+            if not isinstance(row[field], str):
+                raise common.UserError(f"{path}:{n}: field {field!r} is {type(row[field]).__name__}, not a string")
+            if row[field] and not row[field].isspace():
+                yield row[field]
+        if block:
+            yield "".join(block).rstrip("\n")
+
+class ShardWriter:
+    """Documents -> shard_NNNNN.parquet files from `index` on, in the downloaded layout (a `text` column, zstd,
+    rows_per_group rows per row group), a new shard once one holds shard_chars characters (None: a single shard)."""
+
+    def __init__(self, folder, index, rows_per_group, shard_chars=None):
+        self.folder, self.index, self.rows, self.shard_chars = folder, index, rows_per_group, shard_chars
+        self.writer, self.pending, self.chars, self.paths = None, [], 0, []
+
+    def add(self, text):
+        self.pending.append(text)
+        if len(self.pending) == self.rows:
+            self._flush()
+
+    def _flush(self):
+        if self.writer is None:
+            if self.index == common.VAL_SHARD_INDEX and self.shard_chars:
+                raise common.UserError(f"the corpus needs over {common.VAL_SHARD_INDEX} shards: raise --shard-chars")
+            self.paths.append(os.path.join(self.folder, f"shard_{self.index:05d}.parquet"))
+            self.writer = pq.ParquetWriter(self.paths[-1], pa.schema([("text", pa.string())]), compression="zstd",
+                                           compression_level=3, use_dictionary=False, write_statistics=False)
+        self.writer.write_table(pa.table({"text": self.pending}), row_group_size=self.rows)
+        self.chars, self.pending = self.chars + sum(map(len, self.pending)), []
+        if self.shard_chars and self.chars >= self.shard_chars:
+            self.close()
+            self.index, self.chars = self.index + 1, 0
+
+    def close(self):
+        if self.pending:
+            self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+def _rows_per_group(docs):
+    return max(1, min(ROWS_PER_GROUP, docs // 8))  # a small set still gets a row group for each of 8 ranks
+
+def _progress(label, docs, t0, last, nbytes=None):
+    """A progress line at most once a second -> the time it was printed."""
+    if time.time() - last < 1:
+        return last
+    size = f", {nbytes / 1e6:,.0f} MB" if nbytes else ""
+    print(f"\r{label}: {docs:,} documents{size} in {time.time() - t0:.0f} s", end="", flush=True)
+    return time.time()
+
+def prepare(args):
+    """The user's files -> train shards 0, 1, ... and the validation shard in a new folder, swapped in for base_data/.
+    Two streaming passes (count, then write), so memory stays flat in the corpus size; nothing is kept on failure."""
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise common.UserError(f"--val-fraction must be between 0 and 1, not {args.val_fraction}")
+    data_dir = common.shard_dir()
+    new, old, stdin_copy = data_dir + ".new", data_dir + ".old", data_dir + ".stdin"
+    with _file_lock(data_dir + ".lock"):
+        have = [n for n in os.listdir(data_dir) if n.endswith(".parquet")] if os.path.isdir(data_dir) else []
+        if have and not args.replace:
+            raise common.UserError(f"{data_dir} already holds {len(have)} shards (downloaded or prepared): pass "
+                                   f"--replace to swap them for this corpus")
+        shutil.rmtree(new, ignore_errors=True)  # what a killed earlier run left
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            files = _input_files(args.input, stdin_copy)
+            t0, last, n, mb = time.time(), 0, 0, sum(os.path.getsize(p) for p in files) / 1e6
+            for path in files:
+                for _ in _documents(path, args):  # pass 1: count, and check every file before writing anything
+                    n += 1
+                    last = _progress("reading", n, t0, last) if n % 1000 == 0 else last
+            if n == 0:
+                raise common.UserError(f"--input {' '.join(args.input)}: no text in {len(files)} file(s) (empty input)")
+            k = args.val_docs if args.val_docs is not None else min(VAL_DOCS_MAX, max(1, n // 10))
+            k = round(n * args.val_fraction) if args.val_fraction is not None else k
+            if not 1 <= k < n:
+                raise common.UserError(f"the corpus has {n:,} documents, too few for a validation set of {k:,} and "
+                                       f"at least one train document: add text, lower --val-docs / --val-fraction, or "
+                                       f"split long files with --split-on-blank-lines")
+            val = set(random.Random(42).sample(range(n), k))  # reproducible: the same corpus gives the same split
+            os.makedirs(new)
+            train_w = ShardWriter(new, 0, _rows_per_group(n - k), args.shard_chars)
+            val_w = ShardWriter(new, common.VAL_SHARD_INDEX, _rows_per_group(k))
+            i, chars, last = 0, 0, 0
+            for path in files:
+                for text in _documents(path, args):  # pass 2: write
+                    (val_w if i in val else train_w).add(text)
+                    i, chars = i + 1, chars + len(text)
+                    last = _progress("writing", i, t0, last, chars) if i % 1000 == 0 else last
+            train_w.close()
+            val_w.close()
+            if i != n:
+                raise common.UserError(f"--input {' '.join(args.input)} changed while it was read: run prepare again")
+            summary = {"input": args.input, "documents": n, "val_documents": k}
+            common.atomic_write_text(os.path.join(new, PREPARED), json.dumps(summary))
+            for p in train_w.paths + val_w.paths:  # on disk before the swap
+                fd = os.open(p, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            # the swap: a crash between these renames leaves base_data.old, which common.shard_dir puts back
+            if os.path.isdir(data_dir):
+                os.replace(data_dir, old)
+            os.replace(new, data_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stdin_copy)
+    dt = time.time() - t0
+    print(f"\rprepared {n:,} documents, {chars:,} characters from {len(files)} file(s), {mb:,.1f} MB, in {dt:.1f} s "
+          f"({mb / dt:.1f} MB/s): {len(train_w.paths)} train shard(s) of {n - k:,} documents + the validation shard "
+          f"{os.path.basename(val_w.paths[0])} of {k:,} documents in {data_dir}")
 
 # =============================================================================
 # CLI
@@ -795,6 +1048,20 @@ def main():
     c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train conversations as a jsonl file for tokenizer.py train --input")
     c.add_argument("-o", "--output", default=None, help="default: $NANOCHAT_BASE_DIR/chat_text.jsonl")
     c.add_argument("-n", "--size", type=int, default=None, help="first N conversations in the task order (default: all)")
+    r = sub.add_parser("prepare", parents=[shared], help="your own text -> base_data/ train shards + validation shard")
+    r.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.md (a document per file), .jsonl, "
+                   ".parquet, each also .gz/.zst; directories (recursively); - for stdin")
+    r.add_argument("--text-field", default="text", help="the jsonl field / parquet column holding the text")
+    r.add_argument("--split-on-blank-lines", action="store_true",
+                   help="text files: a document per blank-line-separated block")
+    r.add_argument("--val-docs", type=int, default=None,
+                   help="documents in the validation shard (default 10%%, at most 10,240)")
+    r.add_argument("--val-fraction", type=float, default=None,
+                   help="the validation shard's share of the documents instead")
+    r.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="invalid UTF-8: stop, or read as U+FFFD")
+    r.add_argument("--shard-chars", type=int, default=SHARD_CHARS, help="characters per train shard")
+    r.add_argument("--replace", action="store_true", help="swap the shards already in base_data/ for these, atomically")
     b = sub.add_parser("bench", parents=[shared], help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
     b.add_argument("--shards", type=int, default=11, help="train shards to use")
     b.add_argument("-B", type=int, default=8)
@@ -806,6 +1073,8 @@ def main():
     try:
         if args.cmd == "download":
             download_shards(args.num_shards, args.workers)
+        elif args.cmd == "prepare":
+            prepare(args)
         elif args.cmd == "chat-text":
             write_chat_text(args.output or os.path.join(common.get_base_dir(), "chat_text.jsonl"), args.size)
         else:

@@ -4,19 +4,26 @@
 #   bash run.sh --smoke    the smallest settings that still run every stage end to end (CI)
 #   bash run.sh --tests    set up .venv and run the test suite, printing the time each section took
 #   bash run.sh --gpu-check  a few minutes on one GPU that run every CUDA path once, then one summary table (no GPU: exit 2)
+#   bash run.sh --data PATH [--chat-data FILE]   the same on your own text (see `python data.py prepare --help`) instead of
+#                          FineWeb, with your own conversations added to midtraining and SFT (combines with --smoke)
 # Offline machines: export NANOCHAT_MIRROR=/path/to/mirror (a directory or an http(s) base URL).
 set -euo pipefail
-cd "$(dirname "$0")"
 
-MODE=auto
-for arg in "$@"; do
-  case "$arg" in
+MODE=auto; DATA=""; OWN_CHAT=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --smoke) MODE=smoke ;;
     --tests) MODE=tests ;;
     --gpu-check) MODE=gpucheck ;;
-    *) echo "unknown argument: $arg (use --smoke, --tests or --gpu-check)" >&2; exit 2 ;;
+    --data|--chat-data)
+      [ $# -ge 2 ] && [ -e "$2" ] || { echo "$1 needs an existing path after it (got '${2:-}')" >&2; exit 2; }
+      if [ "$1" = --data ]; then DATA=$(realpath "$2"); else OWN_CHAT=(--chat-data "$(realpath "$2")"); fi
+      shift ;;
+    *) echo "unknown argument: $1 (use --smoke, --tests, --gpu-check, --data PATH or --chat-data FILE)" >&2; exit 2 ;;
   esac
+  shift
 done
+cd "$(dirname "$0")"
 
 # --- environment: .venv at the repo root, from requirements.txt (--tests: and requirements-test.txt); a file is
 # installed again only when it changes (its hash is kept in .venv/.<name>.sha) ---
@@ -135,8 +142,12 @@ stage() {
 }
 
 if [ ! -f "$STATE/report_reset.done" ]; then python eval.py report reset; touch "$STATE/report_reset.done"; fi
-stage download_first python data.py download -n "$FIRST_SHARDS"
-if [ "$PROFILE" = gpu ] && [ ! -f "$STATE/download_all.done" ]; then
+if [ -n "$DATA" ]; then   # your own corpus as the shards, in place of the FineWeb download
+  stage prepare python data.py prepare --input "$DATA" --replace
+else
+  stage download_first python data.py download -n "$FIRST_SHARDS"
+fi
+if [ "$PROFILE" = gpu ] && [ -z "$DATA" ] && [ ! -f "$STATE/download_all.done" ]; then
   python data.py download -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &   # overlaps tokenizer training
   DOWNLOAD_PID=$!
 fi
@@ -152,9 +163,9 @@ if [ -n "${DOWNLOAD_PID:-}" ]; then wait "$DOWNLOAD_PID"; touch "$STATE/download
 stage base_train $LAUNCH train.py --stage=base $BASE --resume
 stage base_loss  $LAUNCH eval.py --stage base bpb $BPB
 stage base_core  $LAUNCH eval.py --stage base core $CORE
-stage mid_train  $LAUNCH train.py --stage=mid $MID --resume
+stage mid_train  $LAUNCH train.py --stage=mid $MID "${OWN_CHAT[@]}" --resume
 stage mid_eval   $LAUNCH eval.py --stage mid chat $CHAT
-stage sft_train  $LAUNCH train.py --stage=sft $SFT --resume
+stage sft_train  $LAUNCH train.py --stage=sft $SFT "${OWN_CHAT[@]}" --resume
 stage sft_eval   $LAUNCH eval.py --stage sft chat $CHAT
 stage rl_train   $LAUNCH train.py --stage=rl $RL --resume
 stage rl_eval    $LAUNCH eval.py --stage rl chat -a GSM8K $EVALRL

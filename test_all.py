@@ -1752,6 +1752,223 @@ def test_data_unreadable_shard_stops_with_one_line(tokenizer, base_dir, tmp_path
     assert p.returncode == 1 and re.fullmatch(message, p.stderr.strip()) and p.stderr.count("\n") == 1, p.stderr
 
 
+# -----------------------------------------------------------------------------
+# data.py prepare: the user's own corpus as shards
+
+def _prepare(*argv):
+    """`python data.py prepare ...` in this process (NANOCHAT_BASE_DIR as set by the test)."""
+    argv0 = sys.argv
+    sys.argv = ["data.py", "prepare", *argv]
+    try:
+        data.main()
+    finally:
+        sys.argv = argv0
+
+
+def _prepared():
+    """{'train': [docs], 'val': [docs]} of the shards in base_data/."""
+    return {split: list(common.iter_documents(split)) for split in ("train", "val")}
+
+
+def test_data_prepare_every_format(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    src = tmp_path / "corpus"
+    (src / "deep" / "er").mkdir(parents=True)
+    (src / "a.txt").write_text("a whole file\n\nis one document\n")
+    (src / "deep" / "b.md").write_text("# markdown\ntoo\n")
+    (src / "c.jsonl").write_text('{"text": "jsonl one"}\n\n{"text": "jsonl two", "n": 2}\n')
+    import gzip
+    with gzip.open(src / "deep" / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gzipped jsonl"}) + "\n")
+    with pa.output_stream(str(src / "deep" / "er" / "e.txt.zst"), compression="zstd") as f:
+        f.write("zstd text ünïcödé".encode())
+    pq.write_table(pa.table({"text": ["parquet one", "parquet two", None], "n": [1, 2, 3]}), src / "f.parquet")
+    (src / "skipped.bin").write_bytes(b"\0\1\2")  # a directory's files of other formats are left out
+    _prepare("--input", str(src), "--val-docs", "2")
+    want = {"a whole file\n\nis one document\n", "# markdown\ntoo\n", "jsonl one", "jsonl two", "gzipped jsonl",
+            "zstd text ünïcödé", "parquet one", "parquet two"}
+    got = _prepared()
+    assert len(got["val"]) == 2 and sorted(got["train"] + got["val"]) == sorted(want)
+    # the downloaded layout: shard_00000 + the validation shard, a `text` column, zstd
+    names = sorted(os.listdir(tmp_path / "base" / "base_data"))
+    assert names == [data.PREPARED, "shard_00000.parquet", f"shard_{common.VAL_SHARD_INDEX:05d}.parquet"], names
+    md = pq.ParquetFile(tmp_path / "base" / "base_data" / names[1]).metadata
+    assert md.schema.names == ["text"] and md.row_group(0).column(0).compression == "ZSTD"
+    # paragraphs; jsonl under another field; stdin (a subprocess, so its stdin is ours to give)
+    (tmp_path / "p.txt").write_text("one\nstill one\n\n\ntwo\n \nthree")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"body": "four"}) + "\n")
+    _prepare("--input", str(tmp_path / "p.txt"), "--split-on-blank-lines", "--replace", "--val-docs", "1")
+    got = _prepared()
+    assert sorted(got["train"] + got["val"]) == ["one\nstill one", "three", "two"]
+    _prepare("--input", str(tmp_path / "q.jsonl"), str(tmp_path / "p.txt"), "--text-field", "body", "--replace",
+             "--val-docs", "1")
+    assert sorted(sum(_prepared().values(), [])) == ["four", "one\nstill one\n\n\ntwo\n \nthree"]
+    p = run_script(["data.py", "prepare", "--input", "-", "--split-on-blank-lines", "--replace"], input="x y\n\nz\n\nw",
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "base")})
+    assert "prepared 3 documents" in p.stdout and sorted(sum(_prepared().values(), [])) == ["w", "x y", "z"]
+    assert sorted(os.listdir(tmp_path / "base")) == ["base_data"]  # no stdin copy, lock or staging folder left
+
+
+def test_data_prepare_validation_split_reproducible_and_disjoint(tmp_path, monkeypatch):
+    docs = [f"document {i}: " + "word " * (i % 17) for i in range(3000)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    splits = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / run))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _prepare("--input", str(tmp_path / "c.jsonl"), "--shard-chars", "20000")
+        splits.append(_prepared())
+        assert "prepared 3,000 documents" in out.getvalue()
+    a, b = splits
+    assert a == b  # the same corpus, the same split and order
+    assert len(a["val"]) == 300 and not set(a["val"]) & set(a["train"])
+    assert sorted(a["train"] + a["val"]) == sorted(docs)
+    train = common.list_shards("train")
+    assert len(train) > 2 and [os.path.basename(p)[6:11] for p in train] == [f"{i:05d}" for i in range(len(train))]
+    groups = [pq.ParquetFile(p).metadata for p in train]
+    assert all(md.row_group(g).num_rows == 2700 // 8 for md in groups[:-1] for g in range(md.num_row_groups))
+    # the default for a large corpus is capped; the flags choose the size
+    for flags, k in ((["--val-docs", "7"], 7), (["--val-fraction", "0.5"], 1500)):
+        _prepare("--input", str(tmp_path / "c.jsonl"), "--replace", *flags)
+        got = _prepared()
+        assert len(got["val"]) == k and sorted(got["train"] + got["val"]) == sorted(docs)
+    monkeypatch.setattr(data, "VAL_DOCS_MAX", 100)
+    _prepare("--input", str(tmp_path / "c.jsonl"), "--replace")
+    assert len(_prepared()["val"]) == 100
+
+
+def test_data_prepare_bad_input_one_line_and_nothing_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+    (tmp_path / "empty").mkdir()
+    cases = {  # file name -> (its bytes, extra flags, the error's pattern)
+        "blank.txt": (b" \n\n", [], r"no text in 1 file\(s\) \(empty input\)"),
+        "nofield.jsonl": (b'{"text": "ok"}\n{"body": "x"}\n', [], r"nofield.jsonl:2: no field 'text' \(has: body\)"),
+        "notjson.jsonl": (b'{"text": "ok"}\n{"text": oops}\n', [], r"notjson.jsonl:2: not JSON"),
+        "number.jsonl": (b'{"text": 3}\n', [], r"number.jsonl:1: field 'text' is int, not a string"),
+        "latin1.txt": ("caf\xe9".encode("latin-1"), [], r"latin1.txt: invalid UTF-8 .*--errors replace"),
+        "latin1.jsonl": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', [], r"latin1.jsonl:2: invalid UTF-8"),
+        "image.txt": (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", [], r"image.txt: a NUL byte, so this looks like a binary file"),
+        "tiny.jsonl": (b'{"text": "one"}\n{"text": "two"}\n', ["--val-docs", "22"], r"has 22 documents, too few"),
+        "table.parquet": (None, [], r"table.parquet: no text column 'text' \(columns: body\)"),
+    }
+    for name, (content, flags, pattern) in cases.items():
+        if content is None:
+            pq.write_table(pa.table({"body": ["x"]}), tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(common.UserError, match="^error: .*" + pattern):
+            _prepare("--input", *([] if name == "blank.txt" else [str(good)]), str(tmp_path / name), *flags)
+        assert not os.path.exists(tmp_path / "base" / "base_data"), name  # nothing written
+    with pytest.raises(common.UserError, match="no .txt, .md, .jsonl or .parquet file"):
+        _prepare("--input", str(tmp_path / "empty"))
+    with pytest.raises(common.UserError, match="--val-fraction must be between 0 and 1"):
+        _prepare("--input", str(good), "--val-fraction", "1.5")
+    _prepare("--input", str(tmp_path / "latin1.txt"), str(good), "--errors", "replace")
+    assert "caf\ufffd" in sum(_prepared().values(), [])
+    before = _prepared()
+    with pytest.raises(common.UserError, match=r"already holds 2 shards \(downloaded or prepared\): pass --replace"):
+        _prepare("--input", str(good))
+    with pytest.raises(common.UserError, match="notjson.jsonl:2"):  # a failed --replace keeps the old set
+        _prepare("--input", str(tmp_path / "notjson.jsonl"), "--replace")
+    assert _prepared() == before and sorted(os.listdir(tmp_path / "base")) == ["base_data"]
+    with pytest.raises(common.UserError, match="holds a corpus of your own"):  # nor does a download mix with it
+        data.download_shards(1)
+    p = run_script(["data.py", "prepare", "--input", str(tmp_path / "image.txt")], check=False,
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "x")})
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "image.txt: a NUL byte" in p.stderr, p.stderr
+    assert not p.stdout and not os.path.exists(tmp_path / "x" / "base_data")
+
+
+@SLOW
+def test_data_prepare_replace_is_atomic_under_kill_9(tmp_path, monkeypatch):
+    """--replace killed (SIGKILL) at any moment leaves the old or the new set whole; so does a crash between renames."""
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    old_docs = [f"old {i}" for i in range(50)]
+    new_docs = [f"new {i} " + "x" * (i % 500) for i in range(60_000)]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in old_docs))
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in new_docs))
+    _prepare("--input", str(tmp_path / "old.jsonl"))
+    old_set, outcomes = sorted(sum(_prepared().values(), [])), []
+    assert old_set == sorted(old_docs)
+    cmd = [sys.executable, "data.py", "prepare", "--input", f"{tmp_path}/new.jsonl", "--replace",
+           "--shard-chars", "2000000"]  # several shards
+    duration = None
+    for fraction in (None, 0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.97):  # None: a whole run, timed; then kills spread over it
+        p = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline:  # until this run holds the lock (a killed one's may linger)
+            with contextlib.suppress(OSError):
+                if open(f"{base}/base_data.lock").read() == f"{socket.gethostname()}:{p.pid}":
+                    break
+            time.sleep(0.005)
+        t0 = time.time()
+        if fraction is None:
+            assert p.wait() == 0
+            duration = time.time() - t0
+        else:
+            time.sleep(fraction * duration)
+            p.kill()
+            p.wait()
+        got = sorted(sum(_prepared().values(), []))
+        assert got in (old_set, sorted(new_docs)), (fraction, len(got))
+        outcomes.append("new" if got != old_set else "old")
+        if got != old_set:  # back to the old set for the next try
+            _prepare("--input", str(tmp_path / "old.jsonl"), "--replace")
+    assert outcomes[:2] == ["new", "old"], outcomes
+    # a crash between the two renames (base_data -> base_data.old, base_data.new -> base_data): the old set comes back
+    renames = []
+    def crash_on_second(src, dst):  # of the folder renames (files are written by rename too)
+        if os.path.isdir(src) and renames:
+            raise KeyboardInterrupt("killed between the renames")
+        renames.extend([src] if os.path.isdir(src) else [])
+        os.rename(src, dst)
+    monkeypatch.setattr(data.os, "replace", crash_on_second)
+    (tmp_path / "small.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(KeyboardInterrupt):
+        _prepare("--input", str(tmp_path / "small.jsonl"), "--replace")
+    monkeypatch.undo()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    assert not os.path.exists(base / "base_data") and os.path.isdir(f"{base}/base_data.old")
+    assert sorted(sum(_prepared().values(), [])) == old_set
+
+
+@SLOW
+def test_data_prepare_non_english_end_to_end(tmp_path, monkeypatch):
+    """A corpus in Cyrillic, CJK, Arabic and emoji: prepare -> tokenizer (exact round trips, bytes/token in
+    `tokenizer.py eval`) -> base steps with falling loss -> eval.py bpb on its own validation shard."""
+    import tokenizer as T
+    phrases = ["Москва — столица России, зимой там идёт снег.", "Привет, как дела? Всё хорошо.", "我喜欢在周末读书和喝茶。",
+               "北京是中国的首都。", "東京の桜はとても美しいです。", "اللغة العربية جميلة جدا.", "🎉🚀 ура 😀👍🏽 👨‍👩‍👧"]
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(phrases) for _ in range(rng.randint(3, 12))) for _ in range(400)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    base = str(tmp_path / "base")
+    env = {"NANOCHAT_BASE_DIR": base}
+    run_script(["data.py", "prepare", "--input", str(corpus)], env=env)
+    run_script(["tokenizer.py", "train", "--vocab-size", "700"], env=env)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    tok = T.get_tokenizer()
+    for text in phrases + docs[:50] + ["mixed: Ёж, 字, حرف, 🧪, e\u0301"]:
+        assert tok.decode(tok.encode(text)) == text
+    for phrase in phrases:  # merges learned in every script: fewer tokens than bytes
+        assert len(tok.encode(phrase)) < len(phrase.encode()) / 1.5, phrase
+    table = run_script(["tokenizer.py", "eval"], env=env).stdout
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("fwe-train", "fwe-val"))}
+    assert set(rows) == {"fwe-train", "fwe-val"} and all(float(r[3]) > 2.0 for r in rows.values()), table  # bytes/token
+    run_script(["train.py", "--stage=base", *TINY_BASE, "--num-iterations", "30", "--eval-tokens", "0"], env=env)
+    losses = [r["train_loss"] for _, r in sorted(_records(base, "base").items()) if "train_loss" in r]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    run_script(["eval.py", "--stage", "base", "bpb", "--device-batch-size", "2", "--eval-tokens", "256"], env=env)
+    report = open(os.path.join(base, "report", "base-model-loss.md")).read()
+    val_bpb = float(re.search(r"- val bpb: ([\d.]+)", report).group(1))
+    assert 0 < val_bpb < 8, report
+
+
 # =============================================================================
 # train.py
 # =============================================================================
@@ -2558,6 +2775,87 @@ def test_train_gpu_profile_leaves_rows_to_auto(capsys):
     readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
     assert total > 80 and rows80 < 32 and f"{total:.1f} GiB per GPU at 32 rows" in readme
     assert f"an 80 GB card trains {rows80} rows" in readme
+
+
+CHAT_ROWS_HELPER = r'''
+import os, sys
+sys.path.insert(0, os.environ["REPO"])
+import train, data
+next_batch = data.ChatLoader.__next__
+def recorded(self):  # every training row the SFT loader yields, decoded, one line each
+    x, y = next_batch(self)
+    with open(os.environ["ROWS"], "a") as f:
+        f.writelines(self.tok.decode(row.tolist()) + "\n" for row in x)
+    return x, y
+data.ChatLoader.__next__ = recorded
+train.main(sys.argv[1:])
+'''
+
+
+def _chat_file(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return str(path)
+
+
+def test_train_chat_data_lines_are_checked(tmp_path):
+    import train
+    u, a = (lambda text: {"role": "user", "content": text}), (lambda text: {"role": "assistant", "content": text})
+    good = [[u("hi"), a("hello")], [{"role": "system", "content": "be brief"}, u("q"), a("r"), u("q2"), a("r2")]]
+    task = data.ChatFile(_chat_file(tmp_path / "good.jsonl", good))
+    assert len(task) == 2 and task[1]["messages"][0] == {"role": "system", "content": "be brief"}
+    bad = {  # a line -> the error's end
+        json.dumps({"messages": [a("hello"), u("hi")]}): "message 1 has role 'assistant' where 'user' belongs",
+        json.dumps({"messages": [u("hi"), a("  ")]}): "message 2 has no text content",
+        json.dumps({"messages": [u("hi"), u("again"), a("x")]}): "message 2 has role 'user' where 'assistant' belongs",
+        json.dumps({"messages": [u("hi")]}): "the conversation must end with an assistant reply",
+        json.dumps({"messages": [u("hi"), a("x"), {"role": "system", "content": "z"}]}): "message 3 has role 'system'",
+        json.dumps({"conversation": []}): 'no "messages" list',
+        '{"messages": [': "not JSON",
+    }
+    for line, why in bad.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps({"messages": good[0]}) + "\n\n" + line + "\n")
+        with pytest.raises(common.UserError, match=f"^error: {re.escape(str(path))}:3: {re.escape(why)}"):
+            data.ChatFile(str(path))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(common.UserError, match="no conversations"):
+        data.ChatFile(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(SystemExit, match="--chat-data-epochs must be at least 1"):
+        train.parse_args(["--stage=sft", "--chat-data", "x.jsonl", "--chat-data-epochs", "0"])
+    assert train.parse_args(["--stage=sft", "--no-identity"]).identity_size == 0
+
+
+@SLOW
+def test_train_chat_data_changes_what_sft_trains_on(base_dir, tiny_chain, tmp_path):
+    """--chat-data: the user's conversations are in the SFT loader's rows (weighted by --chat-data-epochs, the built-in
+    identity chats gone with --no-identity); a bad line stops the run before step 0 with one line."""
+    script = tmp_path / "rows_helper.py"
+    script.write_text(CHAT_ROWS_HELPER)
+    u, a = (lambda text: {"role": "user", "content": text}), (lambda text: {"role": "assistant", "content": text})
+    system = {"role": "system", "content": "You are Zorblax, a very small assistant made for tests."}
+    mine = _chat_file(tmp_path / "mine.jsonl", [[u("What is your name?"), a("I am Zorblax, the tiny helper.")],
+                                                [system, u("Hi"), a("Zorblax here! How can I help you today?")]])
+    base = _clone_base(base_dir, str(tmp_path / "run"))
+    shutil.copytree(os.path.join(tiny_chain, "mid_checkpoints"), os.path.join(base, "mid_checkpoints"))
+    sft = [*STAGE_TINY["sft"], "--num-iterations", "3", "--eval-tokens", "0", "--smoltalk-size", "0", "--arc-size", "0",
+           "--gsm8k-size", "0", "--simple-spelling-size", "0", "--spelling-bee-size", "0"]
+    env = dict(os.environ, REPO=REPO, NANOCHAT_BASE_DIR=base, ROWS=str(tmp_path / "rows.txt"))
+    run = functools.partial(subprocess.run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = run([sys.executable, str(script), *sft, "--chat-data", mine, "--chat-data-epochs", "3", "--no-identity"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "sft mixture: 6 conversations (ChatFile 2, ChatFile 2, ChatFile 2)" in p.stdout, p.stdout
+    rows = open(tmp_path / "rows.txt").read()
+    assert "I am Zorblax, the tiny helper." in rows and "made for tests.\n\nHi<|user_end|>" in rows
+    assert "nanochat" not in rows
+    p = run([sys.executable, str(script), *sft, "--chat-data", mine])
+    assert p.returncode == 0 and "Identity 4, ChatFile 2)" in p.stdout, p.stdout
+    # a bad line: one error naming the file and line, before any step (and before the model loads)
+    with open(mine, "a") as f:
+        f.write(json.dumps({"messages": [u("no reply")]}) + "\n")
+    os.remove(tmp_path / "rows.txt")
+    p = run([sys.executable, str(script), *sft, "--chat-data", mine])
+    assert p.returncode == 1 and p.stderr == f"error: {mine}:3: the conversation must end with an assistant reply\n"
+    assert "step " not in p.stdout and not os.path.exists(tmp_path / "rows.txt")
 
 
 # =============================================================================

@@ -707,6 +707,7 @@ def size(n):
     return None if n < 0 else n  # -1: every row of the task
 
 def train_chat(args):
+    own = [data.ChatFile(path) for path in args.chat_data]  # --chat-data: every line checked before anything starts
     rt = start(args)
     mid = args.stage == "mid"
     # start: the source checkpoint (mid from base, sft from mid), or this stage's newest with --resume
@@ -734,7 +735,7 @@ def train_chat(args):
                    data.SimpleSpelling(size=args.simple_spelling_size, split="train"),
                    data.SpellingBee(size=args.spelling_bee_size, split="train")]
         val_task = data.SmolTalk("test", size=size(args.val_size))
-    mixture = [t for t in mixture if len(t)]
+    mixture = [t for t in mixture if len(t)] + own * args.chat_data_epochs
     train_task = data.TaskMixture(mixture, seed=42)
     print0(f"{args.stage} mixture: {len(train_task):,} conversations ({', '.join(f'{type(t).__name__} {len(t):,}' for t in mixture)})")
     # batch: rows of T+1 tokens, packed best-fit with whole conversations (--pack 0: one conversation per row)
@@ -970,6 +971,12 @@ def parse_args(argv=None):
     p.add_argument("--identity-size", type=int, default=-1, help="identity conversations (mid uses them twice)")
     p.add_argument("--simple-spelling-size", type=int, default=None, help="SimpleSpelling rows (mid 200000, sft 300)")
     p.add_argument("--spelling-bee-size", type=int, default=None, help="SpellingBee rows (mid 80000, sft 300)")
+    p.add_argument("--chat-data", action="append", default=[], metavar="FILE.jsonl",
+                   help='mid/sft: your conversations, {"messages": [{"role", "content"}, ...]} per line (repeatable)')
+    p.add_argument("--chat-data-epochs", type=int, default=1,
+                   help="mid/sft: times each --chat-data conversation is in the mix")
+    p.add_argument("--no-identity", action="store_true",
+                   help="mid/sft: leave out the built-in identity chats (use your own)")
     p.add_argument("--val-size", type=int, default=-1, help="mid/sft: rows of each validation task (-1: SPEC sizes)")
     p.add_argument("--chat-eval-every", type=int, default=None, help="mid/sft: MMLU + ARC-Easy accuracy every N steps and at the end")
     p.add_argument("--chat-eval-problems", type=int, default=1024)
@@ -993,6 +1000,10 @@ def parse_args(argv=None):
                       ("max_new_tokens", 1), ("eval_tokens", 0)) + ((("total_batch_size", 1),) if args.stage != "rl" else ()):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
+    if args.chat_data_epochs < 1:
+        raise SystemExit(f"error: --chat-data-epochs must be at least 1 (got {args.chat_data_epochs})")
+    if args.no_identity:
+        args.identity_size = 0
     if not 0 < args.warmdown_ratio <= 1 or args.init_lr_frac <= 0:
         raise SystemExit("error: --warmdown-ratio must be in (0, 1] and --init-lr-frac above 0")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
