@@ -4,7 +4,12 @@ distributed ranks, atomic file writes, pretraining shard iteration and the repor
 Imports nothing else of ours.
 """
 import os
+import re
+import sys
 import json
+import time
+import fcntl
+import socket
 import datetime
 import contextlib
 import urllib.parse
@@ -112,9 +117,12 @@ def all_reduce(values, device, op=None):
     return t.tolist()
 
 def cleanup_runtime():
+    """Leave the process group and release the locks this process still holds."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    for path in list(_held):
+        release_lock(path)
 
 def autocast_ctx(device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
@@ -122,6 +130,70 @@ def autocast_ctx(device):
         import torch
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+# -----------------------------------------------------------------------------
+# locks: an OS lock (flock) on <path>, which the kernel drops when its process ends however it ends, and one line in
+# the file naming the owner. A lock file whose flock is free was therefore left behind by a crash.
+
+_held = {}  # lock path -> file descriptor whose flock this process holds
+
+def take_lock(path, busy=None, stop=None):
+    """Hold the lock `path` until release_lock(path). A leftover file (crash, kill -9, disk full) is taken over with a
+    one-line note. A live holder: busy=None waits for it (saying once who it is; Ctrl-C or the threading.Event `stop`
+    ends the wait with KeyboardInterrupt), a string raises UserError naming the holder, then that string."""
+    told = False
+    while True:
+        try:
+            fd, new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, new = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # released in between
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process still starting"
+            os.close(fd)
+            if busy is not None:
+                raise UserError(f"{path} is held by {owner}: {busy}") from None
+            if not told:
+                print(f"waiting for {path}: held by {owner}", file=sys.stderr, flush=True)
+                told = True
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
+            time.sleep(0.2)
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (removed) it between our open and flock
+            os.close(fd)
+            continue
+        if not new:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            print(f"note: taking over {path}: " + (f"{owner} held it and has ended" if owner else "an empty lock left by a crash"),
+                  file=sys.stderr, flush=True)
+            os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):  # a full disk may refuse the line; the flock itself still holds
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}".encode(), 0)
+        _held[path] = fd
+        return
+
+def release_lock(path):
+    fd = _held.pop(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)  # before the flock goes, so whoever gets the flock next finds a fresh file
+    os.close(fd)
+
+@contextlib.contextmanager
+def file_lock(path, busy=None, stop=None):
+    take_lock(path, busy, stop)
+    try:
+        yield
+    finally:
+        release_lock(path)
 
 # -----------------------------------------------------------------------------
 # atomic writes: write a temp file beside the target, flush + fsync, rename over it

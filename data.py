@@ -6,7 +6,7 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtur
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
     python data.py bench                                          loader throughput and resume time
 """
-import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
+import os, re, sys, json, time, queue, random, shutil, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
 import concurrent.futures as cf
 from collections import namedtuple
 
@@ -34,41 +34,6 @@ class NotFound(FileNotFoundError):
 
 class _Retryable(Exception):
     pass
-
-def _lock_is_stale(path):
-    """A lock whose owner process is gone (same host), or older than an hour (another host), is stale."""
-    try:
-        host, pid = open(path).read().split(":")
-        if host != socket.gethostname():
-            return time.time() - os.path.getmtime(path) > 3600
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False  # just created, owner still writing it
-
-@contextlib.contextmanager
-def _file_lock(path, poll=0.1):
-    """Cross-process lock: whoever creates `path` first (O_EXCL) works; the others wait for it to go away."""
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_stale(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            else:
-                time.sleep(poll)
-            continue
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 def _is_valid(path, kind):
     """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; other files: non-empty."""
@@ -149,7 +114,7 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
-    with _file_lock(dest_path + ".lock"):
+    with common.file_lock(dest_path + ".lock"):
         if os.path.exists(dest_path):
             problem = _problem(url, dest_path, kind) if recheck else None if _is_valid(dest_path, kind) else "truncated or corrupt"
             if problem is None:
@@ -216,7 +181,7 @@ def download_eval_bundle():
     out = os.path.join(base, "eval_bundle")
     if os.path.exists(os.path.join(out, "core.yaml")):
         return out
-    with _file_lock(out + ".lock"):
+    with common.file_lock(out + ".lock"):
         if not os.path.exists(os.path.join(out, "core.yaml")):
             zpath = download_file(EVAL_BUNDLE_URL, os.path.join(base, "eval_bundle.zip"))
             tmp = f"{out}.tmp{os.getpid()}"

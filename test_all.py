@@ -163,6 +163,59 @@ def test_common_shards_and_report(base_dir):
     assert json.loads(open(os.path.join(base_dir, "report", "teststage_log.jsonl")).read().splitlines()[-1])["step"] == 1
 
 
+def _in_thread(fn, seconds):
+    """Run fn in a daemon thread for at most `seconds`; -> (finished, result or exception)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(_call(fn)), daemon=True)
+    t.start()
+    t.join(seconds)
+    return (not t.is_alive()), (out[0] if out else None)
+
+
+def _call(fn):
+    try:
+        return fn()
+    except BaseException as e:
+        return e
+
+
+def test_common_lock_takes_over_empty_and_foreign_locks(tmp_path, capsys):
+    dest = str(tmp_path / "s.parquet")
+    for leftover in ("", f"{socket.gethostname()}:1"):  # a disk-full crash's empty lock; a live but unrelated pid (init)
+        open(dest + ".lock", "w").write(leftover)
+        done, result = _in_thread(lambda: data.download_file(data.SHARD_URL.format(0), dest), 20)
+        assert done and result == dest and _same_as_mirror(dest), result
+        assert sorted(os.listdir(tmp_path)) == ["s.parquet"]  # the lock is gone
+        err = capsys.readouterr().err
+        assert f"note: taking over {dest}.lock: " in err and err.count("\n") == 1, err
+        assert ("an empty lock" if not leftover else f"{leftover} held it and has ended") in err, err
+        os.remove(dest)
+
+
+def test_common_lock_names_a_live_holder_and_outlives_its_kill(tmp_path, capsys):
+    path = str(tmp_path / "x.lock")
+    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.take_lock({path!r}); print('held', flush=True); "
+                               "time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        who = f"pid {holder.pid} on {socket.gethostname()} since "
+        with pytest.raises(common.UserError, match=f"^error: {re.escape(path)} is held by {who}[-0-9: ]+: try later$"):
+            common.take_lock(path, busy="try later")
+        waiter = threading.Thread(target=common.take_lock, args=(path,), daemon=True)
+        waiter.start()
+        waiter.join(1.5)
+        assert waiter.is_alive() and capsys.readouterr().err == f"waiting for {path}: held by " + open(path).read() + "\n"
+        holder.kill()  # kill -9: the file stays behind, the kernel drops its flock
+        waiter.join(10)
+        assert not waiter.is_alive() and path in common._held and open(path).read().startswith(f"pid {os.getpid()} on ")
+        assert f"note: taking over {path}: {who}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        if path in common._held:
+            common.release_lock(path)
+    assert not os.path.exists(path)
+
+
 # =============================================================================
 # tokenizer.py
 # =============================================================================
@@ -1500,7 +1553,7 @@ def test_data_task_files_over_http_stop_at_first_404(http_mirror, tmp_path, monk
 def test_data_stale_lock_is_broken(tmp_path):
     dest = str(tmp_path / "s.parquet")
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    open(dest + ".lock", "w").write(f"{data.socket.gethostname()}:{p.stdout.strip()}")  # its owner has exited
+    open(dest + ".lock", "w").write(f"{socket.gethostname()}:{p.stdout.strip()}")  # its owner has exited
     assert _same_as_mirror(data.download_file(SHARD0_URL, dest)) and not os.path.exists(dest + ".lock")
 
 
