@@ -198,9 +198,23 @@ def file_lock(path, busy=None, stop=None):
 # -----------------------------------------------------------------------------
 # atomic writes: write a temp file beside the target, flush + fsync, rename over it
 
+def remove_stray_temps(folder, prefix=""):
+    """Delete <folder>/<prefix>*.tmp<pid> files whose writer is no longer running (a kill -9 during atomic_write)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if (m := re.fullmatch(re.escape(prefix) + r".*\.tmp(\d+)", name)) and os.path.isfile(path := os.path.join(folder, name)):
+            try:
+                os.kill(int(m.group(1)), 0)
+            except (ProcessLookupError, OverflowError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            except OSError:
+                pass  # running under another user: not ours to judge
+
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact."""
+    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact; the
+    temp files a kill -9 left for the same path are removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stray_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:

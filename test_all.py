@@ -216,6 +216,21 @@ def test_common_lock_names_a_live_holder_and_outlives_its_kill(tmp_path, capsys)
     assert not os.path.exists(path)
 
 
+def _dead_pid():
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_common_atomic_write_removes_temp_files_of_dead_writers(tmp_path):
+    dead, path = _dead_pid(), str(tmp_path / "f.txt")
+    for name in (f"f.txt.tmp{dead}", "f.txt.tmp1", f"g.txt.tmp{dead}"):  # a killed writer's, a live process's, another file's
+        open(tmp_path / name, "w").write("half")
+    common.atomic_write_text(path, "good")
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1", f"g.txt.tmp{dead}"]
+    common.remove_stray_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1"]
+
+
 # =============================================================================
 # tokenizer.py
 # =============================================================================
@@ -2171,6 +2186,30 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(base_dir, tokenizer
     assert "Traceback" not in p.stderr
     ckpts = sorted(n for n in os.listdir(os.path.join(base, "base_checkpoints", "d1")) if n.startswith("model_"))
     assert ckpts == ["model_000003.pt", "model_000006.pt"]
+
+
+@SLOW
+def test_train_checkpoint_folder_is_held_by_one_run(base_dir, tokenizer, tmp_path):
+    base = _clone_base(base_dir, str(tmp_path / "base"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    os.makedirs(folder)
+    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.take_lock({folder + '.lock'!r}); print('held', flush=True); "
+                               "time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": base}, check=False)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert re.fullmatch(f"error: {re.escape(folder)}.lock is held by pid {holder.pid} on {re.escape(socket.gethostname())} since "
+                            f"[-0-9: ]+: another run trains into {re.escape(folder)}; wait for it, or use another --model-tag\n", p.stderr)
+    finally:
+        holder.kill()  # kill -9: its lock file stays, its flock goes
+        holder.wait()
+    stray = os.path.join(folder, f"model_000005.pt.tmp{_dead_pid()}")  # a save cut by kill -9
+    open(stray, "w").write("half")
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": base})
+    assert f"note: taking over {folder}.lock: pid {holder.pid} on " in p.stderr, p.stderr
+    assert sorted(os.listdir(folder)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    assert not os.path.exists(folder + ".lock")
 
 
 # =============================================================================

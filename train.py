@@ -11,6 +11,7 @@ Optimizers: Muon for every matrix inside the transformer blocks, AdamW for wte a
 DDP: under torch.distributed the optimizers average the gradients themselves (reduce-scatter -> the owning rank updates
 and alone keeps the state -> all-gather), so optimizer state is sharded across ranks.
 """
+import os
 import sys
 import json
 import math
@@ -295,7 +296,12 @@ def source_tag(args):
 
 def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config (base),
-    else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step)."""
+    else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step).
+    Rank 0 holds <ckpt_dir>.lock for the whole run (main's cleanup releases it): one run per checkpoint folder."""
+    if rt.rank == 0:
+        os.makedirs(os.path.dirname(ckpt_dir), exist_ok=True)
+        common.take_lock(ckpt_dir + ".lock", busy=f"another run trains into {ckpt_dir}; wait for it, or use another --model-tag")
+        common.remove_stray_temps(ckpt_dir)  # half-written files of a killed run
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
     if args.resume and step is None:
         print0(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning")
