@@ -35,15 +35,23 @@ class NotFound(FileNotFoundError):
 class _Retryable(Exception):
     pass
 
+def _is_html(path):
+    """A web page (a captive portal, a wrong URL's error page) where a data file belongs."""
+    with open(path, "rb") as f:
+        return f.read(1024).lstrip().lower().startswith((b"<!doctype html", b"<html"))
+
 def _is_valid(path, kind):
-    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; other files: non-empty."""
+    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; text: non-empty and not a web
+    page; kind None: anything."""
     try:
+        if kind == "text":
+            return os.path.getsize(path) > 0 and not _is_html(path)
         if kind == "parquet":
             return pq.ParquetFile(path).metadata.num_rows >= 0
         if kind == "zip":
             with zipfile.ZipFile(path) as z:
                 return z.testzip() is None
-        return kind is None or os.path.getsize(path) > 0
+        return kind is None
     except Exception:
         return False
 
@@ -107,10 +115,11 @@ def _fetch_http(src, url, tmp, progress):
 
 def download_file(url, dest_path, validate="auto", progress=None, recheck=False):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation by _problem (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several
-    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes)."""
+    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when several
+    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes).
+    A web page where the file belongs is a UserError naming the URL, and nothing is kept."""
     dest_path = os.path.abspath(dest_path)
-    kind = {".parquet": "parquet", ".zip": "zip"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
+    kind = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
@@ -131,6 +140,10 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
                     shutil.copyfile(src, tmp)
                     if progress:
                         progress(os.path.getsize(tmp))
+                if _is_html(tmp):
+                    os.remove(tmp)
+                    raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: check the mirror "
+                                           f"(--mirror, NANOCHAT_MIRROR) or the network (a login page?); nothing was kept")
                 if (reason := _problem(url, tmp, kind)) is None:
                     os.replace(tmp, dest_path)
                     return dest_path
@@ -171,6 +184,8 @@ def download_shards(n, workers=4):
     line("\n")
     errors = [f.exception() for f in futures if f.exception()]
     if errors:
+        if isinstance(errors[0], common.UserError):
+            raise errors[0]
         raise RuntimeError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
     print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
     return [common.shard_path(i) for i in indices]

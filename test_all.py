@@ -1149,6 +1149,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         mode = modes.pop(0) if modes else "ok"
         if mode == "503":
             return self.send_error(503)
+        if mode == "html":  # a captive portal: 200 with its login page
+            page = b"<!DOCTYPE html>\n<html><body>Please sign in to use this network</body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            return self.wfile.write(page)
         file = os.path.join(srv.root, path.lstrip("/"))
         if not os.path.isfile(file):
             return self.send_error(404)
@@ -1637,6 +1644,35 @@ def test_data_unreadable_shard_stops_with_one_line(tokenizer, base_dir, tmp_path
         data.PretrainLoader(tokenizer, 2, 32)
     p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], check=False, env={"NANOCHAT_BASE_DIR": str(tmp_path)})
     assert p.returncode == 1 and re.fullmatch(message, p.stderr.strip()) and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_data_web_page_from_the_mirror_is_an_error_and_never_cached(http_mirror, tmp_path, monkeypatch):
+    words = "/" + data.WORDS_URL.split("://", 1)[1]
+    task = "/huggingface.co/datasets/allenai/ai2_arc/resolve/refs/convert/parquet/ARC-Challenge/validation/0000.parquet"
+    http_mirror.modes = {words: ["html"] * 9, task: ["html"] * 9}
+    mirror = common.get_mirror()
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(mirror + words)} answered with a web page, not words_alpha.txt: "
+                       "check the mirror \\(--mirror, NANOCHAT_MIRROR\\) or the network \\(a login page\\?\\); nothing was kept$"):
+        data.download_file(data.WORDS_URL, str(tmp_path / "words_alpha.txt"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(mirror + task.replace('refs/convert/', 'refs%2Fconvert%2F'))} "
+                       "answered with a web page, not 0000.parquet"):
+        data.ARC("ARC-Challenge", "validation")
+    assert os.listdir(tmp_path) == ["base"] and not [f for _, _, files in os.walk(tmp_path / "base") for f in files]
+    assert len(http_mirror.log) == 2  # no retries
+    # a web page cached by an earlier version is noticed and fetched again
+    http_mirror.modes.clear()
+    open(tmp_path / "words_alpha.txt", "w").write("<html><body>Please sign in</body></html>")
+    path = data.download_file(data.WORDS_URL, str(tmp_path / "words_alpha.txt"))
+    assert open(path, "rb").read() == open(os.path.join(MIRROR, words.lstrip("/")), "rb").read()
+    # the CLI, whose downloads run in threads: one line
+    shard = SHARD0_PATH
+    http_mirror.modes[shard] = ["html"] * 9
+    p = run_script(["data.py", "download", "-n", "1", "-w", "1", "--mirror", mirror], env={"NANOCHAT_BASE_DIR": str(tmp_path / "cli")},
+                   check=False)
+    assert p.returncode == 1 and p.stderr.endswith(f"answered with a web page, not shard_00000.parquet: check the mirror (--mirror, "
+                                                   "NANOCHAT_MIRROR) or the network (a login page?); nothing was kept\n"), p.stderr
+    assert p.stderr.count("\n") == 1 and os.listdir(tmp_path / "cli" / "base_data") in ([], ["shard_01822.parquet"]), p.stderr
 
 
 # =============================================================================
