@@ -24,7 +24,7 @@ HF_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%
 ATTEMPTS = 5       # tries per file
 BACKOFF = 2.0      # seconds before the second try, doubled after each failure
 TIMEOUT = 30       # seconds a connection may stay silent
-CHUNK = 1 << 20    # bytes per write
+CHUNK = 1 << 16    # bytes per read and write: Ctrl-C is noticed between two of them
 
 # =============================================================================
 # downloads
@@ -84,8 +84,9 @@ def _problem(url, path, kind):
     except (OSError, ValueError) as e:  # pyarrow's errors
         return f"unreadable ({type(e).__name__}: {e})"
 
-def _fetch_http(src, url, tmp, progress):
-    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
+def _fetch_http(src, url, tmp, progress, stop=None):
+    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over); `stop` set
+    (a threading.Event) ends it with KeyboardInterrupt."""
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(src, headers=headers, stream=True, timeout=TIMEOUT) as r:
@@ -106,6 +107,8 @@ def _fetch_http(src, url, tmp, progress):
         got = 0
         with open(tmp, "ab" if append else "wb") as f:
             for chunk in r.iter_content(CHUNK):
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 f.write(chunk)
                 got += len(chunk)
                 if progress:
@@ -113,17 +116,18 @@ def _fetch_http(src, url, tmp, progress):
         if expected is not None and got < expected:
             raise _Retryable(f"connection closed after {got} of {expected} bytes")
 
-def download_file(url, dest_path, validate="auto", progress=None, recheck=False):
+def download_file(url, dest_path, validate="auto", progress=None, recheck=False, stop=None):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
     validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when several
     processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes).
-    A web page where the file belongs is a UserError naming the URL, and nothing is kept."""
+    A web page where the file belongs is a UserError naming the URL, and nothing is kept. Ctrl-C (or `stop` set, a
+    threading.Event) ends it at once with KeyboardInterrupt, leaving no partial file and no lock."""
     dest_path = os.path.abspath(dest_path)
     kind = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
-    with common.file_lock(dest_path + ".lock"):
+    with common.file_lock(dest_path + ".lock", stop=stop):
         if os.path.exists(dest_path):
             problem = _problem(url, dest_path, kind) if recheck else None if _is_valid(dest_path, kind) else "truncated or corrupt"
             if problem is None:
@@ -132,8 +136,13 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
         src, tmp = common.resolve_url(url), dest_path + ".part"
         for attempt in range(ATTEMPTS):
             try:
+                if attempt:
+                    delay = BACKOFF * 2 ** (attempt - 1)
+                    print(f"download {url}: {reason}; try {attempt + 1}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr, flush=True)
+                    if (stop or threading.Event()).wait(delay):
+                        raise KeyboardInterrupt
                 if src.startswith(("http://", "https://")):
-                    _fetch_http(src, url, tmp, progress)
+                    _fetch_http(src, url, tmp, progress, stop)
                 elif not os.path.isfile(src):
                     raise NotFound(f"not in the mirror: {url} (no file {src})")
                 else:
@@ -151,10 +160,10 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
                 reason = f"the downloaded file is bad: {reason}"
             except (requests.RequestException, _Retryable) as e:
                 reason = f"{type(e).__name__}: {e}"
-            if attempt + 1 < ATTEMPTS:
-                delay = BACKOFF * 2 ** attempt
-                print(f"download {url}: {reason}; try {attempt + 2}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr, flush=True)
-                time.sleep(delay)
+            except KeyboardInterrupt:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
         raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
 
 def download_shards(n, workers=4):
@@ -163,6 +172,7 @@ def download_shards(n, workers=4):
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
+    stop = threading.Event()  # set by Ctrl-C: the running downloads end at their next chunk
 
     def count(k, file_done=False):
         with lock:
@@ -170,7 +180,7 @@ def download_shards(n, workers=4):
             done[0] += file_done
 
     def one(i):
-        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True)
+        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True, stop=stop)
         count(0, file_done=True)
 
     def line(end=""):
@@ -179,8 +189,13 @@ def download_shards(n, workers=4):
 
     with cf.ThreadPoolExecutor(max(1, workers)) as ex:
         futures = [ex.submit(one, i) for i in indices]
-        while cf.wait(futures, timeout=0.5).not_done:
-            line()
+        try:
+            while cf.wait(futures, timeout=0.5).not_done:
+                line()
+        except KeyboardInterrupt:
+            stop.set()
+            ex.shutdown(cancel_futures=True)  # the queued ones never start; the running ones clean up and end
+            raise
     line("\n")
     errors = [f.exception() for f in futures if f.exception()]
     if errors:
@@ -793,6 +808,9 @@ def main():
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the files fetched so far are kept; the same command fetches the rest", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

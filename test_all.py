@@ -1174,6 +1174,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if mode == "slow":  # 16 KiB every 0.1 s, until the client goes away
+            with contextlib.suppress(OSError):
+                for i in range(0, len(body), 16384):
+                    self.wfile.write(body[i:i + 16384])
+                    time.sleep(0.1)
+            return
         if mode == "drop":  # half the body, then the connection goes away
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
@@ -1673,6 +1679,29 @@ def test_data_web_page_from_the_mirror_is_an_error_and_never_cached(http_mirror,
     assert p.returncode == 1 and p.stderr.endswith(f"answered with a web page, not shard_00000.parquet: check the mirror (--mirror, "
                                                    "NANOCHAT_MIRROR) or the network (a login page?); nothing was kept\n"), p.stderr
     assert p.stderr.count("\n") == 1 and os.listdir(tmp_path / "cli" / "base_data") in ([], ["shard_01822.parquet"]), p.stderr
+
+
+def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mirror, tmp_path):
+    for i in (0, 1, 2, common.VAL_SHARD_INDEX):
+        http_mirror.modes[SHARD0_PATH.replace("00000", f"{i:05d}")] = ["slow"]  # each shard takes ~7 s
+    folder = tmp_path / "base_data"
+    p = subprocess.Popen([sys.executable, "data.py", "download", "-n", "3", "-w", "2", "--mirror", common.get_mirror()], cwd=REPO,
+                         env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(n.endswith(".part") and os.path.getsize(folder / n) for n in
+                                                 (os.listdir(folder) if folder.is_dir() else [])):
+            time.sleep(0.05)
+        assert sum(n.endswith(".lock") for n in os.listdir(folder)) == 2  # two downloads under way
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=10)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    assert took < 2.5 and p.returncode == 130, (took, p.returncode, err)
+    assert err.endswith("\ninterrupted: the files fetched so far are kept; the same command fetches the rest\n") and "Traceback" not in err
+    assert os.listdir(folder) == []  # no partial file, no lock
 
 
 # =============================================================================
