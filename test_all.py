@@ -513,6 +513,31 @@ def test_tokenizer_training_documents(tmp_path, base_dir):
         list(T.read_input_file(str(bad)))
 
 
+@SLOW
+def test_tokenizer_train_keeps_a_tokenizer_checkpoints_use(tmp_path):
+    from tokenizer import Tokenizer, train_bpe
+    base, env = tmp_path / "base", {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    old = Tokenizer.from_ranks(train_bpe(_tie_corpus(), 300))
+    old.save(str(base / "tokenizer"))
+    folder = base / "base_checkpoints" / "d1"
+    os.makedirs(folder)
+    (folder / "meta_000005.json").write_text(json.dumps({"model_config": {"vocab_size": 300}, "tokenizer_hash": old.hash}))
+    before = {n: (base / "tokenizer" / n).read_bytes() for n in ("tokenizer.pkl", "token_bytes.pt")}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in _tie_corpus()) + "\n")
+    train = ["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", "400"]
+    backup = base / f"tokenizer_{old.hash}"
+    p = run_script(train, env=env, check=False)
+    assert p.returncode == 1 and p.stderr == (f"error: {base}/tokenizer/tokenizer.pkl is the tokenizer base_checkpoints/d1 were trained "
+                                              f"with; a new one would orphan them: pass --force to replace it (the old one is then kept "
+                                              f"in {backup}), or use another NANOCHAT_BASE_DIR\n"), p.stderr
+    assert {n: (base / "tokenizer" / n).read_bytes() for n in before} == before and not backup.exists()
+    p = run_script([*train, "--force"], env=env)
+    assert f"note: the previous tokenizer, which base_checkpoints/d1 were trained with, is kept in {backup}: copy it back" in p.stdout
+    assert {n: (backup / n).read_bytes() for n in before} == before and (base / "tokenizer" / "tokenizer.pkl").read_bytes() != before["tokenizer.pkl"]
+    run_script(train, env=env)  # the checkpoint's tokenizer is no longer the current one: nothing left to orphan
+
+
 # =============================================================================
 # model.py
 # =============================================================================
