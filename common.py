@@ -27,8 +27,25 @@ def get_base_dir():
     """$NANOCHAT_BASE_DIR, else ~/.cache/nanochat; created on demand."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     base = os.path.abspath(base)
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:  # a file of that name, a folder we may not create
+        raise UserError(f"NANOCHAT_BASE_DIR={base} cannot be used as a folder ({e.strerror}): point NANOCHAT_BASE_DIR at a folder "
+                        "(created if missing)") from None
     return base
+
+def writable(folder):
+    """`folder` (under the base dir), created; a one-line UserError naming NANOCHAT_BASE_DIR when it cannot be written.
+    Only writers ask: chat and export read a read-only base dir fine."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        ok = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        raise UserError(f"{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={get_base_dir()}, or point "
+                        "NANOCHAT_BASE_DIR at a folder you can write")
+    return folder
 
 # training stage -> checkpoint folder name under the base dir
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -275,9 +292,7 @@ def iter_documents(split, start=0, step=1):
 # the report: report/<slug>.md per section, report/<stage>_log.jsonl per stage (rank 0 writes)
 
 def report_dir():
-    path = os.path.join(get_base_dir(), "report")
-    os.makedirs(path, exist_ok=True)
-    return path
+    return writable(os.path.join(get_base_dir(), "report"))
 
 def _format_value(v):
     if isinstance(v, bool):

@@ -231,6 +231,29 @@ def test_common_atomic_write_removes_temp_files_of_dead_writers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1"]
 
 
+@SLOW
+def test_common_base_dir_that_is_a_file_or_read_only(base_dir, tokenizer, tmp_path):
+    commands = {"train": ["train.py", *TINY_BASE, "--num-iterations", "1"], "eval": ["eval.py", "report"], "chat": ["chat.py", "-p", "hi"],
+                "export": ["model.py", "export", "--source", "sft", "--out", str(tmp_path / "out")]}
+    (tmp_path / "file").write_text("")
+    for name, args in commands.items():
+        p = run_script(args, env={"NANOCHAT_BASE_DIR": str(tmp_path / "file")}, check=False)
+        assert p.returncode == 1 and p.stderr == (f"error: NANOCHAT_BASE_DIR={tmp_path / 'file'} cannot be used as a folder (File exists): "
+                                                  "point NANOCHAT_BASE_DIR at a folder (created if missing)\n"), (name, p.stderr)
+    ro = tempfile.mkdtemp()  # (pytest's tmp_path is closed to other users)
+    try:
+        for name in ("base_data", "tokenizer"):
+            shutil.copytree(os.path.join(base_dir, name), os.path.join(ro, name))
+        subprocess.run(["chmod", "-R", "a+rX,a-w", ro], check=True)
+        for name, folder in (("train", "base_checkpoints"), ("eval", "report")):
+            p = subprocess.run([sys.executable, *commands[name]], cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=ro), capture_output=True,
+                               text=True, timeout=300, preexec_fn=drop_to_nobody)
+            assert p.returncode == 1 and p.stderr == (f"error: {ro}/{folder} is not writable: give yourself write access to "
+                                                      f"NANOCHAT_BASE_DIR={ro}, or point NANOCHAT_BASE_DIR at a folder you can write\n"), (name, p.stderr)
+    finally:
+        shutil.rmtree(ro)
+
+
 # =============================================================================
 # tokenizer.py
 # =============================================================================

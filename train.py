@@ -299,7 +299,7 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step).
     Rank 0 holds <ckpt_dir>.lock for the whole run (main's cleanup releases it): one run per checkpoint folder."""
     if rt.rank == 0:
-        os.makedirs(os.path.dirname(ckpt_dir), exist_ok=True)
+        common.writable(os.path.dirname(ckpt_dir))
         common.take_lock(ckpt_dir + ".lock", busy=f"another run trains into {ckpt_dir}; wait for it, or use another --model-tag")
         common.remove_stray_temps(ckpt_dir)  # half-written files of a killed run
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
