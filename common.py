@@ -274,6 +274,17 @@ def shard_errors(path):
         n = 1 if path == shard_path(VAL_SHARD_INDEX) else int(os.path.basename(path)[6:-8]) + 1  # shard_NNNNN.parquet
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): repair it with `python data.py download -n {n}`") from None
 
+_null_files = set()  # files whose null texts were already reported
+
+def read_texts(pf, rg, path):
+    """The 'text' column of row group rg of the open ParquetFile pf, without null entries (reported once per file)."""
+    texts = pf.read_row_group(rg, columns=["text"]).column("text")
+    if texts.null_count and path not in _null_files:
+        _null_files.add(path)
+        print(f"warning: {path}: skipping documents whose text is null ({texts.null_count} in row group {rg}; later ones silently)",
+              file=sys.stderr, flush=True)
+    return texts.drop_null().to_pylist()
+
 def iter_row_groups(split, start=0, step=1, paths=None):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
     import pyarrow.parquet as pq
@@ -281,7 +292,7 @@ def iter_row_groups(split, start=0, step=1, paths=None):
         with shard_errors(path):
             pf = pq.ParquetFile(path)
             for rg in range(start, pf.num_row_groups, step):
-                yield fi, rg, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                yield fi, rg, read_texts(pf, rg, path)
 
 def iter_documents(split, start=0, step=1):
     """Every document of a split, in order (row groups strided by start/step)."""

@@ -290,7 +290,7 @@ class PretrainLoader:
     def _read_texts(self, unit):
         fi, rg = self.units[unit]
         with common.shard_errors(self.paths[fi]):
-            return pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            return common.read_texts(pq.ParquetFile(self.paths[fi]), rg, self.paths[fi])
 
     def _encode(self, texts):
         return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]

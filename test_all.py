@@ -1752,6 +1752,28 @@ def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mi
     assert os.listdir(folder) == []  # no partial file, no lock
 
 
+def test_data_null_texts_are_skipped_with_a_note(tokenizer, tmp_path, monkeypatch, capsys):
+    import tokenizer as T
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "base_data")
+    docs = [None if i % 5 == 1 else f"document {i} about a river and its history." for i in range(40)]
+    for idx in (0, common.VAL_SHARD_INDEX):
+        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), str(tmp_path / "base_data" / f"shard_{idx:05d}.parquet"),
+                       row_group_size=10)
+    shard = str(tmp_path / "base_data" / "shard_00000.parquet")
+    kept = [d for d in docs if d is not None]
+    assert list(common.iter_documents("train")) == kept and list(common.iter_documents("train")) == kept
+    assert capsys.readouterr().err == (f"warning: {shard}: skipping documents whose text is null (2 in row group 0; later ones "
+                                       "silently)\n")
+    assert list(T.training_documents([shard], 10**9, 10**4, {"docs": 0, "chars": 0})) == kept  # tokenizer training's reader
+    loader = data.PretrainLoader(tokenizer, 2, 16)  # base training's
+    x, y = next(loader)
+    assert x.shape == (2, 16)
+    loader.close()
+    p = run_script(["tokenizer.py", "train", "--input", shard, "--vocab-size", "300"], env={"NANOCHAT_BASE_DIR": str(tmp_path / "t")})
+    assert "skipping documents whose text is null" in p.stderr and "32 docs" in p.stdout, p.stdout + p.stderr
+
+
 # =============================================================================
 # train.py
 # =============================================================================

@@ -506,7 +506,7 @@ def read_input_file(path):
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
         for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield from common.read_texts(pf, rg, path)
     elif path.endswith((".jsonl", ".json")):
         import json
         with open(path, encoding="utf-8") as f:
@@ -646,7 +646,8 @@ def cmd_eval(args):
     for name, split in (("fwe-train", "train"), ("fwe-val", "val")):
         try:
             import pyarrow.parquet as pq
-            texts[name] = "\n".join(pq.ParquetFile(common.list_shards(split)[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
+            path = common.list_shards(split)[0]
+            texts[name] = "\n".join(common.read_texts(pq.ParquetFile(path), 0, path))
         except FileNotFoundError as e:
             print(f"skipping {name}: {e}")
     tokenizers = {"ours": ours}
