@@ -30,8 +30,8 @@ def get_base_dir():
     try:
         os.makedirs(base, exist_ok=True)
     except OSError as e:  # a file of that name, a folder we may not create
-        raise UserError(f"NANOCHAT_BASE_DIR={base} cannot be used as a folder ({e.strerror}): point NANOCHAT_BASE_DIR at a folder "
-                        "(created if missing)") from None
+        raise UserError(f"NANOCHAT_BASE_DIR={base} cannot be used as a folder ({e.strerror}): "
+                        "point NANOCHAT_BASE_DIR at a folder (created if missing)") from None
     return base
 
 def writable(folder):
@@ -43,8 +43,8 @@ def writable(folder):
     except OSError:
         ok = False
     if not ok:
-        raise UserError(f"{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={get_base_dir()}, or point "
-                        "NANOCHAT_BASE_DIR at a folder you can write")
+        raise UserError(f"{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={get_base_dir()}, "
+                        "or point NANOCHAT_BASE_DIR at a folder you can write")
     return folder
 
 # training stage -> checkpoint folder name under the base dir
@@ -190,11 +190,12 @@ def take_lock(path, busy=None, stop=None):
             continue
         if not new:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            print(f"note: taking over {path}: " + (f"{owner} held it and has ended" if owner else "an empty lock left by a crash"),
-                  file=sys.stderr, flush=True)
+            gone = f"{owner} held it and has ended" if owner else "an empty lock left by a crash"
+            print(f"note: taking over {path}: {gone}", file=sys.stderr, flush=True)
             os.ftruncate(fd, 0)
         with contextlib.suppress(OSError):  # a full disk may refuse the line; the flock itself still holds
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}".encode(), 0)
+            me = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+            os.pwrite(fd, me.encode(), 0)
         _held[path] = fd
         return
 
@@ -218,7 +219,8 @@ def file_lock(path, busy=None, stop=None):
 def remove_stray_temps(folder, prefix=""):
     """Delete <folder>/<prefix>*.tmp<pid> files whose writer is no longer running (a kill -9 during atomic_write)."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if (m := re.fullmatch(re.escape(prefix) + r".*\.tmp(\d+)", name)) and os.path.isfile(path := os.path.join(folder, name)):
+        path = os.path.join(folder, name)
+        if (m := re.fullmatch(re.escape(prefix) + r".*\.tmp(\d+)", name)) and os.path.isfile(path):
             try:
                 os.kill(int(m.group(1)), 0)
             except (ProcessLookupError, OverflowError):
@@ -281,8 +283,8 @@ def read_texts(pf, rg, path):
     texts = pf.read_row_group(rg, columns=["text"]).column("text")
     if texts.null_count and path not in _null_files:
         _null_files.add(path)
-        print(f"warning: {path}: skipping documents whose text is null ({texts.null_count} in row group {rg}; later ones silently)",
-              file=sys.stderr, flush=True)
+        print(f"warning: {path}: skipping documents whose text is null ({texts.null_count} in row group {rg}; "
+              "later ones silently)", file=sys.stderr, flush=True)
     return texts.drop_null().to_pylist()
 
 def iter_row_groups(split, start=0, step=1, paths=None):

@@ -6,7 +6,8 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity) with mixtur
     python data.py download -n 8 [-w 4] [--mirror DIR_OR_URL]    train shards 0..7 + validation shard 1822
     python data.py bench                                          loader throughput and resume time
 """
-import os, re, sys, json, time, queue, random, shutil, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
+import os, re, sys, json, time, queue, random, shutil, hashlib, zipfile, argparse, functools, threading, contextlib
+import urllib.parse
 import concurrent.futures as cf
 from collections import namedtuple
 
@@ -85,8 +86,8 @@ def _problem(url, path, kind):
         return f"unreadable ({type(e).__name__}: {e})"
 
 def _fetch_http(src, url, tmp, progress, stop=None):
-    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over); `stop` set
-    (a threading.Event) ends it with KeyboardInterrupt."""
+    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over);
+    `stop` set (a threading.Event) ends it with KeyboardInterrupt."""
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(src, headers=headers, stream=True, timeout=TIMEOUT) as r:
@@ -118,12 +119,14 @@ def _fetch_http(src, url, tmp, progress, stop=None):
 
 def download_file(url, dest_path, validate="auto", progress=None, recheck=False, stop=None):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when several
-    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes).
+    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when
+    several processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if
+    _problem passes).
     A web page where the file belongs is a UserError naming the URL, and nothing is kept. Ctrl-C (or `stop` set, a
     threading.Event) ends it at once with KeyboardInterrupt, leaving no partial file and no lock."""
     dest_path = os.path.abspath(dest_path)
-    kind = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
+    kinds = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}
+    kind = kinds.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
@@ -138,7 +141,8 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False,
             try:
                 if attempt:
                     delay = BACKOFF * 2 ** (attempt - 1)
-                    print(f"download {url}: {reason}; try {attempt + 1}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr, flush=True)
+                    print(f"download {url}: {reason}; try {attempt + 1}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr,
+                          flush=True)
                     if (stop or threading.Event()).wait(delay):
                         raise KeyboardInterrupt
                 if src.startswith(("http://", "https://")):
@@ -151,8 +155,9 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False,
                         progress(os.path.getsize(tmp))
                 if _is_html(tmp):
                     os.remove(tmp)
-                    raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: check the mirror "
-                                           f"(--mirror, NANOCHAT_MIRROR) or the network (a login page?); nothing was kept")
+                    raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: check "
+                                           "the mirror (--mirror, NANOCHAT_MIRROR) or the network (a login page?); "
+                                           "nothing was kept")
                 if (reason := _problem(url, tmp, kind)) is None:
                     os.replace(tmp, dest_path)
                     return dest_path

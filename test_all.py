@@ -181,7 +181,8 @@ def _call(fn):
 
 def test_common_lock_takes_over_empty_and_foreign_locks(tmp_path, capsys):
     dest = str(tmp_path / "s.parquet")
-    for leftover in ("", f"{socket.gethostname()}:1"):  # a disk-full crash's empty lock; a live but unrelated pid (init)
+    # a disk-full crash's empty lock; one naming a live but unrelated pid (init)
+    for leftover in ("", f"{socket.gethostname()}:1"):
         open(dest + ".lock", "w").write(leftover)
         done, result = _in_thread(lambda: data.download_file(data.SHARD_URL.format(0), dest), 20)
         assert done and result == dest and _same_as_mirror(dest), result
@@ -192,10 +193,15 @@ def test_common_lock_takes_over_empty_and_foreign_locks(tmp_path, capsys):
         os.remove(dest)
 
 
+def _lock_holder(path):
+    """A process that takes the lock `path` and sleeps; its stdout says 'held' once it has it."""
+    code = f"import common, time; common.take_lock({path!r}); print('held', flush=True); time.sleep(300)"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
 def test_common_lock_names_a_live_holder_and_outlives_its_kill(tmp_path, capsys):
     path = str(tmp_path / "x.lock")
-    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.take_lock({path!r}); print('held', flush=True); "
-                               "time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = _lock_holder(path)
     try:
         assert holder.stdout.readline() == "held\n"
         who = f"pid {holder.pid} on {socket.gethostname()} since "
@@ -204,7 +210,8 @@ def test_common_lock_names_a_live_holder_and_outlives_its_kill(tmp_path, capsys)
         waiter = threading.Thread(target=common.take_lock, args=(path,), daemon=True)
         waiter.start()
         waiter.join(1.5)
-        assert waiter.is_alive() and capsys.readouterr().err == f"waiting for {path}: held by " + open(path).read() + "\n"
+        assert waiter.is_alive()
+        assert capsys.readouterr().err == f"waiting for {path}: held by " + open(path).read() + "\n"
         holder.kill()  # kill -9: the file stays behind, the kernel drops its flock
         waiter.join(10)
         assert not waiter.is_alive() and path in common._held and open(path).read().startswith(f"pid {os.getpid()} on ")
@@ -223,7 +230,8 @@ def _dead_pid():
 
 def test_common_atomic_write_removes_temp_files_of_dead_writers(tmp_path):
     dead, path = _dead_pid(), str(tmp_path / "f.txt")
-    for name in (f"f.txt.tmp{dead}", "f.txt.tmp1", f"g.txt.tmp{dead}"):  # a killed writer's, a live process's, another file's
+    # a killed writer's, a live process's, another file's
+    for name in (f"f.txt.tmp{dead}", "f.txt.tmp1", f"g.txt.tmp{dead}"):
         open(tmp_path / name, "w").write("half")
     common.atomic_write_text(path, "good")
     assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1", f"g.txt.tmp{dead}"]
@@ -233,23 +241,26 @@ def test_common_atomic_write_removes_temp_files_of_dead_writers(tmp_path):
 
 @SLOW
 def test_common_base_dir_that_is_a_file_or_read_only(base_dir, tokenizer, tmp_path):
-    commands = {"train": ["train.py", *TINY_BASE, "--num-iterations", "1"], "eval": ["eval.py", "report"], "chat": ["chat.py", "-p", "hi"],
+    commands = {"train": ["train.py", *TINY_BASE, "--num-iterations", "1"], "eval": ["eval.py", "report"],
+                "chat": ["chat.py", "-p", "hi"],
                 "export": ["model.py", "export", "--source", "sft", "--out", str(tmp_path / "out")]}
     (tmp_path / "file").write_text("")
     for name, args in commands.items():
         p = run_script(args, env={"NANOCHAT_BASE_DIR": str(tmp_path / "file")}, check=False)
-        assert p.returncode == 1 and p.stderr == (f"error: NANOCHAT_BASE_DIR={tmp_path / 'file'} cannot be used as a folder (File exists): "
-                                                  "point NANOCHAT_BASE_DIR at a folder (created if missing)\n"), (name, p.stderr)
+        want = (f"error: NANOCHAT_BASE_DIR={tmp_path / 'file'} cannot be used as a folder (File exists): "
+                "point NANOCHAT_BASE_DIR at a folder (created if missing)\n")
+        assert p.returncode == 1 and p.stderr == want, (name, p.stderr)
     ro = tempfile.mkdtemp()  # (pytest's tmp_path is closed to other users)
     try:
         for name in ("base_data", "tokenizer"):
             shutil.copytree(os.path.join(base_dir, name), os.path.join(ro, name))
         subprocess.run(["chmod", "-R", "a+rX,a-w", ro], check=True)
         for name, folder in (("train", "base_checkpoints"), ("eval", "report")):
-            p = subprocess.run([sys.executable, *commands[name]], cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=ro), capture_output=True,
-                               text=True, timeout=300, preexec_fn=drop_to_nobody)
-            assert p.returncode == 1 and p.stderr == (f"error: {ro}/{folder} is not writable: give yourself write access to "
-                                                      f"NANOCHAT_BASE_DIR={ro}, or point NANOCHAT_BASE_DIR at a folder you can write\n"), (name, p.stderr)
+            p = subprocess.run([sys.executable, *commands[name]], cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=ro),
+                               capture_output=True, text=True, timeout=300, preexec_fn=drop_to_nobody)
+            want = (f"error: {ro}/{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={ro}, "
+                    "or point NANOCHAT_BASE_DIR at a folder you can write\n")
+            assert p.returncode == 1 and p.stderr == want, (name, p.stderr)
     finally:
         shutil.rmtree(ro)
 
@@ -544,20 +555,24 @@ def test_tokenizer_train_keeps_a_tokenizer_checkpoints_use(tmp_path):
     old.save(str(base / "tokenizer"))
     folder = base / "base_checkpoints" / "d1"
     os.makedirs(folder)
-    (folder / "meta_000005.json").write_text(json.dumps({"model_config": {"vocab_size": 300}, "tokenizer_hash": old.hash}))
+    meta = {"model_config": {"vocab_size": 300}, "tokenizer_hash": old.hash}
+    (folder / "meta_000005.json").write_text(json.dumps(meta))
     before = {n: (base / "tokenizer" / n).read_bytes() for n in ("tokenizer.pkl", "token_bytes.pt")}
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": t}) for t in _tie_corpus()) + "\n")
     train = ["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", "400"]
     backup = base / f"tokenizer_{old.hash}"
     p = run_script(train, env=env, check=False)
-    assert p.returncode == 1 and p.stderr == (f"error: {base}/tokenizer/tokenizer.pkl is the tokenizer base_checkpoints/d1 were trained "
-                                              f"with; a new one would orphan them: pass --force to replace it (the old one is then kept "
-                                              f"in {backup}), or use another NANOCHAT_BASE_DIR\n"), p.stderr
+    want = (f"error: {base}/tokenizer/tokenizer.pkl is the tokenizer base_checkpoints/d1 were trained with; a new one "
+            f"would orphan them: pass --force to replace it (the old one is then kept in {backup}), or use another "
+            "NANOCHAT_BASE_DIR\n")
+    assert p.returncode == 1 and p.stderr == want, p.stderr
     assert {n: (base / "tokenizer" / n).read_bytes() for n in before} == before and not backup.exists()
     p = run_script([*train, "--force"], env=env)
-    assert f"note: the previous tokenizer, which base_checkpoints/d1 were trained with, is kept in {backup}: copy it back" in p.stdout
-    assert {n: (backup / n).read_bytes() for n in before} == before and (base / "tokenizer" / "tokenizer.pkl").read_bytes() != before["tokenizer.pkl"]
+    assert f"note: the previous tokenizer, which base_checkpoints/d1 were trained with, is kept in {backup}: " \
+           in p.stdout
+    assert {n: (backup / n).read_bytes() for n in before} == before
+    assert (base / "tokenizer" / "tokenizer.pkl").read_bytes() != before["tokenizer.pkl"]
     run_script(train, env=env)  # the checkpoint's tokenizer is no longer the current one: nothing left to orphan
 
 
@@ -1705,12 +1720,14 @@ def test_data_web_page_from_the_mirror_is_an_error_and_never_cached(http_mirror,
     task = "/huggingface.co/datasets/allenai/ai2_arc/resolve/refs/convert/parquet/ARC-Challenge/validation/0000.parquet"
     http_mirror.modes = {words: ["html"] * 9, task: ["html"] * 9}
     mirror = common.get_mirror()
-    with pytest.raises(common.UserError, match=f"^error: {re.escape(mirror + words)} answered with a web page, not words_alpha.txt: "
-                       "check the mirror \\(--mirror, NANOCHAT_MIRROR\\) or the network \\(a login page\\?\\); nothing was kept$"):
+    page = ("answered with a web page, not {}: check the mirror (--mirror, NANOCHAT_MIRROR) or the network "
+            "(a login page?); nothing was kept")
+    words_page = re.escape(f"{mirror}{words} {page.format('words_alpha.txt')}")
+    with pytest.raises(common.UserError, match=f"^error: {words_page}$"):
         data.download_file(data.WORDS_URL, str(tmp_path / "words_alpha.txt"))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    with pytest.raises(common.UserError, match=f"^error: {re.escape(mirror + task.replace('refs/convert/', 'refs%2Fconvert%2F'))} "
-                       "answered with a web page, not 0000.parquet"):
+    sent = mirror + task.replace("refs/convert/", "refs%2Fconvert%2F")
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(sent)} {re.escape(page.format('0000.parquet'))}$"):
         data.ARC("ARC-Challenge", "validation")
     assert os.listdir(tmp_path) == ["base"] and not [f for _, _, files in os.walk(tmp_path / "base") for f in files]
     assert len(http_mirror.log) == 2  # no retries
@@ -1722,19 +1739,20 @@ def test_data_web_page_from_the_mirror_is_an_error_and_never_cached(http_mirror,
     # the CLI, whose downloads run in threads: one line
     shard = SHARD0_PATH
     http_mirror.modes[shard] = ["html"] * 9
-    p = run_script(["data.py", "download", "-n", "1", "-w", "1", "--mirror", mirror], env={"NANOCHAT_BASE_DIR": str(tmp_path / "cli")},
-                   check=False)
-    assert p.returncode == 1 and p.stderr.endswith(f"answered with a web page, not shard_00000.parquet: check the mirror (--mirror, "
-                                                   "NANOCHAT_MIRROR) or the network (a login page?); nothing was kept\n"), p.stderr
-    assert p.stderr.count("\n") == 1 and os.listdir(tmp_path / "cli" / "base_data") in ([], ["shard_01822.parquet"]), p.stderr
+    p = run_script(["data.py", "download", "-n", "1", "-w", "1", "--mirror", mirror], check=False,
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "cli")})
+    assert p.returncode == 1 and p.stderr.endswith(page.format("shard_00000.parquet") + "\n"), p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(tmp_path / "cli" / "base_data") in ([], ["shard_01822.parquet"])  # the val shard may come first
 
 
 def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mirror, tmp_path):
     for i in (0, 1, 2, common.VAL_SHARD_INDEX):
         http_mirror.modes[SHARD0_PATH.replace("00000", f"{i:05d}")] = ["slow"]  # each shard takes ~7 s
     folder = tmp_path / "base_data"
-    p = subprocess.Popen([sys.executable, "data.py", "download", "-n", "3", "-w", "2", "--mirror", common.get_mirror()], cwd=REPO,
-                         env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "data.py", "download", "-n", "3", "-w", "2", "--mirror", common.get_mirror()],
+                         cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not any(n.endswith(".part") and os.path.getsize(folder / n) for n in
@@ -1748,7 +1766,8 @@ def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mi
     finally:
         p.kill()
     assert took < 2.5 and p.returncode == 130, (took, p.returncode, err)
-    assert err.endswith("\ninterrupted: the files fetched so far are kept; the same command fetches the rest\n") and "Traceback" not in err
+    assert err.endswith("\ninterrupted: the files fetched so far are kept; the same command fetches the rest\n"), err
+    assert "Traceback" not in err
     assert os.listdir(folder) == []  # no partial file, no lock
 
 
@@ -1758,19 +1777,21 @@ def test_data_null_texts_are_skipped_with_a_note(tokenizer, tmp_path, monkeypatc
     os.makedirs(tmp_path / "base_data")
     docs = [None if i % 5 == 1 else f"document {i} about a river and its history." for i in range(40)]
     for idx in (0, common.VAL_SHARD_INDEX):
-        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), str(tmp_path / "base_data" / f"shard_{idx:05d}.parquet"),
-                       row_group_size=10)
+        path = str(tmp_path / "base_data" / f"shard_{idx:05d}.parquet")
+        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=10)
     shard = str(tmp_path / "base_data" / "shard_00000.parquet")
     kept = [d for d in docs if d is not None]
     assert list(common.iter_documents("train")) == kept and list(common.iter_documents("train")) == kept
-    assert capsys.readouterr().err == (f"warning: {shard}: skipping documents whose text is null (2 in row group 0; later ones "
-                                       "silently)\n")
-    assert list(T.training_documents([shard], 10**9, 10**4, {"docs": 0, "chars": 0})) == kept  # tokenizer training's reader
+    assert capsys.readouterr().err == (f"warning: {shard}: skipping documents whose text is null (2 in row group 0; "
+                                       "later ones silently)\n")
+    stats = {"docs": 0, "chars": 0}
+    assert list(T.training_documents([shard], 10**9, 10**4, stats)) == kept  # tokenizer training's reader
     loader = data.PretrainLoader(tokenizer, 2, 16)  # base training's
     x, y = next(loader)
     assert x.shape == (2, 16)
     loader.close()
-    p = run_script(["tokenizer.py", "train", "--input", shard, "--vocab-size", "300"], env={"NANOCHAT_BASE_DIR": str(tmp_path / "t")})
+    p = run_script(["tokenizer.py", "train", "--input", shard, "--vocab-size", "300"],
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "t")})
     assert "skipping documents whose text is null" in p.stderr and "32 docs" in p.stdout, p.stdout + p.stderr
 
 
@@ -2328,14 +2349,14 @@ def test_train_checkpoint_folder_is_held_by_one_run(base_dir, tokenizer, tmp_pat
     base = _clone_base(base_dir, str(tmp_path / "base"))
     folder = os.path.join(base, "base_checkpoints", "d1")
     os.makedirs(folder)
-    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.take_lock({folder + '.lock'!r}); print('held', flush=True); "
-                               "time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = _lock_holder(folder + ".lock")
     try:
         assert holder.stdout.readline() == "held\n"
         p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": base}, check=False)
         assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-        assert re.fullmatch(f"error: {re.escape(folder)}.lock is held by pid {holder.pid} on {re.escape(socket.gethostname())} since "
-                            f"[-0-9: ]+: another run trains into {re.escape(folder)}; wait for it, or use another --model-tag\n", p.stderr)
+        who = f"pid {holder.pid} on {re.escape(socket.gethostname())} since [-0-9: ]+"
+        assert re.fullmatch(f"error: {re.escape(folder)}.lock is held by {who}: another run trains into "
+                            f"{re.escape(folder)}; wait for it, or use another --model-tag\n", p.stderr), p.stderr
     finally:
         holder.kill()  # kill -9: its lock file stays, its flock goes
         holder.wait()

@@ -461,7 +461,8 @@ def checkpoints_using(directory):
         for path in glob.glob(os.path.join(glob.escape(base), d, "*", "meta_*.json")):
             try:
                 meta = json.load(open(path))
-                if meta.get("tokenizer_hash", tok.hash) == tok.hash and meta["model_config"]["vocab_size"] == tok.get_vocab_size():
+                same_vocab = meta["model_config"]["vocab_size"] == tok.get_vocab_size()
+                if meta.get("tokenizer_hash", tok.hash) == tok.hash and same_vocab:
                     found.add(os.path.relpath(os.path.dirname(path), base))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # not a checkpoint anything loads
@@ -573,9 +574,9 @@ def cmd_train(args):
     users = checkpoints_using(tokenizer_dir())
     backup = os.path.join(common.get_base_dir(), f"tokenizer_{Tokenizer.load(tokenizer_dir()).hash}") if users else None
     if users and not args.force:
-        raise common.UserError(f"{os.path.join(tokenizer_dir(), 'tokenizer.pkl')} is the tokenizer {', '.join(users)} were trained "
-                               f"with; a new one would orphan them: pass --force to replace it (the old one is then kept in {backup}), "
-                               f"or use another NANOCHAT_BASE_DIR")
+        raise common.UserError(f"{os.path.join(tokenizer_dir(), 'tokenizer.pkl')} is the tokenizer {', '.join(users)} "
+                               "were trained with; a new one would orphan them: pass --force to replace it (the old "
+                               f"one is then kept in {backup}), or use another NANOCHAT_BASE_DIR")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
     ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress())
@@ -585,8 +586,8 @@ def cmd_train(args):
     assert tok.decode(tok.encode(sample)) == sample, "round trip failed on the sanity string"
     if users:  # --force: keep the old one for those checkpoints
         shutil.copytree(tokenizer_dir(), backup, dirs_exist_ok=True)
-        print(f"note: the previous tokenizer, which {', '.join(users)} were trained with, is kept in {backup}: copy it back to "
-              f"{tokenizer_dir()} to use those checkpoints")
+        print(f"note: the previous tokenizer, which {', '.join(users)} were trained with, is kept in {backup}: "
+              f"copy it back to {tokenizer_dir()} to use those checkpoints")
     tok.save(tokenizer_dir())
     if tok.get_vocab_size() < args.vocab_size:  # every chunk became one token before the merges ran out
         print(f"note: the corpus only supports {len(ranks) - 256:,} merges, so the vocab is {tok.get_vocab_size():,}, "
@@ -749,7 +750,8 @@ def main():
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
     p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (default: all cores)")
-    p.add_argument("--force", action="store_true", help="replace a tokenizer that checkpoints were trained with (it is backed up)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a tokenizer that checkpoints were trained with (it is backed up)")
     sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
     p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
     p.add_argument("--vocab-size", type=int, default=32768)

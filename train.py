@@ -300,7 +300,8 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     Rank 0 holds <ckpt_dir>.lock for the whole run (main's cleanup releases it): one run per checkpoint folder."""
     if rt.rank == 0:
         common.writable(os.path.dirname(ckpt_dir))
-        common.take_lock(ckpt_dir + ".lock", busy=f"another run trains into {ckpt_dir}; wait for it, or use another --model-tag")
+        busy = f"another run trains into {ckpt_dir}; wait for it, or use another --model-tag"
+        common.take_lock(ckpt_dir + ".lock", busy=busy)
         common.remove_stray_temps(ckpt_dir)  # half-written files of a killed run
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
     if args.resume and step is None:
