@@ -509,7 +509,6 @@ def read_input_file(path):
         for rg in range(pf.num_row_groups):
             yield from common.read_texts(pf, rg, path)
     elif path.endswith((".jsonl", ".json")):
-        import json
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
