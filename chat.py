@@ -256,11 +256,18 @@ def parse_sampling(data, defaults):
     if n is not None and n != 1:
         raise ApiError(400, f"'n' = {json.dumps(n)} is not supported: this server returns exactly one choice (n = 1)")
     max_key = "max_tokens" if data.get("max_tokens") is not None else "max_completion_tokens"
-    seed = data.get("seed")
+    seed, stop = data.get("seed"), data.get("stop")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, f"'seed' must be an integer, got {json.dumps(seed)}")
+    if not isinstance(data.get("stream"), (bool, type(None))):
+        raise ApiError(400, f"'stream' must be true or false (a JSON boolean), got {json.dumps(data['stream'])}")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to 4, got {json.dumps(data['stop'])}")
     return dict(temperature=parse_number(data, "temperature", TEMPERATURE_RANGE, defaults["temperature"], False),
                 top_k=parse_number(data, "top_k", TOP_K_RANGE, defaults["top_k"], True),
                 max_tokens=parse_number(data, max_key, MAX_TOKENS_RANGE, defaults["max_tokens"], True),
-                seed=seed % 2**63 if isinstance(seed, int) and not isinstance(seed, bool) else random.randint(0, 2**31 - 1))
+                seed=random.randint(0, 2**31 - 1) if seed is None else seed % 2**63, stop=stop)
 
 # -----------------------------------------------------------------------------
 # the worker pool: one model replica + Engine per GPU (one on CPU), each decoding a batch of up to `cap` requests at once
@@ -310,6 +317,32 @@ def job_pieces(job):
             raise piece
         yield piece
 
+def until_stop(pieces, stops, reply):
+    """The text pieces up to the first of the stop strings (left out; finish 'stop'). A tail that could begin one is
+    held back until the next piece tells."""
+    text, sent = "", 0
+    for piece in pieces:
+        text += piece
+        cut = min([i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0], default=-1)
+        if cut >= 0:
+            reply.finish = "stop"
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        held = max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+        if len(text) - held > sent:
+            yield text[sent:len(text) - held]
+            sent = len(text) - held
+    if len(text) > sent:
+        yield text[sent:]
+
+class GenerationError(RuntimeError):
+    """One request's generation failed; its message is safe to show that request's client."""
+
+def row_failure(e):
+    traceback.print_exc()
+    return GenerationError(f"generation failed for this request ({type(e).__name__}); other requests were not affected")
+
 @torch.inference_mode()
 def decode_loop(pool, worker):
     """Continuous batching: each step samples one token for every active request (its own settings, seed and tool state) and
@@ -327,26 +360,46 @@ def decode_loop(pool, worker):
                 if job.cancel.is_set():
                     pool.finish(worker)
                     continue
-                rows.append((job, RowState(), torch.Generator(device=engine.model.get_device()).manual_seed(job.params["seed"])))
-                kv1, first = engine.prefill(job.prompt)
+                try:
+                    rng = torch.Generator(device=engine.model.get_device()).manual_seed(job.params["seed"])
+                    kv1, first = engine.prefill(job.prompt)
+                except Exception as e:  # this request alone fails
+                    pool.finish(worker)
+                    job.out.put(row_failure(e))
+                    continue
+                rows.append((job, RowState(), rng))
                 kv.prefill(kv1, row=len(rows) - 1)
                 logits = first if len(rows) == 1 else torch.cat((logits, first))
                 job.out.put(True)
-            sampled = torch.cat([sample_next_token(logits[i:i + 1], rng, job.params["temperature"], job.params["top_k"] or None)
-                                 for i, (job, _, rng) in enumerate(rows)]).view(-1).tolist()  # a sample even when forced: same rng use as alone
-            tokens = [engine.row_step(state, s, special)[0] for (_, state, _), s in zip(rows, sampled)]
+            sampled, tokens, failed = [], [], {}  # failed: row -> the error that ends it; the other rows go on
+            for i, (job, _, rng) in enumerate(rows):  # a sample even when forced: same rng use as alone
+                try:
+                    p = job.params
+                    sampled.append(sample_next_token(logits[i:i + 1], rng, p["temperature"], p["top_k"] or None))
+                except Exception as e:
+                    failed[i] = row_failure(e)
+                    sampled.append(torch.zeros(1, 1, dtype=torch.long, device=logits.device))
+            for i, ((job, state, _), s) in enumerate(zip(rows, torch.cat(sampled).view(-1).tolist())):
+                try:
+                    tokens.append(0 if i in failed else engine.row_step(state, s, special)[0])
+                except Exception as e:
+                    failed[i] = row_failure(e)
+                    tokens.append(0)
             for i in reversed(range(len(rows))):
                 job, state, _ = rows[i]
-                if state.completed:
+                if i in failed:
+                    pass
+                elif state.completed:
                     job.reply.finish = "stop"
                 elif not job.cancel.is_set():
                     job.reply.ids.append(tokens[i])
                     piece = job.reply.push(tokens[i])
                     if piece:
                         job.out.put(piece)
-                if state.completed or job.cancel.is_set() or len(job.reply.ids) >= job.params["max_tokens"]:
+                if (i in failed or state.completed or job.cancel.is_set()
+                        or len(job.reply.ids) >= job.params["max_tokens"]):
                     pool.finish(worker)
-                    job.out.put(None)
+                    job.out.put(failed.get(i))
                     if i != len(rows) - 1:
                         kv.move_row(len(rows) - 1, i)
                         rows[i], tokens[i] = rows[-1], tokens[-1]
@@ -415,11 +468,12 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.note += f" internal error: {type(e).__name__}"
             self.close_connection = True
+            message = str(e) if isinstance(e, GenerationError) else "internal server error"
             try:
                 if self.status is None:
-                    self.send_json(500, error_json(500, "internal server error"))
+                    self.send_json(500, error_json(500, message))
                 else:
-                    self.send_event({"error": "internal server error"})
+                    self.send_event({"error": message})
             except OSError:
                 pass
         finally:
@@ -473,16 +527,17 @@ class Handler(BaseHTTPRequestHandler):
         job = app.pool.start(prompt, params, Reply(app.tokenizer))
         if job is None:
             raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
+        pieces = until_stop(job_pieces(job), params["stop"], job.reply) if params["stop"] else job_pieces(job)
         try:
             if path == "/chat/completions":
                 self.send_headers(200, "text/event-stream; charset=utf-8")
                 if note:
                     self.send_event(note)
-                for piece in job_pieces(job):
+                for piece in pieces:
                     self.send_event({"token": piece, "gpu": job.worker.id})
                 self.send_event({"done": True})
             else:
-                self.openai_response(data, job_pieces(job), job.reply, len(prompt), note)
+                self.openai_response(data, pieces, job.reply, len(prompt), note)
         finally:
             job.cancel.set()  # a client that went away leaves the batch at the next step
             self.note = f"worker={job.worker.id} prompt={len(prompt)} completion={len(job.reply.ids)} finish={job.reply.finish} {self.note}"
@@ -638,6 +693,8 @@ def main():
         parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
     if args.batch_cap < 0:
         parser.error("--batch-cap must be >= 1 (or 0 for the device's default)")
+    if not 0 <= args.port <= 65535:
+        raise common.UserError(f"--port must be 0..65535 (0 = any free port), not {args.port}")
     if args.prompt is not None and not args.prompt.strip():
         sys.exit("error: -p/--prompt is empty: give the text to answer, or leave -p out to chat")
     try:

@@ -333,5 +333,7 @@ def append_log(stage, record):
     """Append one JSON line to report/<stage>_log.jsonl (the source of the loss curves)."""
     if get_rank() != 0:
         return
-    with open(os.path.join(report_dir(), f"{stage}_log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(os.path.join(report_dir(), f"{stage}_log.jsonl"), "ab+") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 1))
+        cut = f.read(1) not in (b"", b"\n")  # after a line a killed run left half-written: a line of its own
+        f.write((cut * "\n" + json.dumps(record) + "\n").encode())

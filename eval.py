@@ -21,6 +21,7 @@ import ctypes
 import time
 import random
 import signal
+import select
 import argparse
 import platform
 import datetime
@@ -222,8 +223,9 @@ def core_csv(out):
 # -----------------------------------------------------------------------------
 # sandboxed execution (SPEC 9.3, the newer design). On Linux a boundary from the standard library alone: the program is pid 1
 # of a new pid namespace (its whole tree dies with it), in new network (a down loopback), mount (all read-only but its temp
-# dir; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started as root (else in a user
-# namespace of its own). What the kernel refuses is printed once. The guard only stops honest mistakes.
+# dir, a small tmpfs of its own; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started
+# as root (else in a user namespace of its own). Its output comes back through pipes the parent opened before it ran,
+# never through a file it could replace. What the kernel refuses is printed once. The guard only stops honest mistakes.
 
 _GUARD = r'''
 import builtins, faulthandler, os, shutil, subprocess, sys
@@ -248,6 +250,7 @@ del _n
 NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid namespace": 0x20000000, "ipc namespace": 0x8000000}
 CLONE_NEWUSER, NOBODY, MS_BIND, MS_REC, MS_PRIVATE, MS_RO_REMOUNT = 0x10000000, 65534, 4096, 16384, 1 << 18, 4096 | 32 | 2 | 1
 MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}  # kept on remount
+SANDBOX_MAX_FILES = 256  # inodes of the program's tmpfs: files and folders it may create
 _warned = set()
 
 def _private_folder(path):
@@ -255,8 +258,9 @@ def _private_folder(path):
     parts = path.split(os.sep)
     return next((f for f in (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1)) if not os.stat(f).st_mode & 1), None)
 
-def _mount(libc, source, target, fstype, flags):
-    if libc.mount(*(a if a is None else os.fsencode(a) for a in (source, target, fstype)), flags, None):
+def _mount(libc, source, target, fstype, flags, options=None):
+    args = [a if a is None else os.fsencode(a) for a in (source, target, fstype, options)]
+    if libc.mount(*args[:3], flags, args[3]):
         raise OSError(ctypes.get_errno(), f"mount {target}")
 
 def _sandbox(tmp, limits, report_fd, prefix, hidden):
@@ -275,7 +279,16 @@ def _sandbox(tmp, limits, report_fd, prefix, hidden):
         os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 255)
     if "mount namespace" in made:
         _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing done below reaches the host
-        _mount(libc, tmp, tmp, None, MS_BIND)  # stays writable when the rest turns read-only
+        program = open(os.path.join(tmp, "program.py"), "rb").read()
+        try:  # a tmpfs caps the bytes and files it writes in all; it stays writable when the rest turns read-only
+            owner = f",uid={NOBODY},gid={NOBODY}" * (uid == 0)
+            _mount(libc, "tmpfs", tmp, "tmpfs", MOUNT_OPTIONS["nosuid"] | MOUNT_OPTIONS["nodev"],
+                   f"size={limits[2]},nr_inodes={SANDBOX_MAX_FILES},mode=0700{owner}")
+            with open(os.path.join(tmp, "program.py"), "wb") as f:
+                f.write(program)
+        except OSError:
+            missing.append("a cap on the total size and number of its files")
+            _mount(libc, tmp, tmp, None, MS_BIND)
         if "pid namespace" in made:
             _mount(libc, "proc", "/proc", "proc", MOUNT_OPTIONS["nosuid"])  # shows the sandbox's processes only
         if hidden:  # cover the private folder (e.g. /root); show through it only the interpreter's prefix
@@ -306,13 +319,44 @@ def _sandbox(tmp, limits, report_fd, prefix, hidden):
     os.write(report_fd, ", ".join(missing + ["uid nobody"] * (uid == 0 and os.getuid() == 0)).encode())
     os.close(report_fd)
 
+def _read_output(proc, deadline, cap):
+    """The program's stdout and stderr from the pipes -> (out, err, None | "timeout" | "output"). Every read waits at
+    most until the deadline; reading stops past `cap` bytes in all, and once the program has exited and the pipes are
+    empty."""
+    got = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    fds, stop = list(got), None
+    while fds:
+        exited, left = proc.poll() is not None, deadline - time.monotonic()
+        if left <= 0:
+            stop = None if exited else "timeout"
+            break
+        ready = select.select(fds, [], [], 0 if exited else min(left, 0.5))[0]
+        if exited and not ready:  # a process it left behind may hold the pipes open: what the program wrote is all here
+            break
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            got[fd] += chunk
+            if not chunk:
+                fds.remove(fd)
+        if sum(map(len, got.values())) > cap:
+            stop = "output"
+            break
+    if not stop:  # it may have closed both pipes and run on (where no relay holds them: not Linux)
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stop = "timeout"
+    out, err = (bytes(b[:cap]).decode("utf-8", "replace") for b in got.values())
+    return out, err, stop
+
 def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
-    """Run `code` in a fresh isolated python in a temp dir. -> dict(success, stdout, stderr, error, timeout, memory_exceeded)."""
+    """Run `code` in a fresh isolated python in a temp dir. -> dict(success, stdout, stderr, error, timeout,
+    memory_exceeded). fsize_mb caps each file it writes, all of them together, and its output."""
     result = dict(success=False, stdout="", stderr="", error=None, timeout=False, memory_exceeded=False)
     linux, root, prefix = sys.platform.startswith("linux"), os.getuid() == 0, os.path.realpath(sys.base_prefix)
     with tempfile.TemporaryDirectory(prefix="sandbox_") as tmp:
         tmp = os.path.realpath(tmp)
-        path, out_path, err_path = (os.path.join(tmp, n) for n in ("program.py", "stdout.txt", "stderr.txt"))
+        path = os.path.join(tmp, "program.py")
         with open(path, "w", encoding="utf-8") as f:
             f.write(_GUARD + "\n" + code + "\n")
         if linux and root:
@@ -321,36 +365,37 @@ def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
         limits = (memory_mb << 20, int(math.ceil(timeout)) + 1, fsize_mb << 20)
         setup = (lambda: _sandbox(tmp, limits, report_w, prefix, root and _private_folder(prefix))) if linux else None
         env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp}
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:  # files, so RLIMIT_FSIZE also caps the output
-            proc = subprocess.Popen([os.path.realpath(sys.executable), "-I", "-S", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, preexec_fn=setup, start_new_session=True, pass_fds=(report_w,))
-            os.close(report_w)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                result["timeout"] = True
+        proc = subprocess.Popen([os.path.realpath(sys.executable), "-I", "-S", path], cwd=tmp, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=setup, start_new_session=True, pass_fds=(report_w,))
+        os.close(report_w)
+        stop = "interrupted"
+        try:
+            result["stdout"], result["stderr"], stop = _read_output(proc, time.monotonic() + timeout, limits[2])
+        finally:
+            if stop:
                 proc.terminate()  # the relay kills the program, pid 1 of its namespace, and so all it started
-            finally:
-                try:
-                    proc.wait(timeout=5)
-                    os.killpg(proc.pid, signal.SIGKILL)  # its process group too, where there is no pid namespace
-                except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+            try:
+                proc.wait(timeout=5)
+                os.killpg(proc.pid, signal.SIGKILL)  # its process group too, where there is no pid namespace
+            except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
         missing = os.read(report_r, 1 << 16).decode()
         os.close(report_r)
-        for key, p in (("stdout", out_path), ("stderr", err_path)):
-            with open(p, "rb") as f:
-                result[key] = f.read().decode("utf-8", "replace")
     if missing and missing not in _warned:
         _warned.add(missing)
         print(f"warning: the code sandbox runs without: {missing} (refused here)", file=sys.stderr)
     rc = proc.returncode if proc.returncode < 128 else proc.returncode - 256  # the relay passes signal s on as 256 - s
-    result["timeout"] |= rc == -signal.SIGXCPU  # the CPU-time limit
+    result["timeout"] = stop == "timeout" or rc == -signal.SIGXCPU  # the CPU-time limit
     result["memory_exceeded"] = "MemoryError" in result["stderr"]
-    result["success"] = rc == 0 and not result["timeout"]
+    result["success"] = rc == 0 and not stop and not result["timeout"]
     if result["timeout"]:
         result["error"] = f"timed out after {timeout}s"
+    elif stop == "output":
+        result["error"] = f"stopped: more than {fsize_mb} MB of output"
     elif not result["success"]:
         tail = result["stderr"].strip().splitlines()
         result["error"] = tail[-1] if tail else f"exit code {rc}"
@@ -446,6 +491,7 @@ SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-m
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft", "RL": "chat-evaluation-rl"}
 GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
+REPORT_MARKER = "<!-- written by `python eval.py report`, which rewrites it -->"  # how it knows a report.md is its own
 
 def _run(cmd):
     try:
@@ -506,13 +552,24 @@ def _section_values(text):
 def _timestamps(text):
     return [datetime.datetime.fromisoformat(t) for t in re.findall(r"^timestamp: (\S+)", text, re.M)]
 
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
 def read_logs(rdir):
+    """{stage: records}; a line a killed run left half-written is skipped with a note."""
     logs = {}
     for stage in ("base", "mid", "sft", "rl"):
         path = os.path.join(rdir, f"{stage}_log.jsonl")
         if os.path.exists(path):
-            with open(path) as f:
-                logs[stage] = [json.loads(line) for line in f if line.strip()]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                records = [_json_or_none(line) for line in f if line.strip()]
+            logs[stage] = [r for r in records if isinstance(r, dict)]
+            if len(logs[stage]) < len(records):
+                print0(f"note: skipped {len(records) - len(logs[stage])} unreadable line(s) of {path} (a run cut off "
+                       "while writing it)")
     return logs
 
 STAGE_COLORS = {"base": "#1f77b4", "mid": "#ff7f0e", "sft": "#2ca02c", "rl": "#d62728"}
@@ -585,12 +642,16 @@ def report_generate(copy_to=None):
     logs = read_logs(rdir)
     common.atomic_write_text(os.path.join(rdir, "loss.svg"), loss_svg(logs))
     summary += ["", "## Loss curves", "", "![loss curves](loss.svg)", ""]
-    report = "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
+    report = REPORT_MARKER + "\n" + "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
     path = os.path.join(rdir, "report.md")
     common.atomic_write_text(path, report)
-    if copy_to:  # the copy points at the picture where it lies
-        common.atomic_write_text(os.path.join(copy_to, "report.md"), report.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})"))
-    print0(f"report written: {path}" + (f" (copied to {os.path.join(copy_to, 'report.md')})" if copy_to else ""))
+    copy = copy_to and os.path.join(copy_to, "report.md")
+    if copy and os.path.exists(copy) and not open(copy, errors="replace").readline().startswith(REPORT_MARKER):
+        raise common.UserError(f"{path} is written, but {copy} was not written by `eval.py report` and stays as it is: "
+                               "move it away to get the copy (or run from another folder)")
+    if copy:  # the copy points at the picture where it lies
+        common.atomic_write_text(copy, report.replace("](loss.svg)", f"]({os.path.join(rdir, 'loss.svg')})"))
+    print0(f"report written: {path}" + (f" (copied to {copy})" if copy else ""))
     return report
 
 # -----------------------------------------------------------------------------
@@ -613,7 +674,7 @@ def cmd_bpb(args, model, meta, tokenizer, device):
     T = model.config.sequence_len
     world = common.get_world_size()
     steps = max(1, args.eval_tokens // (args.device_batch_size * T * world))
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, tokenizer=tokenizer)
     bpb = {}
     for split in ("train", "val"):
         loader = data.PretrainLoader(tokenizer, args.device_batch_size, T, split=split, device=device,
@@ -688,6 +749,8 @@ def main(argv=None):
         return
     if args.action:
         p.error(f"'{args.action}' only goes with the report command")
+    if args.max_problems is not None and args.max_problems < 1:
+        raise common.UserError(f"--max-problems must be at least 1 (or left out for all), not {args.max_problems}")
     args.stage = args.stage or ("sft" if args.command == "chat" else "base")
     args.tag = args.tag or default_tag(common.checkpoint_dir(args.stage))  # the one load_model takes; names core's CSV
     ddp, rank, local_rank, world, device = common.init_runtime(args.device)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import common
 
 ROPE_BASE = 10_000      # rotary base theta of the release
+VE_GATE_CHANNELS = 12   # value-embedding gates and the smear gate read only the first channels of their input
+SMEAR_CHANNELS = 24
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
@@ -43,15 +45,39 @@ class GPTConfig:
     n_head: int = 10
     n_kv_head: int = 10
     n_embd: int = 1280
+    # options from the later nanochat (commit 92d63d4); the defaults are the release architecture (train.py --help)
+    window_pattern: str = "L"     # per-layer attention span, tiled over the layers: L all, S a quarter of sequence_len
+    rope_base: int = ROPE_BASE
+    qk_scale: float = 1.0         # q and k times this after QK-norm (1.2: sharper attention)
+    pad_vocab_to: int = 1         # wte / lm_head rows rounded up to a multiple of this; logits cropped to vocab_size
+    resid_lambdas: bool = False   # learned per-layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before each block
+    value_embeds: bool = False    # ResFormer value embeddings, gated per head, on alternating layers (the last always)
+    smear: bool = False           # a learned, gated share of the previous token's embedding added to each token's
+    backout: bool = False         # subtract a learned share of the mid-layer residual before the final norm
 
-def config_from_depth(depth, vocab_size, sequence_len=2048):
+RELEASE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # what a release meta holds
+
+def layer_windows(c):
+    """How far back each layer's queries see (None: everything; w: itself and the w keys before it). S is a quarter of
+    sequence_len rounded up to 128 (a GPU attention tile); the last layer always sees everything."""
+    short, pattern = -(-c.sequence_len // 4 // 128) * 128, c.window_pattern.upper()
+    return [short if pattern[i % len(pattern)] == "S" and i < c.n_layer - 1 else None for i in range(c.n_layer)]
+
+def has_value_embed(c, layer):
+    return c.value_embeds and layer % 2 == (c.n_layer - 1) % 2
+
+def padded_vocab(c):
+    return -(-c.vocab_size // c.pad_vocab_to) * c.pad_vocab_to
+
+def config_from_depth(depth, vocab_size, sequence_len=2048, **options):
     """The single depth dial: d = 64*depth, heads of 128 dims (fewer when needed to divide d), plain multi-head attention."""
     assert depth >= 1, "depth must be >= 1"
     n_embd = 64 * depth
     n_head = max(1, math.ceil(n_embd / 128))  # the release rule; when it does not divide d (depth 5, 9, ...),
     while n_embd % n_head or (n_embd // n_head) % 2:  # take the next head count that does (even head_dim for rotary)
         n_head += 1
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
+                     **options)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -77,6 +103,11 @@ class Linear(nn.Linear):
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm
 
+def visible(qpos, Tk, window):
+    """Bool mask (B|1, 1, T, Tk): the query at position p sees key j when j <= p and p - j <= window (None: no limit)."""
+    d = qpos[..., None] - torch.arange(Tk, device=qpos.device)
+    return ((d >= 0) & (d <= (Tk if window is None else window)))[:, None]
+
 def apply_rotary(x, cos, sin):
     """x (B, T, H, hd); half-split rotation by -angle: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
     d = x.shape[-1] // 2
@@ -94,27 +125,30 @@ class Attention(nn.Module):
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.window, self.qk_scale = layer_windows(config)[layer_idx], config.qk_scale
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(config, layer_idx) else None
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: the token's value embedding, through a per-head gate in (0, 3)
+            v = v + 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])).unsqueeze(-1) * ve.view_as(v).to(v.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, H, T, hd); one dtype for SDPA and the cache
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
         Tk = k.size(2)
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        if kv_cache is not None and kv_cache.lengths is not None:  # rows of different lengths: each sees its own keys only
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, **gqa)
-        elif T == Tk:      # no prefix: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        elif T == 1:     # one new token sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v, **gqa)
-        else:            # a chunk after a prefix: full access to the prefix, causal inside the chunk
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        ragged = kv_cache is not None and kv_cache.lengths is not None  # rows of different lengths: each its own keys
+        if ragged or T not in (1, Tk) or (self.window is not None and self.window < Tk - 1):  # an explicit mask
+            qpos = kv_cache.qpos if ragged else torch.arange(Tk - T, Tk, device=q.device)[None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible(qpos, Tk, self.window), **gqa)
+        else:  # no prefix: plain causal; one new token: every cached key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T == Tk, **gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class MLP(nn.Module):
@@ -132,19 +166,27 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, ve=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
         return x + self.mlp(norm(x))
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
+        self.config, V, L = config, padded_vocab(config), config.n_layer
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            wte=nn.Embedding(V, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(L)]),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size)  # untied from wte
+        self.lm_head = Linear(config.n_embd, V)  # untied from wte
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embed(config, i)})
+        if config.resid_lambdas:
+            self.resid_lambdas, self.x0_lambdas = nn.Parameter(torch.ones(L)), nn.Parameter(torch.zeros(L))
+        if config.smear:
+            self.smear_gate, self.smear_lambda = Linear(SMEAR_CHANNELS, 1), nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         half = config.n_embd // config.n_head // 2
         shape = (1, ROPE_SPAN * config.sequence_len, 1, half)  # broadcasts over (B, T, H, hd/2)
         self.register_buffer("cos", torch.empty(shape), persistent=False)
@@ -155,38 +197,62 @@ class GPT(nn.Module):
         """cos/sin tables for ROPE_SPAN*T positions (not saved in checkpoints; recomputed after to_empty)."""
         device = self.transformer.wte.weight.device
         hd = self.config.n_embd // self.config.n_head
-        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
         angles = torch.outer(torch.arange(self.cos.size(1), dtype=torch.float32, device=device), inv_freq)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 compute on CUDA
         self.cos = angles.cos()[None, :, None, :].to(dtype)
         self.sin = angles.sin()[None, :, None, :].to(dtype)
 
     @torch.no_grad()
-    def init_weights(self):
-        """wte ~ N(0,1); Linear ~ N(0, min(1, sqrt(fan_out/fan_in))/sqrt(fan_in)); lm_head and both c_proj zero (first loss = ln V)."""
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+    def init_weights(self, recipe="release"):
+        """release: wte ~ N(0,1); Linear ~ N(0, min(1, sqrt(fan_out/fan_in))/sqrt(fan_in)); lm_head and both c_proj zero
+        (first loss = ln V). 2026: wte N(0, 0.8^2), lm_head N(0, 0.001^2), block matrices uniform with std 1/sqrt(d)
+        (no outliers), c_fc at 0.4x, both c_proj zero. The options' parameters start as nanochat 92d63d4 starts them."""
+        s = math.sqrt(3 / self.config.n_embd)  # U(-s, s) has std 1/sqrt(d)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0 if recipe == "release" else 0.8)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
-                if name == "lm_head" or name.endswith("c_proj"):
+                if (name == "lm_head" and recipe == "release") or name.endswith("c_proj"):
                     nn.init.zeros_(module.weight)
-                else:
+                elif name == "lm_head":
+                    nn.init.normal_(module.weight, mean=0.0, std=0.001)
+                elif recipe == "release":
                     nn.init.normal_(module.weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+                else:
+                    nn.init.uniform_(module.weight, -s * (0.4 if name.endswith("c_fc") else 1), s * (0.4 if name.endswith("c_fc") else 1))
+        for name, module in self.named_modules():
+            if name.endswith("ve_gate") or name == "smear_gate":  # gates start slightly open
+                nn.init.uniform_(module.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        L = self.config.n_layer
+        if self.config.resid_lambdas:  # a stronger residual and more of the input embedding in early layers
+            ramp = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(L - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * ramp)
+            self.x0_lambdas.copy_(0.20 - 0.15 * ramp)
+        if self.config.smear:
+            nn.init.zeros_(self.smear_lambda)
+        if self.config.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         self.init_rotary()
 
     def get_device(self):
         return self.transformer.wte.weight.device
 
     def param_counts(self):
-        """Parameter counts: wte, lm_head, transformer blocks (matrices), total."""
+        """Parameter counts: wte, lm_head, transformer blocks (matrices), value embeddings, total."""
         wte, lm_head = self.transformer.wte.weight.numel(), self.lm_head.weight.numel()
         blocks = sum(p.numel() for p in self.transformer.h.parameters())
-        return {"wte": wte, "lm_head": lm_head, "blocks": blocks, "total": sum(p.numel() for p in self.parameters())}
+        ve = sum(p.numel() for p in self.value_embeds.parameters())
+        return {"wte": wte, "lm_head": lm_head, "blocks": blocks, "value_embeds": ve, "total": sum(p.numel() for p in self.parameters())}
 
     def estimate_flops(self):
-        """FLOPs per token, release formula: 6*(N - N_wte) + 12*L*H*hd*T (lm_head counted, embedding not)."""
-        c, n = self.config, self.param_counts()
-        return 6 * (n["total"] - n["wte"]) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
+        """FLOPs per token: 6 per weight of every matmul (embedding lookups are free) + 12*H*hd per layer and key a query
+        attends to (T, or the layer's window when shorter)."""
+        c, T = self.config, self.config.sequence_len
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * c.n_head * (c.n_embd // c.n_head) * sum(min(w or T, T) for w in layer_windows(c))
 
     def trunk(self, idx, kv_cache=None):
         """Token ids (B, T) -> final normalised hidden states (B, T, d); rotary positions start at the cache length."""
@@ -198,13 +264,32 @@ class GPT(nn.Module):
             pos = kv_cache.lengths[:idx.size(0), None]
             cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, 1, 1, hd/2)
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if self.config.smear:
+            x = self.smear(x, kv_cache)
+        x0, mid = x, None
+        for i, block in enumerate(self.transformer.h):
+            if self.config.resid_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
+            mid = x if i == self.config.n_layer // 2 else mid
+        if self.config.backout:
+            x = x - self.backout_lambda * mid
         return norm(x)
 
+    def smear(self, x, kv_cache):
+        """x_t += smear_lambda * sigmoid(gate(x_t)) * x_(t-1): the previous token's embedding, from the cache at a decode
+        step (the first position has none)."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        before = kv_cache.emb[:x.size(0)] if kv_cache is not None and kv_cache.emb is not None else torch.zeros_like(x[:, :1])
+        out = x + gate * torch.cat((before, x[:, :-1]), dim=1)
+        if kv_cache is not None:
+            kv_cache.keep_embedding(x[:, -1:])
+        return out
+
     def head(self, x):
-        """Hidden states -> fp32 softcapped logits."""
-        return softcap(self.lm_head(x).float())  # softcap in fp32
+        """Hidden states -> fp32 softcapped logits (of the real vocabulary: padding rows cropped)."""
+        return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'."""
@@ -212,7 +297,8 @@ class GPT(nn.Module):
             x = self.trunk(idx, kv_cache)
             if targets is None:
                 return self.head(x)
-        loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_reduction)
+        w = self.lm_head.weight[:self.config.vocab_size]
+        loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
     @torch.inference_mode()
@@ -283,23 +369,33 @@ def chunked_cross_entropy(x, w, y, reduction="mean"):
 def estimate_memory(model, rows, world=1, cuda=True, T=None):
     """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
     state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, the backward's
-    working set, a loss chunk. On CPU it came within 20% of the measured peak RSS above the process's start (README)."""
+    working set, a loss chunk, CPU attention under a window. On CPU it came within 20% of the measured peak RSS above the
+    process's start (README)."""
     c, n = model.config, model.param_counts()
-    tokens = rows * (T or c.sequence_len)
+    T = T or c.sequence_len
+    tokens = rows * T
     parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
-                 optimizer=(4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"])) // world,
+                 optimizer=(4 * n["blocks"] + 8 * (n["total"] - n["blocks"])) // world,  # Muon: momentum; AdamW: two
                  activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
                  backward=tokens * c.n_embd * ACT_BYTES[cuda],  # the layer being backpropagated: its grads and temporaries
-                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]))  # 4 temporaries + dw
+                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]),  # 4 temporaries + dw
+                 # a windowed layer on CPU: SDPA with a mask keeps its (rows, heads, T, T) probabilities for the backward
+                 windows=0 if cuda else 4 * tokens * T * c.n_head * sum(w is not None and w < T - 1 for w in layer_windows(c)))
     return dict(parts, total=sum(parts.values()))
 
-def build_model(model_config, device):
+def build_model(model_config, device, init="release"):
     """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**model_config))
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(init)
     return model
+
+def set_sequence_len(model, T):
+    """A chat stage training at another T: the config says so, and the short attention windows follow (a quarter of T)."""
+    model.config.sequence_len = T
+    for block, window in zip(model.transformer.h, layer_windows(model.config)):
+        block.attn.window = window
 
 # -----------------------------------------------------------------------------
 # inference: KV cache, sampling, Engine with the calculator tool
@@ -311,7 +407,7 @@ class KVCache:
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, ragged=False):
         self.shape = [num_layers, batch_size, num_heads, seq_len, head_dim]
-        self.k = self.v = self.mask = None
+        self.k = self.v = self.emb = None  # emb: each row's last input embedding (the smear's previous token)
         self.pos = 0
         self.lengths = torch.zeros(batch_size, dtype=torch.long) if ragged else None
 
@@ -336,9 +432,8 @@ class KVCache:
             self._allocate(k)
         if self.lengths is not None:
             B, pos = k.size(0), self.lengths[:k.size(0)]
-            if layer == 0:  # one mask for every layer of this step: key j is visible to row b when j <= lengths[b]
-                self.tk = int(pos.max()) + 1
-                self.mask = (torch.arange(self.tk, device=k.device) <= pos[:, None]).view(B, 1, 1, self.tk)
+            if layer == 0:  # every layer of this step: row b's new token is at position lengths[b], sees keys <= it
+                self.tk, self.qpos = int(pos.max()) + 1, pos[:, None].clone()
             rows = torch.arange(B, device=k.device)
             self.k[layer, rows, :, pos], self.v[layer, rows, :, pos] = k[:, :, 0], v[:, :, 0]
             if layer == self.shape[0] - 1:
@@ -367,17 +462,29 @@ class KVCache:
             self.pos = other.pos
         else:
             self.lengths[row] = other.pos
+        if other.emb is not None:
+            self.keep_embedding(other.emb.expand(self.shape[1] if row is None else 1, -1, -1), row or 0)
+
+    def keep_embedding(self, e, row=0):
+        if self.emb is None:
+            self.emb = torch.zeros(self.shape[1], 1, e.size(-1), dtype=e.dtype, device=e.device)
+        self.emb[row:row + e.size(0)] = e
 
     def move_row(self, src, dst):
         """Ragged: row src takes over row dst (the batch stays packed at the front when a row leaves)."""
         n = int(self.lengths[src])
         self.k[:, dst, :, :n], self.v[:, dst, :, :n] = self.k[:, src, :, :n], self.v[:, src, :, :n]
         self.lengths[dst] = n
+        if self.emb is not None:
+            self.emb[dst] = self.emb[src]
+
+TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40: NaN probabilities); sampling is all but greedy there
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1). Temperature 0 = argmax; top_k keeps the k largest; every row sampled independently."""
+    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest; every
+    row sampled independently."""
     assert temperature >= 0.0, "temperature must be non-negative"
-    if temperature == 0.0:
+    if temperature < TEMPERATURE_FLOOR:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
@@ -555,9 +662,12 @@ def _read_meta(path):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         return None, f"{path} is unreadable ({e})"
-    cfg, keys = meta.get("model_config") if isinstance(meta, dict) else None, list(GPTConfig.__dataclass_fields__)
-    if not isinstance(cfg, dict) or sorted(cfg) != sorted(keys) or not all(type(v) is int and v > 0 for v in cfg.values()):
-        return None, f"{path}: model_config must give {', '.join(keys)}, each a positive integer"
+    cfg, fields = meta.get("model_config") if isinstance(meta, dict) else None, GPTConfig.__dataclass_fields__
+    if not isinstance(cfg, dict) or not set(RELEASE_FIELDS) <= set(cfg) <= set(fields) or \
+            not all(type(cfg[k]) is int and cfg[k] > 0 for k in RELEASE_FIELDS):
+        return None, f"{path}: model_config must give {', '.join(RELEASE_FIELDS)}, each a positive integer"
+    if bad := [k for k in cfg if k not in RELEASE_FIELDS and not isinstance(cfg[k], type(fields[k].default))]:
+        return None, f"{path}: model_config's {', '.join(bad)} must be of the type of GPTConfig's default"
     if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] // cfg["n_head"] % 2:
         return None, f"{path}: model_config's n_embd must split into n_head heads of even size, n_head into n_kv_head groups"
     return meta, None
@@ -742,16 +852,21 @@ def export_hf(source, out, tag=None, step=None):
     tok = tokenizer_lib.get_tokenizer()
     model, meta = load_model(source, "cpu", tag=tag, step=step, tokenizer=tok)
     c, S = model.config, tok.special
+    options = dict(window_pattern=any(layer_windows(c)), qk_scale=c.qk_scale != 1, resid_lambdas=c.resid_lambdas,
+                   value_embeds=c.value_embeds, smear=c.smear, backout=c.backout)  # rope_base and padding carry over
+    if unsupported := [name for name, used in options.items() if used]:
+        raise ValueError(f"transformers' NanoChat class cannot represent this model's {', '.join(unsupported)}: not exported "
+                         "(train with those options off to export; README: recipe)")
     state = {}
     for name, tensor in model.state_dict().items():
         m = re.fullmatch(r"transformer\.h\.(\d+)\.(\w+\.\w+)\.weight", name)
         name = f"model.layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m else {"transformer.wte.weight": "model.embed_tokens.weight"}.get(name, name)
-        state[name] = tensor.detach().float().contiguous()
+        state[name] = tensor.detach().float()[:c.vocab_size if "embed" in name or "lm_head" in name else None].contiguous()
     bos, eos = S["<|bos|>"], S["<|assistant_end|>"]
     config = dict(architectures=["NanoChatForCausalLM"], model_type="nanochat", vocab_size=c.vocab_size, hidden_size=c.n_embd,
                   intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
                   max_position_embeddings=c.sequence_len, hidden_act="relu2", rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default eps
-                  rope_parameters={"rope_type": "default", "rope_theta": float(ROPE_BASE)}, final_logit_softcapping=SOFTCAP,
+                  rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_base)}, final_logit_softcapping=SOFTCAP,
                   attention_bias=False, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, dtype="float32")
     # GPT-2's byte -> printable character map, which HF's ByteLevel pre-tokenizer and decoder use
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]

@@ -483,15 +483,23 @@ def get_tokenizer():
         raise _unreadable(os.path.join(path, "tokenizer.pkl"), e) from None
 
 
-def get_token_bytes(device="cpu"):
+def get_token_bytes(device="cpu", tokenizer=None):
+    """token_bytes.pt, checked against the tokenizer it was saved with (tokenizer.pkl, or `tokenizer` when given)."""
     import torch
     path = os.path.join(tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: run `python tokenizer.py train` first")
     try:
-        return torch.load(path, map_location=device)
+        token_bytes = torch.load(path, map_location=device)
     except Exception as e:
         raise _unreadable(path, e) from None
+    have = token_bytes.tolist() if torch.is_tensor(token_bytes) and token_bytes.dim() == 1 else []
+    want = (tokenizer or get_tokenizer()).token_byte_lengths()
+    if have != want:
+        pkl = os.path.join(tokenizer_dir(), "tokenizer.pkl")
+        raise common.UserError(f"{path} ({len(have)} tokens) does not match {pkl} ({len(want)} tokens): rewrite it "
+                               "with `python -c \"import tokenizer as t; t.get_tokenizer().save(t.tokenizer_dir())\"`")
+    return token_bytes
 
 # -----------------------------------------------------------------------------
 # command line: train / eval / bench

@@ -35,6 +35,25 @@ import data
 import eval as nc_eval
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c) of the release
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # one (a, b, c) per iteration, from
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),  # Amsel et al. 2025, "The Polar Express"
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),  # (5 iterations, safety 2e-2, cushion 2)
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+B_REF = 2**19  # --scale-hparams: the batch (tokens) nanochat tuned its d12 at; learning rates scale with sqrt(batch / B_REF)
+# --recipe: what flags left at None take. release: the October 2025 nanochat; 2026: nanochat 92d63d4's model and optimizer
+# (architecture and init apply to a fresh base model; lrs, schedule, weight decay and the ratio to base; Muon to every stage)
+RECIPES = {
+    "release": dict(window_pattern="L", rope_base=10_000, qk_scale=1.0, pad_vocab_to=1, resid_lambdas=0, value_embeds=0,
+                    smear=0, backout=0, init="release", polar_express=0, normuon=0, muon_eq=0, muon_plus=0,
+                    weight_decay=0.0, scale_hparams=0, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5,
+                    warmup_steps=0, final_lr_frac=0.0, target_param_data_ratio=20, warmdown_ratio=None),  # None: the stage's
+    "2026": dict(window_pattern="SSSL", rope_base=100_000, qk_scale=1.2, pad_vocab_to=64, resid_lambdas=1, value_embeds=1,
+                 smear=1, backout=1, init="2026", polar_express=1, normuon=1, muon_eq=1, muon_plus=1,
+                 weight_decay=0.28, scale_hparams=1, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
+                 warmup_steps=40, final_lr_frac=0.05, target_param_data_ratio=12, warmdown_ratio=0.65),
+}
+ARCH_FLAGS = ("window_pattern", "rope_base", "qk_scale", "pad_vocab_to", "resid_lambdas", "value_embeds", "smear", "backout")
 CPU_COMPILE_DEFAULT = 1                # measured: ~1.5x faster steps at depth 4/8 (seq 512) for a ~70-90 s cold compile; tests pass 0
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2.25e15),
                    ("A100", 312e12), ("L40S", 362e12), ("4090", 165.2e12), ("3090", 71e12), ("A10", 125e12)]  # dense, per GPU
@@ -57,19 +76,39 @@ STAGE_DEFAULTS = {
 # -----------------------------------------------------------------------------
 # optimizers (SPEC 3)
 
-def newton_schulz(G, steps=5, dtype=None):
-    """Approximately orthogonalise G (-> U S' V^T with S' in about [0.5, 1.5]) by the quintic Newton-Schulz iteration."""
-    a, b, c = NS_COEFFS
+def newton_schulz(G, steps=5, dtype=None, polar=False):
+    """Approximately orthogonalise G (-> U S' V^T with S' in about [0.5, 1.5]) by the quintic Newton-Schulz iteration,
+    or (polar) by Polar Express, whose coefficients change per iteration to converge faster."""
     # bf16 on CUDA, as in the release; fp32 on CPU, where bf16 matmuls without native support ran 10-40x slower here
     X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.01 if polar else 1) + (1e-6 if polar else 1e-7))  # spectral norm <= 1
+    for a, b, c in POLAR_EXPRESS[:steps] if polar else [NS_COEFFS] * steps:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
+
+def muon_update(G, group, dtype=None):
+    """Nesterov direction(s) G (..., m, n) -> orthogonalised update(s), with the options: MuonEq (rows rescaled to the
+    mean row norm first: a better-conditioned input) and Muon+ (Frobenius norm snapped to sqrt(min(m, n)), the norm of
+    an exactly semi-orthogonal matrix: corrects an iteration that fell short)."""
+    if group["muon_eq"]:
+        G = G * (G.norm(dim=(-2, -1), keepdim=True) / G.size(-2) ** 0.5 / G.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    X = newton_schulz(G, group["ns_steps"], dtype, group["polar_express"]).float()
+    if group["muon_plus"]:
+        X = X * (min(X.shape[-2:]) ** 0.5 / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    return X
+
+def normuon(X, state, beta2=0.9):
+    """NorMuon: each neuron's update (a row; a column of a wide matrix) divided by the root of its running mean square,
+    then the matrix scaled back to its Frobenius norm (an orthogonalised update's neurons differ in size)."""
+    ms = X.square().mean(dim=-1 if X.size(-2) >= X.size(-1) else -2, keepdim=True)
+    if "second_moment" not in state:
+        state["second_moment"] = torch.zeros_like(ms)
+    Y = X * state["second_moment"].lerp_(ms, 1 - beta2).clamp_min(1e-10).rsqrt()
+    return Y * (X.norm() / Y.norm().clamp_min(1e-10))
 
 # torch >= 2.13 renamed the single-tensor collectives; same arguments
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -96,12 +135,13 @@ class Muon(torch.optim.Optimizer):
     DDP: params grouped by shape; in each block of W same-shape params, param base+r belongs to rank r, which receives the
     averaged grad by reduce-scatter, alone keeps its momentum, updates it, and all-gathers the block back to every rank."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5, ns_dtype=None):
+    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5, ns_dtype=None, weight_decay=0.0, **options):
         params = list(params)
         assert all(p.ndim == 2 for p in params), "Muon takes 2-D matrices only"
         shapes = sorted({tuple(p.shape) for p in params})  # same order on every rank
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        options = {k: options.get(k, 0) for k in ("polar_express", "normuon", "muon_eq", "muon_plus")}
+        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay, **options))
         self.ns_dtype = ns_dtype
 
     def _momentum(self, p, grad, group):
@@ -115,7 +155,12 @@ class Muon(torch.optim.Optimizer):
         return g.lerp(buf, mu)
 
     def _apply(self, p, X, group):
-        p.add_(X.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        lr = group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        if group["normuon"]:
+            X = normuon(X, self.state[p])
+        if group["weight_decay"]:  # cautious: decay only where the update pushes the weight the same way (toward zero)
+            p.sub_(lr * group["weight_decay"] * p * ((X * p) >= 0))
+        p.add_(X.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
     def step(self):
@@ -124,7 +169,7 @@ class Muon(torch.optim.Optimizer):
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 if params:
-                    X = newton_schulz(torch.stack([self._momentum(p, p.grad, group) for p in params]), group["ns_steps"], self.ns_dtype)
+                    X = muon_update(torch.stack([self._momentum(p, p.grad, group) for p in params]), group, self.ns_dtype)
                     for p, x in zip(params, X):
                         self._apply(p, x, group)
             return
@@ -142,7 +187,7 @@ class Muon(torch.optim.Optimizer):
             work.wait()
             if rank < len(block):  # this rank owns block[rank]; padding slots send zeros
                 p = block[rank]
-                self._apply(p, newton_schulz(self._momentum(p, out.div_(world), group), group["ns_steps"], self.ns_dtype), group)
+                self._apply(p, muon_update(self._momentum(p, out.div_(world), group), group, self.ns_dtype), group)
                 out.copy_(block[rank])
             else:
                 out.zero_()
@@ -206,14 +251,26 @@ class AdamW(torch.optim.Optimizer):
         for work in gathers:
             work.wait()
 
-def build_optimizers(model, embedding_lr, unembedding_lr, matrix_lr, init_lr_frac=1.0, ns_dtype=None):
-    """SPEC 3.1 groups: AdamW lm_head 0.004*s, wte 0.2*s with s = (d/768)^-0.5; Muon 0.02 (not d-scaled) for transformer.h."""
-    s = (model.config.n_embd / 768) ** -0.5
+def build_optimizers(model, embedding_lr, unembedding_lr, matrix_lr, init_lr_frac=1.0, ns_dtype=None, scalar_lr=0.5,
+                     recipe="release", **muon_options):
+    """AdamW for lm_head (unembedding_lr * s) and wte (embedding_lr * s), s = (d/768)^-0.5, and for the options' embeddings
+    and scalars; Muon (matrix_lr, not d-scaled) for transformer.h. 2026: nanochat 92d63d4's AdamW betas and decay."""
+    s, new = (model.config.n_embd / 768) ** -0.5, recipe == "2026"
     matrices = [p for p in model.transformer.h.parameters()]
-    lm_head, wte = model.lm_head.weight, model.transformer.wte.weight
-    assert len(matrices) + 2 == len(list(model.parameters())), "a parameter belongs to no optimizer group"
-    adamw = AdamW([dict(params=[lm_head], lr=unembedding_lr * s), dict(params=[wte], lr=embedding_lr * s)], betas=(0.8, 0.95), eps=1e-10)
-    muon = Muon(matrices, lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype)
+    named = dict(model.named_parameters())
+    groups = [dict(params=["lm_head.weight"], lr=unembedding_lr * s, betas=(0.8, 0.96 if new else 0.95), weight_decay=0.01 * new),
+              dict(params=["transformer.wte.weight"], lr=embedding_lr * s, betas=(0.8, 0.995 if new else 0.95),
+                   weight_decay=0.001 * new),
+              dict(params=[n for n in named if n.startswith("value_embeds.")], lr=embedding_lr * s / 2, betas=(0.8, 0.995),
+                   weight_decay=0.01),
+              dict(params=["resid_lambdas"], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05),  # it compounds
+              dict(params=["x0_lambdas"], lr=scalar_lr, betas=(0.96, 0.95)),
+              dict(params=["smear_gate.weight", "smear_lambda", "backout_lambda"], lr=0.2)]
+    groups = [dict(g, params=[named[n] for n in g["params"] if n in named]) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    assert len(matrices) + sum(len(g["params"]) for g in groups) == len(list(model.parameters())), "a parameter has no optimizer"
+    adamw = AdamW(groups, betas=(0.8, 0.95), eps=1e-10)
+    muon = Muon(matrices, lr=matrix_lr, momentum=0.95, ns_dtype=ns_dtype, **muon_options)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -237,24 +294,34 @@ def load_optimizer_state(opt, sd, groups=True):
     for group, saved in zip(opt.param_groups, sd["groups"] if groups else []):
         group.update(saved)
 
-def set_schedule(optimizers, lrm, momentum=None):
+def set_schedule(optimizers, lrm, momentum=None, weight_decay=0.0):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-            if momentum is not None and isinstance(opt, Muon):
-                group["momentum"] = momentum
+            if isinstance(opt, Muon):
+                group["weight_decay"] = weight_decay
+                if momentum is not None:
+                    group["momentum"] = momentum
 
 # -----------------------------------------------------------------------------
 # schedules and batch arithmetic (SPEC 4.3, 6.1 corrected, 7.1, 8)
 
-def lr_multiplier(progress, warmdown=0.2):
-    """1 until the last `warmdown` fraction of the run, then linear to 0 (progress in [0, 1]; warmdown 1 = linear decay).
-    base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68), sft 0.5, rl decays from the start."""
-    return 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
+def lr_multiplier(progress, warmdown=0.2, final=0.0):
+    """1 until the last `warmdown` fraction of the run, then linear to `final` (progress in [0, 1]; warmdown 1 = linear
+    decay). base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68), sft 0.5, rl decays from the start."""
+    f = 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
+    return f + (1 - f) * final
 
-def muon_momentum(step):
-    frac = min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
-    return (1 - frac) * 0.85 + frac * 0.95
+def muon_momentum(step, num_steps=None, warmdown=0.2, recipe="release"):
+    """release: 0.85 -> 0.95 over the first 300 steps. 2026: 0.85 -> 0.97 over the first 400, then down to 0.90 over
+    the lr warmdown (nanochat 92d63d4 checks the first 400 steps first)."""
+    if recipe == "release" or num_steps is None:
+        frac = min(step / 300, 1.0)
+        return (1 - frac) * 0.85 + frac * 0.95
+    start = num_steps - round(warmdown * num_steps)
+    if step < 400 or step < start:
+        return 0.85 + 0.12 * min(step / 400, 1.0)
+    return 0.97 - 0.07 * (step - start) / max(1, num_steps - start)
 
 def grad_accum_steps(total, B, T, world):
     """-> (tokens per optimizer step, micro-steps per rank): total rounded to the nearest multiple of B*T*world (at least
@@ -315,7 +382,7 @@ def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
         print0(f"resuming {args.stage} from {ckpt_dir} step {step}")
         return model, meta["model_config"], trainer, step
     if fresh_config is not None:
-        return model_lib.build_model(fresh_config, rt.device), fresh_config, None, 0
+        return model_lib.build_model(fresh_config, rt.device, args.init), fresh_config, None, 0
     model, meta = model_lib.load_model(args.source, rt.device, tag=src_tag, step=args.source_step, tokenizer=rt.tokenizer)
     src_dir = common.checkpoint_dir(args.source, src_tag)
     print0(f"{args.stage}: starting from {args.source} checkpoint {src_dir} step {meta.get('step')}")
@@ -349,9 +416,9 @@ def compiled(model, args, rt):
     on = (1 if rt.cuda else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile
     return torch.compile(model, dynamic=False) if on else model
 
-def optimizer_step(model, optimizers, lrm, momentum, check_sync=False):
+def optimizer_step(model, optimizers, lrm, momentum, check_sync=False, weight_decay=0.0):
     """Set the schedule, step both optimizers (they average gradients across ranks), clear the gradients."""
-    set_schedule(optimizers, lrm, momentum)
+    set_schedule(optimizers, lrm, momentum, weight_decay)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -490,13 +557,21 @@ def train_base(args):
         raise SystemExit(f"error: --vocab-size {args.vocab_size} does not match the tokenizer's vocabulary ({V}); "
                          f"retrain it with `python tokenizer.py train --vocab-size {args.vocab_size}` or drop the flag")
     ckpt_dir = common.checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    model, model_config, trainer, step = load_start(args, rt, ckpt_dir, fresh_config=asdict(model_lib.config_from_depth(args.depth, V, T)))
+    fresh = asdict(model_lib.config_from_depth(args.depth, V, T, **arch_options(args)))
+    model, model_config, trainer, step = load_start(args, rt, ckpt_dir, fresh_config=fresh)
     # data and batch: documents packed BOS-aligned into rows of T+1 tokens; steps from the tokens : parameters ratio
     loader = data.PretrainLoader(rt.tokenizer, B, T, split="train", device=rt.device, rank=rt.rank, world_size=rt.world)
     total, accum = grad_accum_steps(args.total_batch_size, B, T, rt.world)
     params, flops_per_token = model.param_counts()["total"], model.estimate_flops()
-    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, int(args.target_param_data_ratio * params) // total)
-    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    ratio_params = ratio_parameters(model, args.recipe)
+    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, int(args.target_param_data_ratio * ratio_params) // total)
+    # --scale-hparams: nanochat's transfer from its d12 at 2^19 tokens: lr ~ sqrt(batch), weight decay ~ sqrt(batch) / tokens
+    with torch.device("meta"):
+        d12 = model_lib.GPT(model_lib.config_from_depth(12, V, T, **arch_options(args)))
+    lr_scale = (total / B_REF) ** 0.5 if args.scale_hparams else 1.0
+    weight_decay = args.weight_decay * (lr_scale * ratio_parameters(d12, args.recipe) / ratio_params if args.scale_hparams else 1)
+    optimizers = build_optimizers(model, args.embedding_lr * lr_scale, args.unembedding_lr * lr_scale, args.matrix_lr * lr_scale,
+                                  args.init_lr_frac, scalar_lr=args.scalar_lr * lr_scale, recipe=args.recipe, **muon_options(args))
     stats = new_stats()
     if trainer is not None:
         restore(trainer, optimizers, loader, stats)
@@ -526,14 +601,28 @@ def train_base(args):
             break
         t0 = time.time()
         loss, accum = accumulate(args, rt, model, train_model, loader, accum, step == (resumed_at or 0))
-        lrm = lr_multiplier(step / num_steps, args.warmdown_ratio)
-        optimizer_step(model, optimizers, lrm, muon_momentum(step), args.check_sync)
+        warm = step < args.warmup_steps
+        lrm = (step + 1) / args.warmup_steps if warm else lr_multiplier(step / num_steps, args.warmdown_ratio, args.final_lr_frac)
+        wd = weight_decay * 0.5 * (1 + math.cos(math.pi * step / num_steps))  # cosine to 0 over the run
+        optimizer_step(model, optimizers, lrm, muon_momentum(step, num_steps, args.warmdown_ratio, args.recipe), args.check_sync, wd)
         if rt.cuda:
             torch.cuda.synchronize()
         log_step(args, rt, step, num_steps, loss.item(), lrm, time.time() - t0, total, flops_per_token, stats, wandb_run=wandb_run)
         step += 1
     loader.close()
     finish(args, rt, model, model_config, stats, step, flops_per_token, wandb_run, **{"tokens : params": stats["tokens"] / params}, **metrics)
+
+def arch_options(args):
+    """The model flags as GPTConfig fields (0/1 flags become bools)."""
+    return {k: type(model_lib.GPTConfig.__dataclass_fields__[k].default)(getattr(args, k)) for k in ARCH_FLAGS}
+
+def muon_options(args):
+    return {k: getattr(args, k) for k in ("polar_express", "normuon", "muon_eq", "muon_plus")}
+
+def ratio_parameters(model, recipe):
+    """The parameters --target-param-data-ratio counts: release all; 2026 the matrices and lm_head (nanochat's scaling fit)."""
+    n = model.param_counts()
+    return n["total"] if recipe == "release" else n["blocks"] + n["lm_head"]
 
 def base_val_steps(rt, want, B, T):
     """Validation batches per evaluation, capped at what this rank's share of the val shard holds (the same on every rank)."""
@@ -563,6 +652,7 @@ def train_chat(args):
     model, model_config, trainer, step = load_start(args, rt, ckpt_dir, src_tag=src_tag)
     T, B = args.max_seq_len or model_config["sequence_len"], args.device_batch_size
     model_config = dict(model_config, sequence_len=T)  # the next stage's default T is the one trained here
+    model_lib.set_sequence_len(model, T)  # short attention windows are a quarter of it
     # the mixture: edit the lists freely (a task listed twice is seen twice; size 0 leaves it out)
     if mid:
         mixture = [data.SmolTalk("train", size=size(args.smoltalk_size)),
@@ -589,7 +679,8 @@ def train_chat(args):
                              completion_only=not mid, pack=bool(args.pack))
     total, accum = grad_accum_steps(args.total_batch_size, B, T, rt.world)
     num_steps = args.num_iterations if args.num_iterations > 0 else None  # None: one epoch
-    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac,
+                                  scalar_lr=args.scalar_lr, recipe=args.recipe, **muon_options(args))
     stats = new_stats()
     if trainer is not None and step > 0:
         restore(trainer, optimizers, loader, stats)
@@ -675,7 +766,8 @@ def train_rl(args):
         raise SystemExit(f"error: --num-samples {args.num_samples} must be a multiple of --device-batch-size {B}")
     per_rank, passes = rl_questions_per_rank(args.examples_per_step, rt.world), args.num_samples // B
     num_steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // (per_rank * rt.world))
-    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac)
+    optimizers = build_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.init_lr_frac,
+                                  scalar_lr=args.scalar_lr, recipe=args.recipe, **muon_options(args))
     stats = new_stats()
     if trainer is not None and step > 0:
         restore(trainer, optimizers, None, stats)  # the data order is a function of the step
@@ -757,11 +849,34 @@ def parse_args(argv=None):
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step, all ranks (rounded to a multiple of rows x T x ranks; accumulation fills it)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: base from the ratio, mid/sft/rl one epoch)")
-    p.add_argument("--target-param-data-ratio", type=float, default=20, help="base: tokens = ratio * all parameters")
+    p.add_argument("--target-param-data-ratio", type=float, default=None,
+                   help="base: tokens = ratio * parameters (release 20 x all; 2026 12 x matrices and lm_head)")
+    # the recipe: flags left unset take its values; model flags apply to a fresh base model, lrs and schedule to base
+    p.add_argument("--recipe", choices=list(RECIPES), default="release",
+                   help="release: nanochat of Oct 2025; 2026: nanochat 92d63d4's model, init and optimizer (README)")
+    p.add_argument("--window-pattern", help="attention span per layer, tiled: L all, S a quarter of T (last layer: L)")
+    p.add_argument("--rope-base", type=int, help="rotary base theta (release 10000, 2026 100000)")
+    p.add_argument("--qk-scale", type=float, help="q and k times this after QK-norm (2026: 1.2)")
+    p.add_argument("--pad-vocab-to", type=int, help="wte/lm_head rows rounded up to a multiple of this (2026: 64)")
+    p.add_argument("--resid-lambdas", type=int, choices=[0, 1], help="learned per-layer residual and x0 scalars")
+    p.add_argument("--value-embeds", type=int, choices=[0, 1], help="gated value embeddings on alternating layers")
+    p.add_argument("--smear", type=int, choices=[0, 1], help="add the previous token's embedding through a learned gate")
+    p.add_argument("--backout", type=int, choices=[0, 1], help="subtract a learned share of the mid-layer residual at the end")
+    p.add_argument("--init", choices=["release", "2026"], help="base: weight init (2026: uniform blocks, small lm_head)")
+    p.add_argument("--polar-express", type=int, choices=[0, 1], help="Muon: Polar Express instead of Newton-Schulz")
+    p.add_argument("--normuon", type=int, choices=[0, 1], help="Muon: NorMuon per-neuron update normalisation")
+    p.add_argument("--muon-eq", type=int, choices=[0, 1], help="Muon: MuonEq row equilibration before orthogonalising")
+    p.add_argument("--muon-plus", type=int, choices=[0, 1], help="Muon: Muon+ norm correction after orthogonalising")
+    p.add_argument("--weight-decay", type=float, help="base: Muon's cautious weight decay, cosine to 0 over the run")
+    p.add_argument("--scale-hparams", type=int, choices=[0, 1],
+                   help="base: lrs x sqrt(batch / 2^19), weight decay by nanochat's transfer rule from its d12")
+    p.add_argument("--warmup-steps", type=int, help="base: steps of linear lr warmup")
+    p.add_argument("--final-lr-frac", type=float, help="base: the lr at the end of the warmdown, as a fraction of the peak")
     # optimization
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--embedding-lr", type=float, default=None, help="AdamW, wte (release 0.2, 2026 0.3)")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW, lm_head (release 0.004, 2026 0.008)")
     p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--scalar-lr", type=float, default=None, help="AdamW, the per-layer scalars (resid_lambdas: x0.01)")
     p.add_argument("--init-lr-frac", type=float, default=None, help="all lrs times this (base/mid 1.0, sft 0.8, rl 0.05)")
     p.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the run over which the lr decays linearly to 0")
     # evaluation, sampling, saving
@@ -796,6 +911,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.auto_batch = args.stage != "rl" and args.device_batch_size in (None, "auto")
     args.device_batch_size = None if args.device_batch_size == "auto" else args.device_batch_size
+    for k, v in RECIPES["release"].items():  # chat stages: the model is the checkpoint's, lrs are the stage's
+        if getattr(args, k) is None:
+            muon = k in ("polar_express", "normuon", "muon_eq", "muon_plus")
+            setattr(args, k, RECIPES[args.recipe].get(k) if args.stage == "base" or muon else v)
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -805,6 +924,8 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
     if not 0 < args.warmdown_ratio <= 1 or args.init_lr_frac <= 0:
         raise SystemExit("error: --warmdown-ratio must be in (0, 1] and --init-lr-frac above 0")
+    if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
+        raise SystemExit(f"error: --window-pattern {args.window_pattern!r} must be letters S and L (e.g. SSSL)")
     if args.stage != "base" and args.source is None:
         args.source = SOURCE_STAGE[args.stage]
     return args
@@ -815,7 +936,7 @@ def dry_run(args):
     V = args.vocab_size if args.vocab_size > 0 else tok_lib.get_tokenizer().get_vocab_size()
     T, world, sizes = args.max_seq_len or 2048, common.dist_info()[3], (128, 64, 32, 16, 8, 4, 2, 1)
     with torch.device("meta"):
-        model = model_lib.GPT(model_lib.config_from_depth(args.depth, V, T))
+        model = model_lib.GPT(model_lib.config_from_depth(args.depth, V, T, **arch_options(args)))
     fit = [next((r for r in sizes if model_lib.estimate_memory(model, r, world, True, T)["total"] <= 0.9 * g * 2**30), 0) for g in (24, 40, 80)]
     print(memory_line(model, args.device_batch_size, T, world, cuda=True) + "; suggested --device-batch-size: 24 GB: {}, 40 GB: {}, 80 GB: {}".format(*fit))
 
