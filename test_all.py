@@ -1893,7 +1893,7 @@ def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mi
         took = time.time() - t0
     finally:
         p.kill()
-    assert took < 2.5 and p.returncode == 130, (took, p.returncode, err)
+    assert took < 5 and p.returncode == 130, (took, p.returncode, err)  # (before: after every download, ~15 s)
     assert err.endswith("\ninterrupted: the files fetched so far are kept; the same command fetches the rest\n"), err
     assert "Traceback" not in err
     assert os.listdir(folder) == []  # no partial file, no lock
