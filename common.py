@@ -4,7 +4,12 @@ distributed ranks, atomic file writes, pretraining shard iteration and the repor
 Imports nothing else of ours.
 """
 import os
+import re
+import sys
 import json
+import time
+import fcntl
+import socket
 import datetime
 import contextlib
 import urllib.parse
@@ -22,8 +27,25 @@ def get_base_dir():
     """$NANOCHAT_BASE_DIR, else ~/.cache/nanochat; created on demand."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     base = os.path.abspath(base)
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:  # a file of that name, a folder we may not create
+        raise UserError(f"NANOCHAT_BASE_DIR={base} cannot be used as a folder ({e.strerror}): "
+                        "point NANOCHAT_BASE_DIR at a folder (created if missing)") from None
     return base
+
+def writable(folder):
+    """`folder` (under the base dir), created; a one-line UserError naming NANOCHAT_BASE_DIR when it cannot be written.
+    Only writers ask: chat and export read a read-only base dir fine."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        ok = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        raise UserError(f"{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={get_base_dir()}, "
+                        "or point NANOCHAT_BASE_DIR at a folder you can write")
+    return folder
 
 # training stage -> checkpoint folder name under the base dir
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -114,9 +136,12 @@ def all_reduce(values, device, op=None):
     return t.tolist()
 
 def cleanup_runtime():
+    """Leave the process group and release the locks this process still holds."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    for path in list(_held):
+        release_lock(path)
 
 def autocast_ctx(device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
@@ -126,11 +151,91 @@ def autocast_ctx(device):
     return contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
+# locks: an OS lock (flock) on <path>, which the kernel drops when its process ends however it ends, and one line in
+# the file naming the owner. A lock file whose flock is free was therefore left behind by a crash.
+
+_held = {}  # lock path -> file descriptor whose flock this process holds
+
+def take_lock(path, busy=None, stop=None):
+    """Hold the lock `path` until release_lock(path). A leftover file (crash, kill -9, disk full) is taken over with a
+    one-line note. A live holder: busy=None waits for it (saying once who it is; Ctrl-C or the threading.Event `stop`
+    ends the wait with KeyboardInterrupt), a string raises UserError naming the holder, then that string."""
+    told = False
+    while True:
+        try:
+            fd, new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, new = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # released in between
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process still starting"
+            os.close(fd)
+            if busy is not None:
+                raise UserError(f"{path} is held by {owner}: {busy}") from None
+            if not told:
+                print(f"waiting for {path}: held by {owner}", file=sys.stderr, flush=True)
+                told = True
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
+            time.sleep(0.2)
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (removed) it between our open and flock
+            os.close(fd)
+            continue
+        if not new:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            gone = f"{owner} held it and has ended" if owner else "an empty lock left by a crash"
+            print(f"note: taking over {path}: {gone}", file=sys.stderr, flush=True)
+            os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):  # a full disk may refuse the line; the flock itself still holds
+            me = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+            os.pwrite(fd, me.encode(), 0)
+        _held[path] = fd
+        return
+
+def release_lock(path):
+    fd = _held.pop(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)  # before the flock goes, so whoever gets the flock next finds a fresh file
+    os.close(fd)
+
+@contextlib.contextmanager
+def file_lock(path, busy=None, stop=None):
+    take_lock(path, busy, stop)
+    try:
+        yield
+    finally:
+        release_lock(path)
+
+# -----------------------------------------------------------------------------
 # atomic writes: write a temp file beside the target, flush + fsync, rename over it
 
+def remove_stray_temps(folder, prefix=""):
+    """Delete <folder>/<prefix>*.tmp<pid> files whose writer is no longer running (a kill -9 during atomic_write)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if (m := re.fullmatch(re.escape(prefix) + r".*\.tmp(\d+)", name)) and os.path.isfile(path):
+            try:
+                os.kill(int(m.group(1)), 0)
+            except (ProcessLookupError, OverflowError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            except OSError:
+                pass  # running under another user: not ours to judge
+
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact."""
+    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact; the
+    temp files a kill -9 left for the same path are removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stray_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -181,6 +286,17 @@ def shard_errors(path):
         n = 1 if path == shard_path(VAL_SHARD_INDEX) else int(os.path.basename(path)[6:-8]) + 1  # shard_NNNNN.parquet
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): repair it with `python data.py download -n {n}`") from None
 
+_null_files = set()  # files whose null texts were already reported
+
+def read_texts(pf, rg, path):
+    """The 'text' column of row group rg of the open ParquetFile pf, without null entries (reported once per file)."""
+    texts = pf.read_row_group(rg, columns=["text"]).column("text")
+    if texts.null_count and path not in _null_files:
+        _null_files.add(path)
+        print(f"warning: {path}: skipping documents whose text is null ({texts.null_count} in row group {rg}; "
+              "later ones silently)", file=sys.stderr, flush=True)
+    return texts.drop_null().to_pylist()
+
 def iter_row_groups(split, start=0, step=1, paths=None):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
     import pyarrow.parquet as pq
@@ -188,7 +304,7 @@ def iter_row_groups(split, start=0, step=1, paths=None):
         with shard_errors(path):
             pf = pq.ParquetFile(path)
             for rg in range(start, pf.num_row_groups, step):
-                yield fi, rg, pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                yield fi, rg, read_texts(pf, rg, path)
 
 def iter_documents(split, start=0, step=1):
     """Every document of a split, in order (row groups strided by start/step)."""
@@ -199,9 +315,7 @@ def iter_documents(split, start=0, step=1):
 # the report: report/<slug>.md per section, report/<stage>_log.jsonl per stage (rank 0 writes)
 
 def report_dir():
-    path = os.path.join(get_base_dir(), "report")
-    os.makedirs(path, exist_ok=True)
-    return path
+    return writable(os.path.join(get_base_dir(), "report"))
 
 def _format_value(v):
     if isinstance(v, bool):

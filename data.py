@@ -8,8 +8,8 @@ datasets (SmolTalk, MMLU, ARC, GSM8K, HumanEval, spelling, identity, your own co
     python data.py prepare --input PATH [PATH ...] [--replace]    your own text as the train shards + validation shard
     python data.py bench                                          loader throughput and resume time
 """
-import os, re, sys, json, time, queue, random, shutil, socket, hashlib, zipfile, argparse, functools, threading, contextlib, urllib.parse
-import io
+import os, re, io, sys, json, time, queue, random, shutil, hashlib, zipfile, argparse, functools, threading, contextlib
+import urllib.parse
 import concurrent.futures as cf
 from collections import namedtuple
 
@@ -28,7 +28,7 @@ HF_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%
 ATTEMPTS = 5       # tries per file
 BACKOFF = 2.0      # seconds before the second try, doubled after each failure
 TIMEOUT = 30       # seconds a connection may stay silent
-CHUNK = 1 << 20    # bytes per write
+CHUNK = 1 << 16    # bytes per read and write: Ctrl-C is noticed between two of them
 
 # =============================================================================
 # downloads
@@ -39,50 +39,23 @@ class NotFound(FileNotFoundError):
 class _Retryable(Exception):
     pass
 
-def _lock_is_stale(path):
-    """A lock whose owner process is gone (same host), or older than an hour (another host), is stale."""
-    try:
-        host, pid = open(path).read().split(":")
-        if host != socket.gethostname():
-            return time.time() - os.path.getmtime(path) > 3600
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False  # just created, owner still writing it
-
-@contextlib.contextmanager
-def _file_lock(path, poll=0.1):
-    """Cross-process lock: whoever creates `path` first (O_EXCL) works; the others wait for it to go away."""
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_stale(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            else:
-                time.sleep(poll)
-            continue
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
-        os.close(fd)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+def _is_html(path):
+    """A web page (a captive portal, a wrong URL's error page) where a data file belongs."""
+    with open(path, "rb") as f:
+        return f.read(1024).lstrip().lower().startswith((b"<!doctype html", b"<html"))
 
 def _is_valid(path, kind):
-    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; other files: non-empty."""
+    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; text: non-empty and not a web
+    page; kind None: anything."""
     try:
+        if kind == "text":
+            return os.path.getsize(path) > 0 and not _is_html(path)
         if kind == "parquet":
             return pq.ParquetFile(path).metadata.num_rows >= 0
         if kind == "zip":
             with zipfile.ZipFile(path) as z:
                 return z.testzip() is None
-        return kind is None or os.path.getsize(path) > 0
+        return kind is None
     except Exception:
         return False
 
@@ -115,8 +88,9 @@ def _problem(url, path, kind):
     except (OSError, ValueError) as e:  # pyarrow's errors
         return f"unreadable ({type(e).__name__}: {e})"
 
-def _fetch_http(src, url, tmp, progress):
-    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
+def _fetch_http(src, url, tmp, progress, stop=None):
+    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over);
+    `stop` set (a threading.Event) ends it with KeyboardInterrupt."""
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(src, headers=headers, stream=True, timeout=TIMEOUT) as r:
@@ -137,6 +111,8 @@ def _fetch_http(src, url, tmp, progress):
         got = 0
         with open(tmp, "ab" if append else "wb") as f:
             for chunk in r.iter_content(CHUNK):
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 f.write(chunk)
                 got += len(chunk)
                 if progress:
@@ -144,16 +120,20 @@ def _fetch_http(src, url, tmp, progress):
         if expected is not None and got < expected:
             raise _Retryable(f"connection closed after {got} of {expected} bytes")
 
-def download_file(url, dest_path, validate="auto", progress=None, recheck=False):
+def download_file(url, dest_path, validate="auto", progress=None, recheck=False, stop=None):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation by _problem (validate: "auto" = by extension, "parquet", "zip", or None), atomic rename. Safe when several
-    processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if _problem passes)."""
+    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when
+    several processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if
+    _problem passes).
+    A web page where the file belongs is a UserError naming the URL, and nothing is kept. Ctrl-C (or `stop` set, a
+    threading.Event) ends it at once with KeyboardInterrupt, leaving no partial file and no lock."""
     dest_path = os.path.abspath(dest_path)
-    kind = {".parquet": "parquet", ".zip": "zip"}.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
+    kinds = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}
+    kind = kinds.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
-    with _file_lock(dest_path + ".lock"):
+    with common.file_lock(dest_path + ".lock", stop=stop):
         if os.path.exists(dest_path):
             problem = _problem(url, dest_path, kind) if recheck else None if _is_valid(dest_path, kind) else "truncated or corrupt"
             if problem is None:
@@ -162,14 +142,25 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
         src, tmp = common.resolve_url(url), dest_path + ".part"
         for attempt in range(ATTEMPTS):
             try:
+                if attempt:
+                    delay = BACKOFF * 2 ** (attempt - 1)
+                    print(f"download {url}: {reason}; try {attempt + 1}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr,
+                          flush=True)
+                    if (stop or threading.Event()).wait(delay):
+                        raise KeyboardInterrupt
                 if src.startswith(("http://", "https://")):
-                    _fetch_http(src, url, tmp, progress)
+                    _fetch_http(src, url, tmp, progress, stop)
                 elif not os.path.isfile(src):
                     raise NotFound(f"not in the mirror: {url} (no file {src})")
                 else:
                     shutil.copyfile(src, tmp)
                     if progress:
                         progress(os.path.getsize(tmp))
+                if _is_html(tmp):
+                    os.remove(tmp)
+                    raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: check "
+                                           "the mirror (--mirror, NANOCHAT_MIRROR) or the network (a login page?); "
+                                           "nothing was kept")
                 if (reason := _problem(url, tmp, kind)) is None:
                     os.replace(tmp, dest_path)
                     return dest_path
@@ -177,10 +168,10 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False)
                 reason = f"the downloaded file is bad: {reason}"
             except (requests.RequestException, _Retryable) as e:
                 reason = f"{type(e).__name__}: {e}"
-            if attempt + 1 < ATTEMPTS:
-                delay = BACKOFF * 2 ** attempt
-                print(f"download {url}: {reason}; try {attempt + 2}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr, flush=True)
-                time.sleep(delay)
+            except KeyboardInterrupt:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
         raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
 
 def download_shards(n, workers=4):
@@ -192,6 +183,7 @@ def download_shards(n, workers=4):
                                f"another NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
     done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
+    stop = threading.Event()  # set by Ctrl-C: the running downloads end at their next chunk
 
     def count(k, file_done=False):
         with lock:
@@ -199,7 +191,7 @@ def download_shards(n, workers=4):
             done[0] += file_done
 
     def one(i):
-        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True)
+        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True, stop=stop)
         count(0, file_done=True)
 
     def line(end=""):
@@ -208,11 +200,18 @@ def download_shards(n, workers=4):
 
     with cf.ThreadPoolExecutor(max(1, workers)) as ex:
         futures = [ex.submit(one, i) for i in indices]
-        while cf.wait(futures, timeout=0.5).not_done:
-            line()
+        try:
+            while cf.wait(futures, timeout=0.5).not_done:
+                line()
+        except KeyboardInterrupt:
+            stop.set()
+            ex.shutdown(cancel_futures=True)  # the queued ones never start; the running ones clean up and end
+            raise
     line("\n")
     errors = [f.exception() for f in futures if f.exception()]
     if errors:
+        if isinstance(errors[0], common.UserError):
+            raise errors[0]
         raise RuntimeError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
     print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
     return [common.shard_path(i) for i in indices]
@@ -223,7 +222,7 @@ def download_eval_bundle():
     out = os.path.join(base, "eval_bundle")
     if os.path.exists(os.path.join(out, "core.yaml")):
         return out
-    with _file_lock(out + ".lock"):
+    with common.file_lock(out + ".lock"):
         if not os.path.exists(os.path.join(out, "core.yaml")):
             zpath = download_file(EVAL_BUNDLE_URL, os.path.join(base, "eval_bundle.zip"))
             tmp = f"{out}.tmp{os.getpid()}"
@@ -302,7 +301,7 @@ class PretrainLoader:
     def _read_texts(self, unit):
         fi, rg = self.units[unit]
         with common.shard_errors(self.paths[fi]):
-            return pq.ParquetFile(self.paths[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            return common.read_texts(pq.ParquetFile(self.paths[fi]), rg, self.paths[fi])
 
     def _encode(self, texts):
         return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]
@@ -933,7 +932,7 @@ def prepare(args):
         raise common.UserError(f"--val-fraction must be between 0 and 1, not {args.val_fraction}")
     data_dir = common.shard_dir()
     new, old, stdin_copy = data_dir + ".new", data_dir + ".old", data_dir + ".stdin"
-    with _file_lock(data_dir + ".lock"):
+    with common.file_lock(data_dir + ".lock"):
         have = [n for n in os.listdir(data_dir) if n.endswith(".parquet")] if os.path.isdir(data_dir) else []
         if have and not args.replace:
             raise common.UserError(f"{data_dir} already holds {len(have)} shards (downloaded or prepared): pass "
@@ -1082,6 +1081,9 @@ def main():
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the files fetched so far are kept; the same command fetches the rest", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

@@ -743,6 +743,7 @@ def main(argv=None):
     p.add_argument("--top-k", "-k", type=int, default=50)
     p.add_argument("--num-prompts", type=int, default=50, help="endings: SmolTalk test prompts to answer")
     args = p.parse_args(argv)
+    common.report_dir()  # a base dir we cannot write fails now, not after the evaluation
     if args.command == "report":
         report_reset() if args.action == "reset" else report_generate(copy_to=os.getcwd())
         return

@@ -164,6 +164,108 @@ def test_common_shards_and_report(base_dir):
     assert json.loads(open(os.path.join(base_dir, "report", "teststage_log.jsonl")).read().splitlines()[-1])["step"] == 1
 
 
+def _in_thread(fn, seconds):
+    """Run fn in a daemon thread for at most `seconds`; -> (finished, result or exception)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(_call(fn)), daemon=True)
+    t.start()
+    t.join(seconds)
+    return (not t.is_alive()), (out[0] if out else None)
+
+
+def _call(fn):
+    try:
+        return fn()
+    except BaseException as e:
+        return e
+
+
+def test_common_lock_takes_over_empty_and_foreign_locks(tmp_path, capsys):
+    dest = str(tmp_path / "s.parquet")
+    # a disk-full crash's empty lock; one naming a live but unrelated pid (init)
+    for leftover in ("", f"{socket.gethostname()}:1"):
+        open(dest + ".lock", "w").write(leftover)
+        done, result = _in_thread(lambda: data.download_file(data.SHARD_URL.format(0), dest), 20)
+        assert done and result == dest and _same_as_mirror(dest), result
+        assert sorted(os.listdir(tmp_path)) == ["s.parquet"]  # the lock is gone
+        err = capsys.readouterr().err
+        assert f"note: taking over {dest}.lock: " in err and err.count("\n") == 1, err
+        assert ("an empty lock" if not leftover else f"{leftover} held it and has ended") in err, err
+        os.remove(dest)
+
+
+def _lock_holder(path):
+    """A process that takes the lock `path` and sleeps; its stdout says 'held' once it has it."""
+    code = f"import common, time; common.take_lock({path!r}); print('held', flush=True); time.sleep(300)"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def test_common_lock_names_a_live_holder_and_outlives_its_kill(tmp_path, capsys):
+    path = str(tmp_path / "x.lock")
+    holder = _lock_holder(path)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        who = f"pid {holder.pid} on {socket.gethostname()} since "
+        with pytest.raises(common.UserError, match=f"^error: {re.escape(path)} is held by {who}[-0-9: ]+: try later$"):
+            common.take_lock(path, busy="try later")
+        waiter = threading.Thread(target=common.take_lock, args=(path,), daemon=True)
+        waiter.start()
+        waiter.join(1.5)
+        assert waiter.is_alive()
+        assert capsys.readouterr().err == f"waiting for {path}: held by " + open(path).read() + "\n"
+        holder.kill()  # kill -9: the file stays behind, the kernel drops its flock
+        waiter.join(10)
+        assert not waiter.is_alive() and path in common._held and open(path).read().startswith(f"pid {os.getpid()} on ")
+        assert f"note: taking over {path}: {who}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        if path in common._held:
+            common.release_lock(path)
+    assert not os.path.exists(path)
+
+
+def _dead_pid():
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_common_atomic_write_removes_temp_files_of_dead_writers(tmp_path):
+    dead, path = _dead_pid(), str(tmp_path / "f.txt")
+    # a killed writer's, a live process's, another file's
+    for name in (f"f.txt.tmp{dead}", "f.txt.tmp1", f"g.txt.tmp{dead}"):
+        open(tmp_path / name, "w").write("half")
+    common.atomic_write_text(path, "good")
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1", f"g.txt.tmp{dead}"]
+    common.remove_stray_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "f.txt.tmp1"]
+
+
+@SLOW
+def test_common_base_dir_that_is_a_file_or_read_only(base_dir, tokenizer, tmp_path):
+    commands = {"train": ["train.py", *TINY_BASE, "--num-iterations", "1"], "eval": ["eval.py", "report"],
+                "chat": ["chat.py", "-p", "hi"],
+                "export": ["model.py", "export", "--source", "sft", "--out", str(tmp_path / "out")]}
+    (tmp_path / "file").write_text("")
+    for name, args in commands.items():
+        p = run_script(args, env={"NANOCHAT_BASE_DIR": str(tmp_path / "file")}, check=False)
+        want = (f"error: NANOCHAT_BASE_DIR={tmp_path / 'file'} cannot be used as a folder (File exists): "
+                "point NANOCHAT_BASE_DIR at a folder (created if missing)\n")
+        assert p.returncode == 1 and p.stderr == want, (name, p.stderr)
+    ro = tempfile.mkdtemp()  # (pytest's tmp_path is closed to other users)
+    try:
+        for name in ("base_data", "tokenizer"):
+            shutil.copytree(os.path.join(base_dir, name), os.path.join(ro, name))
+        subprocess.run(["chmod", "-R", "a+rX,a-w", ro], check=True)
+        for name, folder in (("train", "base_checkpoints"), ("eval", "report")):
+            p = subprocess.run([sys.executable, *commands[name]], cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=ro),
+                               capture_output=True, text=True, timeout=300, preexec_fn=drop_to_nobody)
+            want = (f"error: {ro}/{folder} is not writable: give yourself write access to NANOCHAT_BASE_DIR={ro}, "
+                    "or point NANOCHAT_BASE_DIR at a folder you can write\n")
+            assert p.returncode == 1 and p.stderr == want, (name, p.stderr)
+    finally:
+        shutil.rmtree(ro)
+
+
 # =============================================================================
 # tokenizer.py
 # =============================================================================
@@ -445,6 +547,34 @@ def test_tokenizer_training_documents(tmp_path, base_dir):
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         list(T.read_input_file(str(bad)))
 
+
+@SLOW
+def test_tokenizer_train_keeps_a_tokenizer_checkpoints_use(tmp_path):
+    from tokenizer import Tokenizer, train_bpe
+    base, env = tmp_path / "base", {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    old = Tokenizer.from_ranks(train_bpe(_tie_corpus(), 300))
+    old.save(str(base / "tokenizer"))
+    folder = base / "base_checkpoints" / "d1"
+    os.makedirs(folder)
+    meta = {"model_config": {"vocab_size": 300}, "tokenizer_hash": old.hash}
+    (folder / "meta_000005.json").write_text(json.dumps(meta))
+    before = {n: (base / "tokenizer" / n).read_bytes() for n in ("tokenizer.pkl", "token_bytes.pt")}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in _tie_corpus()) + "\n")
+    train = ["tokenizer.py", "train", "--input", str(corpus), "--vocab-size", "400"]
+    backup = base / f"tokenizer_{old.hash}"
+    p = run_script(train, env=env, check=False)
+    want = (f"error: {base}/tokenizer/tokenizer.pkl is the tokenizer base_checkpoints/d1 were trained with; a new one "
+            f"would orphan them: pass --force to replace it (the old one is then kept in {backup}), or use another "
+            "NANOCHAT_BASE_DIR\n")
+    assert p.returncode == 1 and p.stderr == want, p.stderr
+    assert {n: (base / "tokenizer" / n).read_bytes() for n in before} == before and not backup.exists()
+    p = run_script([*train, "--force"], env=env)
+    assert f"note: the previous tokenizer, which base_checkpoints/d1 were trained with, is kept in {backup}: " \
+           in p.stdout
+    assert {n: (backup / n).read_bytes() for n in before} == before
+    assert (base / "tokenizer" / "tokenizer.pkl").read_bytes() != before["tokenizer.pkl"]
+    run_script(train, env=env)  # the checkpoint's tokenizer is no longer the current one: nothing left to orphan
 
 
 def test_tokenizer_token_bytes_must_match_the_tokenizer(tmp_path, tokenizer, monkeypatch):
@@ -1191,7 +1321,7 @@ def test_model_export_cli_bad_input(hf_export, tmp_path, monkeypatch):
 
 
 def test_model_export_refuses_options_transformers_cannot_hold(tokenizer, tmp_path, monkeypatch):
-    from model import build_model, save_checkpoint, export_hf, GPTConfig
+    from model import build_model, save_checkpoint, export_hf
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     cfg = dict(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=2, n_kv_head=2, n_embd=64)
     shutil.copytree(os.path.dirname(tokenizer.path), tmp_path / "tokenizer")
@@ -1262,6 +1392,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         mode = modes.pop(0) if modes else "ok"
         if mode == "503":
             return self.send_error(503)
+        if mode == "html":  # a captive portal: 200 with its login page
+            page = b"<!DOCTYPE html>\n<html><body>Please sign in to use this network</body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            return self.wfile.write(page)
         file = os.path.join(srv.root, path.lstrip("/"))
         if not os.path.isfile(file):
             return self.send_error(404)
@@ -1280,6 +1417,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if mode == "slow":  # 16 KiB every 0.1 s, until the client goes away
+            with contextlib.suppress(OSError):
+                for i in range(0, len(body), 16384):
+                    self.wfile.write(body[i:i + 16384])
+                    time.sleep(0.1)
+            return
         if mode == "drop":  # half the body, then the connection goes away
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
@@ -1681,7 +1824,7 @@ def test_data_task_files_over_http_stop_at_first_404(http_mirror, tmp_path, monk
 def test_data_stale_lock_is_broken(tmp_path):
     dest = str(tmp_path / "s.parquet")
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    open(dest + ".lock", "w").write(f"{data.socket.gethostname()}:{p.stdout.strip()}")  # its owner has exited
+    open(dest + ".lock", "w").write(f"{socket.gethostname()}:{p.stdout.strip()}")  # its owner has exited
     assert _same_as_mirror(data.download_file(SHARD0_URL, dest)) and not os.path.exists(dest + ".lock")
 
 
@@ -1967,6 +2110,86 @@ def test_data_prepare_non_english_end_to_end(tmp_path, monkeypatch):
     report = open(os.path.join(base, "report", "base-model-loss.md")).read()
     val_bpb = float(re.search(r"- val bpb: ([\d.]+)", report).group(1))
     assert 0 < val_bpb < 8, report
+
+
+def test_data_web_page_from_the_mirror_is_an_error_and_never_cached(http_mirror, tmp_path, monkeypatch):
+    words = "/" + data.WORDS_URL.split("://", 1)[1]
+    task = "/huggingface.co/datasets/allenai/ai2_arc/resolve/refs/convert/parquet/ARC-Challenge/validation/0000.parquet"
+    http_mirror.modes = {words: ["html"] * 9, task: ["html"] * 9}
+    mirror = common.get_mirror()
+    page = ("answered with a web page, not {}: check the mirror (--mirror, NANOCHAT_MIRROR) or the network "
+            "(a login page?); nothing was kept")
+    words_page = re.escape(f"{mirror}{words} {page.format('words_alpha.txt')}")
+    with pytest.raises(common.UserError, match=f"^error: {words_page}$"):
+        data.download_file(data.WORDS_URL, str(tmp_path / "words_alpha.txt"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    sent = mirror + task.replace("refs/convert/", "refs%2Fconvert%2F")
+    with pytest.raises(common.UserError, match=f"^error: {re.escape(sent)} {re.escape(page.format('0000.parquet'))}$"):
+        data.ARC("ARC-Challenge", "validation")
+    assert os.listdir(tmp_path) == ["base"] and not [f for _, _, files in os.walk(tmp_path / "base") for f in files]
+    assert len(http_mirror.log) == 2  # no retries
+    # a web page cached by an earlier version is noticed and fetched again
+    http_mirror.modes.clear()
+    open(tmp_path / "words_alpha.txt", "w").write("<html><body>Please sign in</body></html>")
+    path = data.download_file(data.WORDS_URL, str(tmp_path / "words_alpha.txt"))
+    assert open(path, "rb").read() == open(os.path.join(MIRROR, words.lstrip("/")), "rb").read()
+    # the CLI, whose downloads run in threads: one line
+    shard = SHARD0_PATH
+    http_mirror.modes[shard] = ["html"] * 9
+    p = run_script(["data.py", "download", "-n", "1", "-w", "1", "--mirror", mirror], check=False,
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "cli")})
+    assert p.returncode == 1 and p.stderr.endswith(page.format("shard_00000.parquet") + "\n"), p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert os.listdir(tmp_path / "cli" / "base_data") in ([], ["shard_01822.parquet"])  # the val shard may come first
+
+
+def test_data_download_ctrl_c_stops_at_once_and_leaves_nothing_half_done(http_mirror, tmp_path):
+    for i in (0, 1, 2, common.VAL_SHARD_INDEX):
+        http_mirror.modes[SHARD0_PATH.replace("00000", f"{i:05d}")] = ["slow"]  # each shard takes ~7 s
+    folder = tmp_path / "base_data"
+    p = subprocess.Popen([sys.executable, "data.py", "download", "-n", "3", "-w", "2", "--mirror", common.get_mirror()],
+                         cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(n.endswith(".part") and os.path.getsize(folder / n) for n in
+                                                 (os.listdir(folder) if folder.is_dir() else [])):
+            time.sleep(0.05)
+        assert sum(n.endswith(".lock") for n in os.listdir(folder)) == 2  # two downloads under way
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=10)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    assert took < 5 and p.returncode == 130, (took, p.returncode, err)  # (before: after every download, ~15 s)
+    assert err.endswith("\ninterrupted: the files fetched so far are kept; the same command fetches the rest\n"), err
+    assert "Traceback" not in err
+    assert os.listdir(folder) == []  # no partial file, no lock
+
+
+def test_data_null_texts_are_skipped_with_a_note(tokenizer, tmp_path, monkeypatch, capsys):
+    import tokenizer as T
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "base_data")
+    docs = [None if i % 5 == 1 else f"document {i} about a river and its history." for i in range(40)]
+    for idx in (0, common.VAL_SHARD_INDEX):
+        path = str(tmp_path / "base_data" / f"shard_{idx:05d}.parquet")
+        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=10)
+    shard = str(tmp_path / "base_data" / "shard_00000.parquet")
+    kept = [d for d in docs if d is not None]
+    assert list(common.iter_documents("train")) == kept and list(common.iter_documents("train")) == kept
+    assert capsys.readouterr().err == (f"warning: {shard}: skipping documents whose text is null (2 in row group 0; "
+                                       "later ones silently)\n")
+    stats = {"docs": 0, "chars": 0}
+    assert list(T.training_documents([shard], 10**9, 10**4, stats)) == kept  # tokenizer training's reader
+    loader = data.PretrainLoader(tokenizer, 2, 16)  # base training's
+    x, y = next(loader)
+    assert x.shape == (2, 16)
+    loader.close()
+    p = run_script(["tokenizer.py", "train", "--input", shard, "--vocab-size", "300"],
+                   env={"NANOCHAT_BASE_DIR": str(tmp_path / "t")})
+    assert "skipping documents whose text is null" in p.stderr and "32 docs" in p.stdout, p.stdout + p.stderr
 
 
 # =============================================================================
@@ -2856,6 +3079,30 @@ def test_train_chat_data_changes_what_sft_trains_on(base_dir, tiny_chain, tmp_pa
     p = run([sys.executable, str(script), *sft, "--chat-data", mine])
     assert p.returncode == 1 and p.stderr == f"error: {mine}:3: the conversation must end with an assistant reply\n"
     assert "step " not in p.stdout and not os.path.exists(tmp_path / "rows.txt")
+
+
+@SLOW
+def test_train_checkpoint_folder_is_held_by_one_run(base_dir, tokenizer, tmp_path):
+    base = _clone_base(base_dir, str(tmp_path / "base"))
+    folder = os.path.join(base, "base_checkpoints", "d1")
+    os.makedirs(folder)
+    holder = _lock_holder(folder + ".lock")
+    try:
+        assert holder.stdout.readline() == "held\n"
+        p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": base}, check=False)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        who = f"pid {holder.pid} on {re.escape(socket.gethostname())} since [-0-9: ]+"
+        assert re.fullmatch(f"error: {re.escape(folder)}.lock is held by {who}: another run trains into "
+                            f"{re.escape(folder)}; wait for it, or use another --model-tag\n", p.stderr), p.stderr
+    finally:
+        holder.kill()  # kill -9: its lock file stays, its flock goes
+        holder.wait()
+    stray = os.path.join(folder, f"model_000005.pt.tmp{_dead_pid()}")  # a save cut by kill -9
+    open(stray, "w").write("half")
+    p = run_script(["train.py", *TINY_BASE, "--num-iterations", "1"], env={"NANOCHAT_BASE_DIR": base})
+    assert f"note: taking over {folder}.lock: pid {holder.pid} on " in p.stderr, p.stderr
+    assert sorted(os.listdir(folder)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    assert not os.path.exists(folder + ".lock")
 
 
 # =============================================================================

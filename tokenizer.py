@@ -11,6 +11,9 @@ Imports nothing of ours but common.py.
 import os
 import sys
 import copy
+import glob
+import json
+import shutil
 import time
 import heapq
 import pickle
@@ -447,6 +450,26 @@ def tokenizer_dir():
     return os.path.join(common.get_base_dir(), "tokenizer")
 
 
+def checkpoints_using(directory):
+    """Checkpoint folders under the base dir trained with the tokenizer in `directory` (the hash their metas record; a
+    meta without one, by vocab size), relative to the base dir. [] when there is no readable tokenizer there."""
+    try:
+        tok = Tokenizer.load(directory)
+    except Exception:
+        return []
+    base, found = common.get_base_dir(), set()
+    for d in common.CHECKPOINT_DIRS.values():
+        for path in glob.glob(os.path.join(glob.escape(base), d, "*", "meta_*.json")):
+            try:
+                meta = json.load(open(path))
+                same_vocab = meta["model_config"]["vocab_size"] == tok.get_vocab_size()
+                if meta.get("tokenizer_hash", tok.hash) == tok.hash and same_vocab:
+                    found.add(os.path.relpath(os.path.dirname(path), base))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # not a checkpoint anything loads
+    return sorted(found)
+
+
 def _unreadable(path, e):
     return common.UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
 
@@ -493,9 +516,8 @@ def read_input_file(path):
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
         for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield from common.read_texts(pf, rg, path)
     elif path.endswith((".jsonl", ".json")):
-        import json
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -568,6 +590,12 @@ def cmd_train(args):
                         f"merge; at most 2^20), not {args.vocab_size}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise ValueError("--max-chars and --doc-cap must be positive")
+    users = checkpoints_using(tokenizer_dir())
+    backup = os.path.join(common.get_base_dir(), f"tokenizer_{Tokenizer.load(tokenizer_dir()).hash}") if users else None
+    if users and not args.force:
+        raise common.UserError(f"{os.path.join(tokenizer_dir(), 'tokenizer.pkl')} is the tokenizer {', '.join(users)} "
+                               "were trained with; a new one would orphan them: pass --force to replace it (the old "
+                               f"one is then kept in {backup}), or use another NANOCHAT_BASE_DIR")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
     ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress(args.max_chars))
@@ -575,6 +603,10 @@ def cmd_train(args):
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
     assert tok.decode(tok.encode(sample)) == sample, "round trip failed on the sanity string"
+    if users:  # --force: keep the old one for those checkpoints
+        shutil.copytree(tokenizer_dir(), backup, dirs_exist_ok=True)
+        print(f"note: the previous tokenizer, which {', '.join(users)} were trained with, is kept in {backup}: "
+              f"copy it back to {tokenizer_dir()} to use those checkpoints")
     tok.save(tokenizer_dir())
     if tok.get_vocab_size() < args.vocab_size:  # every chunk became one token before the merges ran out
         print(f"note: the corpus only supports {len(ranks) - 256:,} merges, so the vocab is {tok.get_vocab_size():,}, "
@@ -634,7 +666,8 @@ def cmd_eval(args):
     for name, split in (("fwe-train", "train"), ("fwe-val", "val")):
         try:
             import pyarrow.parquet as pq
-            texts[name] = "\n".join(pq.ParquetFile(common.list_shards(split)[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
+            path = common.list_shards(split)[0]
+            texts[name] = "\n".join(common.read_texts(pq.ParquetFile(path), 0, path))
         except FileNotFoundError as e:
             print(f"skipping {name}: {e}")
     tokenizers = {"ours": ours}
@@ -736,6 +769,8 @@ def main():
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
     p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a tokenizer that checkpoints were trained with (it is backed up)")
     sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
     p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
     p.add_argument("--vocab-size", type=int, default=32768)

@@ -384,7 +384,13 @@ def source_tag(args):
 
 def load_start(args, rt, ckpt_dir, fresh_config=None, src_tag=None):
     """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config (base),
-    else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step)."""
+    else the source stage's checkpoint under src_tag. -> (model, model_config, trainer state or None, first step).
+    Rank 0 holds <ckpt_dir>.lock for the whole run (main's cleanup releases it): one run per checkpoint folder."""
+    if rt.rank == 0:
+        common.writable(os.path.dirname(ckpt_dir))
+        busy = f"another run trains into {ckpt_dir}; wait for it, or use another --model-tag"
+        common.take_lock(ckpt_dir + ".lock", busy=busy)
+        common.remove_stray_temps(ckpt_dir)  # half-written files of a killed run
     step = model_lib.last_step(ckpt_dir, rt.world) if args.resume else None
     if args.resume and step is None and (other := model_lib.last_step(ckpt_dir)) is not None:  # no shards for us
         raise common.UserError(f"--resume: {ckpt_dir} step {other} holds no optimizer state for {rt.world} rank(s): "
