@@ -67,7 +67,7 @@ if [ "$MODE" = gpucheck ]; then
   mkdir -p "$NANOCHAT_BASE_DIR"; : > "$LOG"; set +e   # a failed check shows in the table; the others still run
   check() { echo "== $1: ${*:2}" | tee -a "$LOG"; "${@:2}" >> "$LOG" 2>&1; echo "== $1 rc=$?" >> "$LOG"; }
   check setup bash -c "python data.py download -n 2 && python tokenizer.py train --vocab-size 65536 --max-chars 20000000"
-  check base python train.py --stage=base --depth 20 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
+  check base python train.py --stage=base --depth 20 --recipe 2026 --total-batch-size 65536 --num-iterations 15 --eval-every -1 --eval-tokens 0 --core-metric-every -1 --sample-every -1
   check sft python train.py --stage=sft --source base --num-iterations 5 --smoltalk-size 500 --arc-size 50 --gsm8k-size 50 --identity-size 10 --simple-spelling-size 10 --spelling-bee-size 10 --eval-every -1 --eval-tokens 0 --chat-eval-every -1
   check rl python train.py --stage=rl --num-iterations 3 --examples-per-step 2 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --gsm8k-size 20 --eval-every -1 --eval-examples 0 --save-every -1
   check decode python model.py bench --depths 20 --batches 1 8 --device cuda
