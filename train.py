@@ -54,6 +54,7 @@ RECIPES = {
                  weight_decay=0.28, scale_hparams=1, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
                  warmup_steps=40, final_lr_frac=0.05, target_param_data_ratio=12, warmdown_ratio=0.65),
 }
+MUON_FLAGS = ("polar_express", "normuon", "muon_eq", "muon_plus")  # Muon's algorithm: every stage takes them from --recipe
 ARCH_FLAGS = ("window_pattern", "rope_base", "qk_scale", "pad_vocab_to", "resid_lambdas", "value_embeds", "smear", "backout")
 CPU_COMPILE_DEFAULT = 1                # measured: ~1.5x faster steps at depth 4/8 (seq 512) for a ~70-90 s cold compile; tests pass 0
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2.25e15),
@@ -141,7 +142,7 @@ class Muon(torch.optim.Optimizer):
         assert all(p.ndim == 2 for p in params), "Muon takes 2-D matrices only"
         shapes = sorted({tuple(p.shape) for p in params})  # same order on every rank
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        options = {k: options.get(k, 0) for k in ("polar_express", "normuon", "muon_eq", "muon_plus")}
+        options = {k: options.get(k, 0) for k in MUON_FLAGS}
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay, **options))
         self.ns_dtype = ns_dtype
 
@@ -631,10 +632,12 @@ def train_base(args):
     ratio_params = ratio_parameters(model, args.recipe)
     num_steps = args.num_iterations if args.num_iterations > 0 else max(1, int(args.target_param_data_ratio * ratio_params) // total)
     # --scale-hparams: nanochat's transfer from its d12 at 2^19 tokens: lr ~ sqrt(batch), weight decay ~ sqrt(batch) / tokens
-    with torch.device("meta"):
-        d12 = model_lib.GPT(model_lib.config_from_depth(12, V, T, **arch_options(args)))
-    lr_scale = (total / B_REF) ** 0.5 if args.scale_hparams else 1.0
-    weight_decay = args.weight_decay * (lr_scale * ratio_parameters(d12, args.recipe) / ratio_params if args.scale_hparams else 1)
+    lr_scale, weight_decay = 1.0, args.weight_decay
+    if args.scale_hparams:
+        with torch.device("meta"):
+            d12 = model_lib.GPT(model_lib.config_from_depth(12, V, T, **arch_options(args)))
+        lr_scale = (total / B_REF) ** 0.5
+        weight_decay *= lr_scale * ratio_parameters(d12, args.recipe) / ratio_params
     optimizers = build_optimizers(model, args.embedding_lr * lr_scale, args.unembedding_lr * lr_scale, args.matrix_lr * lr_scale,
                                   args.init_lr_frac, scalar_lr=args.scalar_lr * lr_scale, recipe=args.recipe, **muon_options(args))
     stats = new_stats()
@@ -686,7 +689,7 @@ def arch_options(args):
     return {k: type(model_lib.GPTConfig.__dataclass_fields__[k].default)(getattr(args, k)) for k in ARCH_FLAGS}
 
 def muon_options(args):
-    return {k: getattr(args, k) for k in ("polar_express", "normuon", "muon_eq", "muon_plus")}
+    return {k: getattr(args, k) for k in MUON_FLAGS}
 
 def ratio_parameters(model, recipe):
     """The parameters --target-param-data-ratio counts: release all; 2026 the matrices and lm_head (nanochat's scaling fit)."""
@@ -997,8 +1000,7 @@ def parse_args(argv=None):
     args.device_batch_size = None if args.device_batch_size == "auto" else args.device_batch_size
     for k, v in RECIPES["release"].items():  # chat stages: the model is the checkpoint's, lrs are the stage's
         if getattr(args, k) is None:
-            muon = k in ("polar_express", "normuon", "muon_eq", "muon_plus")
-            setattr(args, k, RECIPES[args.recipe].get(k) if args.stage == "base" or muon else v)
+            setattr(args, k, RECIPES[args.recipe].get(k) if args.stage == "base" or k in MUON_FLAGS else v)
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
