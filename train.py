@@ -54,7 +54,7 @@ RECIPES = {
                  weight_decay=0.28, scale_hparams=1, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
                  warmup_steps=40, final_lr_frac=0.05, target_param_data_ratio=12, warmdown_ratio=0.65),
 }
-MUON_FLAGS = ("polar_express", "normuon", "muon_eq", "muon_plus")  # Muon's algorithm: every stage takes them from --recipe
+MUON_FLAGS = ("polar_express", "normuon", "muon_eq", "muon_plus")  # every stage takes these from --recipe
 ARCH_FLAGS = ("window_pattern", "rope_base", "qk_scale", "pad_vocab_to", "resid_lambdas", "value_embeds", "smear", "backout")
 CPU_COMPILE_DEFAULT = 1                # measured: ~1.5x faster steps at depth 4/8 (seq 512) for a ~70-90 s cold compile; tests pass 0
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2.25e15),
