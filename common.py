@@ -20,6 +20,15 @@ class UserError(SystemExit):
     def __init__(self, message):
         super().__init__("error: " + " ".join(message.split()))  # one line, whatever a quoted library error holds
 
+def run_main(main):
+    """Every script's entry point: a missing file prints as one UserError line (no traceback), Ctrl-C exits 130 quietly."""
+    try:
+        main()
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+
 # -----------------------------------------------------------------------------
 # where things live
 
