@@ -29,7 +29,7 @@ import torch
 
 import common
 from tokenizer import get_tokenizer
-from model import Engine, RowState, TextStreamer, load_model, build_model, config_from_depth, sample_next_token, _BenchTokenizer
+from model import Engine, RowState, TextStreamer, load_model, build_model, config_from_depth, sample_next_token, BenchTokenizer
 
 # abuse limits of SPEC 10.6 (HTTP 400 beyond them)
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
@@ -628,7 +628,7 @@ def build_app(args):
         except FileNotFoundError:
             if not args.bench:
                 raise
-            random_init, tokenizer = True, _BenchTokenizer(65536)  # no checkpoint: time a random-init depth-4 model (as model.py bench)
+            random_init, tokenizer = True, BenchTokenizer(65536)  # no checkpoint: time a random-init depth-4 model (as model.py bench)
             torch.manual_seed(0)
             model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
         engines.append(Engine(model, tokenizer))

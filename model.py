@@ -786,7 +786,7 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
 # -----------------------------------------------------------------------------
 # benchmark
 
-class _BenchTokenizer:
+class BenchTokenizer:
     """The benchmark needs no text: special tokens sit at the top ids (python_* never sampled in practice)."""
     NAMES = ["bos", "user_start", "user_end", "assistant_start", "assistant_end", "python_start", "python_end", "output_start", "output_end"]
 
@@ -808,7 +808,7 @@ def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
     torch.manual_seed(0)
     for depth in depths:
         model = build_model(asdict(config_from_depth(depth, vocab_size)), device).eval()
-        engine = Engine(model, _BenchTokenizer(vocab_size))
+        engine = Engine(model, BenchTokenizer(vocab_size))
         prompt = torch.randint(0, vocab_size - 9, (prompt_len,)).tolist()
         for num_samples in batches:
             ttft, decode = float("inf"), 0.0
