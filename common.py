@@ -15,13 +15,13 @@ import contextlib
 import urllib.parse
 
 class UserError(SystemExit):
-    """A bad input or broken file, in one line naming it and the fix. Uncaught, Python prints the message and exits 1 with
-    no traceback, so every entry point (and every torchrun rank) reports it without a handler of its own."""
+    """A bad input or broken file, in one line naming it and the fix. Uncaught, Python prints the message and exits 1
+    with no traceback, so every entry point (and every torchrun rank) reports it without a handler of its own."""
     def __init__(self, message):
         super().__init__("error: " + " ".join(message.split()))  # one line, whatever a quoted library error holds
 
 def run_main(main):
-    """Every script's entry point: a missing file prints as one UserError line (no traceback), Ctrl-C exits 130 quietly."""
+    """Every script's entry point: a missing file prints as one UserError line (no traceback); Ctrl-C exits 130."""
     try:
         main()
     except FileNotFoundError as e:
@@ -57,7 +57,8 @@ def writable(folder):
     return folder
 
 # training stage -> checkpoint folder name under the base dir
-CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                   "rl": "chatrl_checkpoints"}
 
 def checkpoint_dir(stage, tag=None):
     root = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage])
@@ -118,7 +119,8 @@ def autodetect_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 def init_runtime(device=None, seed=42):
-    """Pick the device, join the process group under torchrun (NCCL on GPU, gloo on CPU), seed. -> (ddp, rank, local_rank, world, device)"""
+    """Pick the device, join the process group under torchrun (NCCL on GPU, gloo on CPU), seed.
+    -> (ddp, rank, local_rank, world, device)"""
     import torch
     import torch.distributed as dist
     ddp, rank, local_rank, world = dist_info()
@@ -189,7 +191,7 @@ def take_lock(path, busy=None, stop=None):
                 print(f"waiting for {path}: held by {owner}", file=sys.stderr, flush=True)
                 told = True
             if stop is not None and stop.is_set():
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt from None
             time.sleep(0.2)
             continue
         try:
@@ -279,7 +281,8 @@ def shard_dir():
 def list_shards(split):
     """Sorted shard paths of a split: 'val' = the fixed validation shard, 'train' = every other shard on disk."""
     data_dir = shard_dir()
-    names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".parquet")) if os.path.isdir(data_dir) else []
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    names = sorted(n for n in names if n.startswith("shard_") and n.endswith(".parquet"))
     val_name = os.path.basename(shard_path(VAL_SHARD_INDEX))
     paths = [os.path.join(data_dir, n) for n in names if (n == val_name) == (split == "val")]
     if not paths:
@@ -293,27 +296,36 @@ def shard_errors(path):
         yield
     except (OSError, ValueError) as e:
         n = 1 if path == shard_path(VAL_SHARD_INDEX) else int(os.path.basename(path)[6:-8]) + 1  # shard_NNNNN.parquet
-        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): repair it with `python data.py download -n {n}`") from None
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}): "
+                        f"repair it with `python data.py download -n {n}`") from None
 
 _null_files = set()  # files whose null texts were already reported
 
-def read_texts(pf, rg, path):
-    """The 'text' column of row group rg of the open ParquetFile pf, without null entries (reported once per file)."""
-    texts = pf.read_row_group(rg, columns=["text"]).column("text")
-    if texts.null_count and path not in _null_files:
-        _null_files.add(path)
-        print(f"warning: {path}: skipping documents whose text is null ({texts.null_count} in row group {rg}; "
-              "later ones silently)", file=sys.stderr, flush=True)
-    return texts.drop_null().to_pylist()
+def parquet_texts(path, row_group=None):
+    """The 'text' column of one row group (None: of every row group) of a parquet file, as a list of str, without null
+    entries (reported once per file)."""
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    texts = []
+    for rg in range(pf.num_row_groups) if row_group is None else [row_group]:
+        column = pf.read_row_group(rg, columns=["text"]).column("text")
+        if column.null_count and path not in _null_files:
+            _null_files.add(path)
+            print(f"warning: {path}: skipping documents whose text is null ({column.null_count} in row group {rg}; "
+                  "later ones silently)", file=sys.stderr, flush=True)
+        texts += column.drop_null().to_pylist()
+    return texts
 
-def iter_row_groups(split, start=0, step=1, paths=None):
+def read_texts(pf, rg, path):  # the old spelling data.py and tokenizer.py still use: goes when they switch
+    return parquet_texts(path, rg)
+
+def iter_row_groups(split, start=0, step=1):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
     import pyarrow.parquet as pq
-    for fi, path in enumerate(paths or list_shards(split)):
+    for fi, path in enumerate(list_shards(split)):
         with shard_errors(path):
-            pf = pq.ParquetFile(path)
-            for rg in range(start, pf.num_row_groups, step):
-                yield fi, rg, read_texts(pf, rg, path)
+            for rg in range(start, pq.ParquetFile(path).num_row_groups, step):
+                yield fi, rg, parquet_texts(path, rg)
 
 def iter_documents(split, start=0, step=1):
     """Every document of a split, in order (row groups strided by start/step)."""
@@ -335,18 +347,29 @@ def _format_value(v):
         return f"{v:,}"
     return str(v)
 
-def write_report_section(title, data):
-    """report/<slug>.md: '## Title', 'timestamp: ...', then '- key: value' lines; a str item in a list is written verbatim."""
+def slug(title):
+    return title.lower().replace(" ", "-")
+
+# slug -> title of every section, in the order report.md shows them (header.md is eval.py's, written whole)
+REPORT_SECTIONS = {slug(title): title for title in (
+    "Header", "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
+    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL",
+    "Chat evaluation rl", "Reply endings")}
+TRAINING_SECTIONS = {"base": "base-model-training", "mid": "midtraining", "sft": "chat-sft", "rl": "chat-rl"}
+
+def write_report_section(section, data):
+    """report/<slug>.md: '## Title', 'timestamp: ...', then '- key: value' lines; a str item in a list is written
+    verbatim. `section`: a slug of REPORT_SECTIONS, or a title of its own."""
     if get_rank() != 0:
         return
+    title = REPORT_SECTIONS.get(section, section)
     lines = [f"## {title}", f"timestamp: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
     for item in (data if isinstance(data, list) else [data]):
         if isinstance(item, str):
             lines.append(item)
         else:
             lines.extend(f"- {k}: {_format_value(v)}" for k, v in item.items())
-    slug = title.lower().replace(" ", "-")
-    atomic_write_text(os.path.join(report_dir(), f"{slug}.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(report_dir(), f"{slug(title)}.md"), "\n".join(lines) + "\n")
 
 def append_log(stage, record):
     """Append one JSON line to report/<stage>_log.jsonl (the source of the loss curves)."""
