@@ -1,10 +1,10 @@
 """
-The one GPT definition (nanochat release architecture, SPEC 2.1-2.2), its KV cache and generation Engine with the
-calculator tool (SPEC 10.1-10.4), checkpoint save/load (SPEC 4.7) and the transformers export. Imports only torch and
-common.py (and tokenizer.py inside the export).
+The one GPT definition (the nanochat release architecture; GUIDE sections 4 and 7), its KV cache and generation
+Engine with the calculator tool, checkpoint save/load and the transformers export. Imports only torch and common.py
+(and tokenizer.py inside the export).
 
+    python model.py export --source sft --out DIR   # a Hugging Face transformers folder (weights, tokenizer, template)
     python model.py bench      # prefill / decode tok/s and time to first token of random-init models
-    python model.py export --source sft --out DIR   # a Hugging Face transformers folder (weights, tokenizer, chat template)
 """
 import os
 import re
@@ -32,8 +32,10 @@ SMEAR_CHANNELS = 24
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
-LOSS_CHUNK = {False: 2**24, True: 2**27}  # logits per loss chunk on CPU / CUDA (2^23 on CPU: 15% slower; CUDA: fewer to compile)
-ACT_BYTES = {False: 72, True: 48}  # saved per token, layer and unit of width, fp32 / bf16 autocast (saved_tensors_hooks)
+LOSS_CHUNK_CPU = 2**24  # logits per chunk of the loss on CPU (half of it measured 15% slower)
+LOSS_CHUNK_CUDA = 2**27  # on CUDA: fewer, larger chunks for torch.compile to trace
+ACT_BYTES_FP32 = 72     # activation bytes saved per token, layer and unit of width (measured with saved_tensors_hooks)
+ACT_BYTES_BF16 = 48     # the same under CUDA's bf16 autocast
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -71,14 +73,14 @@ def padded_vocab(c):
     return -(-c.vocab_size // c.pad_vocab_to) * c.pad_vocab_to
 
 def config_from_depth(depth, vocab_size, sequence_len=2048, **options):
-    """The single depth dial: d = 64*depth, heads of 128 dims (fewer when needed to divide d), plain multi-head attention."""
+    """The depth dial: d = 64*depth, heads of 128 dims (smaller when needed to divide d), plain multi-head attention."""
     assert depth >= 1, "depth must be >= 1"
     n_embd = 64 * depth
     n_head = max(1, math.ceil(n_embd / 128))  # the release rule; when it does not divide d (depth 5, 9, ...),
     while n_embd % n_head or (n_embd // n_head) % 2:  # take the next head count that does (even head_dim for rotary)
         n_head += 1
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
-                     **options)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=n_embd, **options)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -87,8 +89,8 @@ def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear. For a few rows on CPU (decode) F.linear reads the weight at about a third of memory speed (this
-    2-core AMD machine); the same fp32 product as one bmm over the two halves of w (a view) is ~3x faster, ~1.5x at 9-64 rows."""
+    """A bias-free nn.Linear. For a few rows on CPU (decode) F.linear reads the weight well below memory speed; the same
+    fp32 product as one bmm over the two halves of w (a view) is faster up to 64 rows (README: decoding speed)."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -105,7 +107,7 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm
 
 def visible(qpos, Tk, window):
-    """Bool mask (B|1, 1, T, Tk): the query at position p sees key j when j <= p and p - j <= window (None: no limit)."""
+    """Bool mask (B|1, 1, T, Tk): the query at position p sees key j when 0 <= p - j <= window (None: no limit)."""
     d = qpos[..., None] - torch.arange(Tk, device=qpos.device)
     return ((d >= 0) & (d <= (Tk if window is None else window)))[:, None]
 
@@ -135,7 +137,8 @@ class Attention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # value residual: the token's value embedding, through a per-head gate in (0, 3)
-            v = v + 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])).unsqueeze(-1) * ve.view_as(v).to(v.dtype)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])).unsqueeze(-1)
+            v = v + gate * ve.view_as(v).to(v.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
         if self.qk_scale != 1.0:
             q, k = q * self.qk_scale, k * self.qk_scale
@@ -174,14 +177,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config, V, L = config, padded_vocab(config), config.n_layer
+        self.config = config
+        V, L = padded_vocab(config), config.n_layer
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(V, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(L)]),
         ))
         self.lm_head = Linear(config.n_embd, V)  # untied from wte
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embed(config, i)})
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(L) if has_value_embed(config, i)})
         if config.resid_lambdas:
             self.resid_lambdas, self.x0_lambdas = nn.Parameter(torch.ones(L)), nn.Parameter(torch.zeros(L))
         if config.smear:
@@ -219,9 +224,11 @@ class GPT(nn.Module):
                 elif name == "lm_head":
                     nn.init.normal_(module.weight, mean=0.0, std=0.001)
                 elif recipe == "release":
-                    nn.init.normal_(module.weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+                    std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
                 else:
-                    nn.init.uniform_(module.weight, -s * (0.4 if name.endswith("c_fc") else 1), s * (0.4 if name.endswith("c_fc") else 1))
+                    bound = s * (0.4 if name.endswith("c_fc") else 1)
+                    nn.init.uniform_(module.weight, -bound, bound)
         for name, module in self.named_modules():
             if name.endswith("ve_gate") or name == "smear_gate":  # gates start slightly open
                 nn.init.uniform_(module.weight, 0.0, 0.02)
@@ -243,14 +250,13 @@ class GPT(nn.Module):
 
     def param_counts(self):
         """Parameter counts: wte, lm_head, transformer blocks (matrices), value embeddings, total."""
-        wte, lm_head = self.transformer.wte.weight.numel(), self.lm_head.weight.numel()
-        blocks = sum(p.numel() for p in self.transformer.h.parameters())
-        ve = sum(p.numel() for p in self.value_embeds.parameters())
-        return {"wte": wte, "lm_head": lm_head, "blocks": blocks, "value_embeds": ve, "total": sum(p.numel() for p in self.parameters())}
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        return {"wte": count(self.transformer.wte), "lm_head": count(self.lm_head), "blocks": count(self.transformer.h),
+                "value_embeds": count(self.value_embeds), "total": count(self)}
 
     def estimate_flops(self):
-        """FLOPs per token: 6 per weight of every matmul (embedding lookups are free) + 12*H*hd per layer and key a query
-        attends to (T, or the layer's window when shorter)."""
+        """FLOPs per token: 6 per weight of every matmul (embedding lookups are free) + 12*H*hd per layer and key a
+        query attends to (T, or the layer's window when shorter)."""
         c, T = self.config, self.config.sequence_len
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul + 12 * c.n_head * (c.n_embd // c.n_head) * sum(min(w or T, T) for w in layer_windows(c))
@@ -261,7 +267,7 @@ class GPT(nn.Module):
         t0 = kv_cache.pos if kv_cache is not None else 0
         assert t0 + T <= self.cos.size(1), f"sequence position {t0 + T} exceeds the rotary table ({self.cos.size(1)})"
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        if kv_cache is not None and kv_cache.lengths is not None:  # rows of different lengths: each row's own next position
+        if kv_cache is not None and kv_cache.lengths is not None:  # rows of different lengths: each its own position
             pos = kv_cache.lengths[:idx.size(0), None]
             cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, 1, 1, hd/2)
         x = norm(self.transformer.wte(idx))
@@ -279,10 +285,11 @@ class GPT(nn.Module):
         return norm(x)
 
     def smear(self, x, kv_cache):
-        """x_t += smear_lambda * sigmoid(gate(x_t)) * x_(t-1): the previous token's embedding, from the cache at a decode
-        step (the first position has none)."""
+        """x_t += smear_lambda * sigmoid(gate(x_t)) * x_(t-1): the previous token's embedding, from the cache at a
+        decode step (the first position has none)."""
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        before = kv_cache.emb[:x.size(0)] if kv_cache is not None and kv_cache.emb is not None else torch.zeros_like(x[:, :1])
+        cached = kv_cache is not None and kv_cache.emb is not None
+        before = kv_cache.emb[:x.size(0)] if cached else torch.zeros_like(x[:, :1])
         out = x + gate * torch.cat((before, x[:, :-1]), dim=1)
         if kv_cache is not None:
             kv_cache.keep_embedding(x[:, -1:])
@@ -293,7 +300,7 @@ class GPT(nn.Module):
         return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())  # softcap in fp32
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """-> logits (B, T, V) fp32, or the CE loss (targets -1 ignored): a scalar for 'mean'/'sum', (B, T) for 'none'."""
+        """-> fp32 logits (B, T, V), or the CE loss (targets -1 ignored): scalar for 'mean'/'sum', (B, T) for 'none'."""
         with common.autocast_ctx(idx.device):  # bf16 compute on CUDA, callers do nothing
             x = self.trunk(idx, kv_cache)
             if targets is None:
@@ -301,17 +308,6 @@ class GPT(nn.Module):
         w = self.lm_head.weight[:self.config.vocab_size]
         loss = chunked_cross_entropy(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive reference sampler: batch 1, no cache, re-forward the whole sequence each step. Yields token ids."""
-        device = self.get_device()
-        rng = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            next_id = sample_next_token(self(ids)[:, -1, :], rng, temperature, top_k)
-            ids = torch.cat((ids, next_id), dim=1)
-            yield next_id.item()
 
 def _chunk_loss(x, w, y, g=None, dw=None):
     """Per-row CE of softcap(x w^T) (0 at y == -1); given upstream per-row grads g, also dx and dw += by hand:
@@ -326,37 +322,43 @@ def _chunk_loss(x, w, y, g=None, dw=None):
     p = (s - lse[:, None]).exp_()
     p.scatter_(1, yc, p.gather(1, yc) - 1)
     p = p.mul_(s.div_(SOFTCAP).square_().neg_().add_(1)).mul_((g * valid)[:, None]).to(dt)
-    dw.addmm_(p.t(), x) if dw.dtype == dt else dw.add_(p.t() @ x.to(dt))  # fp32: in place, no (V, d) temporary per chunk
+    dw.addmm_(p.t(), x) if dw.dtype == dt else dw.add_(p.t() @ x.to(dt))  # fp32 in place: no (V, d) temporary
     return loss, p @ w.to(dt)
 
-def _chunked(x, w, y, g=None):
-    """_chunk_loss over blocks of LOSS_CHUNK // V rows -> (loss (N,), dx or None, dw fp32 or None)."""
-    rows, dw = max(1, LOSS_CHUNK[x.is_cuda] // w.size(0)), None if g is None else torch.zeros_like(w, dtype=torch.float32)
-    out = [_chunk_loss(x[i:i + rows], w, y[i:i + rows], None if g is None else g[i:i + rows], dw) for i in range(0, x.size(0), rows)]
-    return torch.cat([o[0] for o in out]), None if g is None else torch.cat([o[1] for o in out]).to(x.dtype), dw
+def loss_chunk_rows(vocab_size, cuda):  # rows of logits the chunked loss makes at once
+    return max(1, (LOSS_CHUNK_CUDA if cuda else LOSS_CHUNK_CPU) // vocab_size)
 
-def _reduce(loss, y, reduction):
+def _chunked_loss(x, w, y, g=None):
+    """_chunk_loss over blocks of loss_chunk_rows rows -> (loss (N,), dx or None, dw fp32 or None)."""
+    rows = loss_chunk_rows(w.size(0), x.is_cuda)
+    dw = None if g is None else torch.zeros_like(w, dtype=torch.float32)
+    out = [_chunk_loss(x[i:i + rows], w, y[i:i + rows], None if g is None else g[i:i + rows], dw)
+           for i in range(0, x.size(0), rows)]
+    dx = None if g is None else torch.cat([o[1] for o in out]).to(x.dtype)
+    return torch.cat([o[0] for o in out]), dx, dw
+
+def _reduce_loss(loss, y, reduction):
     return loss.sum() / (y >= 0).sum() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 class ChunkedCE(torch.autograd.Function):
-    """Not torch.utils.checkpoint: 'mean'/'sum' compute their gradients in the forward pass, one lm_head matmul fewer than
-    a recomputing backward, and it traces under torch.compile; 'none' (per-row upstream grads) recomputes each chunk."""
+    """Not torch.utils.checkpoint: 'mean'/'sum' compute their gradients in the forward pass (one lm_head matmul fewer
+    than recomputing) and it traces under torch.compile; 'none' (per-row upstream grads) recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, x, w, y, reduction):
         ctx.reduction = reduction
         if reduction == "none":
             ctx.save_for_backward(x, w, y)
-            return _chunked(x, w, y)[0]
+            return _chunked_loss(x, w, y)[0]
         scale = 1.0 / (y >= 0).sum() if reduction == "mean" else torch.ones((), device=x.device)
-        loss, dx, dw = _chunked(x, w, y, scale.expand(y.shape))
+        loss, dx, dw = _chunked_loss(x, w, y, scale.expand(y.shape))
         ctx.save_for_backward(dx, dw)
-        return _reduce(loss, y, reduction)
+        return _reduce_loss(loss, y, reduction)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.reduction == "none":
-            return *_chunked(*ctx.saved_tensors, g)[1:], None, None
+            return *_chunked_loss(*ctx.saved_tensors, g)[1:], None, None
         dx, dw = ctx.saved_tensors
         return dx * g, dw * g, None, None
 
@@ -365,23 +367,25 @@ def chunked_cross_entropy(x, w, y, reduction="mean"):
     rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile)."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return ChunkedCE.apply(x, w, y, reduction)
-    return _reduce(_chunked(x, w, y)[0], y, reduction)
+    return _reduce_loss(_chunked_loss(x, w, y)[0], y, reduction)
 
 def estimate_memory(model, rows, world=1, cuda=True, T=None):
-    """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads, optimizer
-    state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations, the backward's
-    working set, a loss chunk, CPU attention under a window. On CPU it came within 20% of the measured peak RSS above the
-    process's start (README)."""
+    """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads,
+    optimizer state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations,
+    the backward's working set, a loss chunk (4 temporaries of its logits, and dw), CPU attention under a window. On
+    CPU it came within 20% of the measured peak RSS above the process's start (README)."""
     c, n = model.config, model.param_counts()
     T = T or c.sequence_len
     tokens = rows * T
+    act_bytes = ACT_BYTES_BF16 if cuda else ACT_BYTES_FP32
+    windowed = sum(w is not None and w < T - 1 for w in layer_windows(c))
     parts = dict(params=4 * n["total"] + (2 * (n["blocks"] + n["lm_head"]) if cuda else 0), grads=4 * n["total"],
                  optimizer=(4 * n["blocks"] + 8 * (n["total"] - n["blocks"])) // world,  # Muon: momentum; AdamW: two
-                 activations=tokens * c.n_embd * (ACT_BYTES[cuda] * c.n_layer + 16),  # + embedding, final norm, loss dx
-                 backward=tokens * c.n_embd * ACT_BYTES[cuda],  # the layer being backpropagated: its grads and temporaries
-                 loss_chunk=4 * (4 * min(tokens, max(1, LOSS_CHUNK[cuda] // c.vocab_size)) * c.vocab_size + n["lm_head"]),  # 4 temporaries + dw
-                 # a windowed layer on CPU: SDPA with a mask keeps its (rows, heads, T, T) probabilities for the backward
-                 windows=0 if cuda else 4 * tokens * T * c.n_head * sum(w is not None and w < T - 1 for w in layer_windows(c)))
+                 activations=tokens * c.n_embd * (act_bytes * c.n_layer + 16),  # + embedding, final norm, loss dx
+                 backward=tokens * c.n_embd * act_bytes,  # the layer being backpropagated: its grads and temporaries
+                 loss_chunk=4 * (4 * min(tokens, loss_chunk_rows(c.vocab_size, cuda)) * c.vocab_size + n["lm_head"]),
+                 # a windowed layer on CPU: SDPA with a mask keeps (rows, heads, T, T) probabilities for the backward
+                 windows=0 if cuda else 4 * tokens * T * c.n_head * windowed)
     return dict(parts, total=sum(parts.values()))
 
 def build_model(model_config, device, init="release"):
@@ -393,7 +397,7 @@ def build_model(model_config, device, init="release"):
     return model
 
 def set_sequence_len(model, T):
-    """A chat stage training at another T: the config says so, and the short attention windows follow (a quarter of T)."""
+    """A chat stage training at another T: the config says so, and the short attention windows follow."""
     model.config.sequence_len = T
     for block, window in zip(model.transformer.h, layer_windows(model.config)):
         block.attn.window = window
@@ -403,8 +407,8 @@ def set_sequence_len(model, T):
 
 class KVCache:
     """Keys/values (L, B, Hkv, capacity, hd), allocated at the first insert; pos advances after the last layer inserts.
-    Ragged (continuous batching): row b holds lengths[b] tokens and a decode step writes its new one there, masking later keys.
-    Per-row positions, not left padding: a row joining or leaving never moves the others, each keeps its rotary positions."""
+    Ragged (continuous batching): row b holds lengths[b] tokens, a decode step writes its new one there and masks later
+    keys. Per-row positions, not left padding: a row joining or leaving never moves the others' rotary positions."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, ragged=False):
         self.shape = [num_layers, batch_size, num_heads, seq_len, head_dim]
@@ -413,7 +417,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long) if ragged else None
 
     def _allocate(self, like):
-        # zeros, not empty: a ragged batch reads every row's slots up to the longest row, and a masked NaN still poisons softmax
+        # zeros, not empty: a ragged batch reads every row's slots up to the longest row; a masked NaN poisons softmax
         self.k = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
         self.lengths = None if self.lengths is None else self.lengths.to(like.device)
@@ -427,8 +431,8 @@ class KVCache:
         self.v[:, :, :, :self.pos] = v[:, :, :, :self.pos]
 
     def insert(self, layer, k, v):
-        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer (ragged: one token per row at its length); return
-        views of all keys/values so far."""
+        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer (ragged: one token per row at its length);
+        return views of all keys/values so far."""
         if self.k is None:
             self._allocate(k)
         if self.lengths is not None:
@@ -482,8 +486,8 @@ class KVCache:
 TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40: NaN probabilities); sampling is all but greedy there
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest; every
-    row sampled independently."""
+    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest;
+    every row sampled independently."""
     assert temperature >= 0.0, "temperature must be non-negative"
     if temperature < TEMPERATURE_FLOOR:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -493,21 +497,22 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
     return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
 
-_CALC_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+_CALC_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+             ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
 
-def _num(value):
+def _number(value):
     if type(value) not in (int, float):  # bool and str excluded: no 'ab' * 3, no True + 1
         raise ValueError("arithmetic on a non-number")
     return value
 
-def _calc(node):
+def _evaluate(node):
     """Evaluate a whitelisted AST node; raise ValueError on anything else."""
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _CALC_OPS:
-        return _CALC_OPS[type(node.op)](_num(_calc(node.left)), _num(_calc(node.right)))
+        return _CALC_OPS[type(node.op)](_number(_evaluate(node.left)), _number(_evaluate(node.right)))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _num(_calc(node.operand))
+        value = _number(_evaluate(node.operand))
         return -value if isinstance(node.op, ast.USub) else value
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
             and isinstance(node.func.value, ast.Constant) and type(node.func.value.value) is str
@@ -526,7 +531,7 @@ def use_calculator(expr):
         with warnings.catch_warnings():  # model-written junk such as "1.2.3" should not print SyntaxWarnings
             warnings.simplefilter("ignore")
             tree = ast.parse(expr, mode="eval")
-        value = _calc(tree.body)
+        value = _evaluate(tree.body)
     except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
         return None
     if isinstance(value, float) and not math.isfinite(value):
@@ -535,7 +540,7 @@ def use_calculator(expr):
 
 @dataclass
 class RowState:
-    """Per-row tool-use state (SPEC 10.3)."""
+    """One row's tool state: forced tool output to emit, inside a python block or not, its expression, ended or not."""
     forced: deque = field(default_factory=deque)  # tokens to emit instead of samples (mask 0)
     in_python_block: bool = False
     python_expr_tokens: list = field(default_factory=list)
@@ -546,9 +551,11 @@ class Engine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        names = ("python_start", "python_end", "output_start", "output_end", "assistant_end", "bos")
+        self._special = {n: tokenizer.encode_special(f"<|{n}|>") for n in names}  # looked up once
 
     def specials(self):
-        return {n: self.tokenizer.encode_special(f"<|{n}|>") for n in ("python_start", "python_end", "output_start", "output_end", "assistant_end", "bos")}
+        return self._special
 
     def cache(self, batch_size, seq_len, ragged=False):
         c = self.model.config
@@ -565,7 +572,7 @@ class Engine:
         return kv, self.forward_last(torch.tensor([tokens], dtype=torch.long, device=self.model.get_device()), kv)
 
     def row_step(self, row, sampled, special):
-        """One row's next token (a forced tool output wins over the sample) and its mask; updates the row's tool state."""
+        """One row's next token (a forced tool output wins over the sample) and its mask; updates its tool state."""
         forced = bool(row.forced)
         t = row.forced.popleft() if forced else sampled
         if t in (special["assistant_end"], special["bos"]):
@@ -584,13 +591,15 @@ class Engine:
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yield (token_column, mask_column): python lists of length num_samples (mask 1 sampled, 0 forced)."""
-        assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), "tokens must be a non-empty list of ints"
-        c, special = self.model.config, self.specials()
+        assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), (
+            "tokens must be a non-empty list of ints")
+        c = self.model.config
         device = self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         kv1, logits = self.prefill(tokens)  # 1) the prompt once at batch 1
         # 2) the decode cache: num_samples rows, room for the whole completion
-        kv = self.cache(num_samples, len(tokens) + max_tokens if max_tokens is not None else max(c.sequence_len, len(tokens)))
+        room = len(tokens) + max_tokens if max_tokens is not None else max(c.sequence_len, len(tokens))
+        kv = self.cache(num_samples, room)
         kv.prefill(kv1)
         del kv1
         logits = logits.expand(num_samples, -1)
@@ -600,7 +609,8 @@ class Engine:
         generated = 0
         while generated < limit and not all(r.completed for r in rows):
             sampled = sample_next_token(logits, rng, temperature, top_k)
-            token_column, mask_column = map(list, zip(*(self.row_step(row, s, special) for row, s in zip(rows, sampled.view(-1).tolist()))))
+            steps = [self.row_step(row, s, self._special) for row, s in zip(rows, sampled.view(-1).tolist())]
+            token_column, mask_column = map(list, zip(*steps))
             yield token_column, mask_column
             generated += 1
             if generated >= limit:
@@ -609,8 +619,8 @@ class Engine:
             logits = self.forward_last(column, kv)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """-> (rows of prompt + completion, rows of masks); a row ends at <|assistant_end|> or <|bos|>, which is not included."""
-        stop_ids = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.encode_special("<|bos|>")}
+        """-> (rows of prompt + completion, rows of masks); a row ends before <|assistant_end|> or <|bos|>."""
+        stop_ids = {self._special["assistant_end"], self._special["bos"]}
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -628,7 +638,9 @@ class TextStreamer:
     """Turns a stream of token ids into text, releasing it only at whole UTF-8 characters (emoji, CJK)."""
 
     def __init__(self, tokenizer, max_pending=8):
-        self.tokenizer, self.max_pending, self.pending = tokenizer, max_pending, []
+        self.tokenizer = tokenizer
+        self.max_pending = max_pending
+        self.pending = []
 
     def push(self, token_id):
         """-> the newly completed text ("" while in the middle of a character)."""
@@ -668,20 +680,22 @@ def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, ran
                                "intact)") from None
 
 def _read_meta(path):
-    """-> (meta, None), or (None, one line naming the file and what is wrong: unreadable, or no model_config a GPT takes)."""
+    """-> (meta, None), or (None, one line naming the file and its fault: unreadable, no model_config a GPT takes)."""
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         return None, f"{path} is unreadable ({e})"
-    cfg, fields = meta.get("model_config") if isinstance(meta, dict) else None, GPTConfig.__dataclass_fields__
-    if not isinstance(cfg, dict) or not set(RELEASE_FIELDS) <= set(cfg) <= set(fields) or \
-            not all(type(cfg[k]) is int and cfg[k] > 0 for k in RELEASE_FIELDS):
+    cfg = meta.get("model_config") if isinstance(meta, dict) else None
+    fields = GPTConfig.__dataclass_fields__
+    if (not isinstance(cfg, dict) or not set(RELEASE_FIELDS) <= set(cfg) <= set(fields)
+            or not all(type(cfg[k]) is int and cfg[k] > 0 for k in RELEASE_FIELDS)):
         return None, f"{path}: model_config must give {', '.join(RELEASE_FIELDS)}, each a positive integer"
     if bad := [k for k in cfg if k not in RELEASE_FIELDS and not isinstance(cfg[k], type(fields[k].default))]:
         return None, f"{path}: model_config's {', '.join(bad)} must be of the type of GPTConfig's default"
     if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"] or cfg["n_embd"] // cfg["n_head"] % 2:
-        return None, f"{path}: model_config's n_embd must split into n_head heads of even size, n_head into n_kv_head groups"
+        return None, (f"{path}: model_config's n_embd must split into n_head heads of even size, "
+                      "n_head into n_kv_head groups")
     return meta, None
 
 def _torch_load(path, device, weights_only=True):
@@ -700,10 +714,12 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokeni
     meta, problem = _read_meta(meta_path)
     if problem:
         raise common.UserError(problem)
-    want, V, have = meta.get("tokenizer_hash"), meta["model_config"]["vocab_size"], getattr(tokenizer, "hash", None)
+    want, have = meta.get("tokenizer_hash"), getattr(tokenizer, "hash", None)
+    V = meta["model_config"]["vocab_size"]
     if tokenizer is not None and (tokenizer.get_vocab_size() != V or want not in (None, have)):
-        raise common.UserError(f"{meta_path} was trained with tokenizer {want or '?'} (vocab {V}) but {getattr(tokenizer, 'path', 'the tokenizer')} "
-                               f"is {have} (vocab {tokenizer.get_vocab_size()}): put that tokenizer back, or train from this one again")
+        raise common.UserError(f"{meta_path} was trained with tokenizer {want or '?'} (vocab {V}) but "
+                               f"{getattr(tokenizer, 'path', 'the tokenizer')} is {have} (vocab "
+                               f"{tokenizer.get_vocab_size()}): put that tokenizer back, or train from this one again")
     model_state = _torch_load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
     optimizer_state = None
     if load_optimizer:
@@ -716,8 +732,8 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, tokeni
     return model_state, optimizer_state, meta
 
 def step_problem(ckpt_dir, step, world=0):
-    """Why checkpoint `step` cannot be loaded, in one line naming the file, or None: the meta, then the model's zip (torch.save
-    writes one) with every CRC, then (world > 0) the zip directory at the end of every rank's optimizer shard."""
+    """Why checkpoint `step` cannot be loaded, in one line naming the file, or None: the meta, the model's zip (as
+    torch.save writes it) with every CRC, then (world > 0) the zip directory at the end of each optimizer file."""
     if problem := _read_meta(os.path.join(ckpt_dir, f"meta_{step:06d}.json"))[1]:
         return problem
     for i, name in enumerate([f"model_{step:06d}.pt"] + [f"optim_{step:06d}_rank{r}.pt" for r in range(world)]):
@@ -736,7 +752,8 @@ def last_step(ckpt_dir, world=0):
     warning for each newer step skipped; half-written temp files are ignored. None if there is none."""
     if not os.path.isdir(ckpt_dir):
         return None
-    steps = {int(m.group(1)) for n in os.listdir(ckpt_dir) if (m := re.fullmatch(r"(?:model|meta)_(\d{6,})\.(?:pt|json)", n))}
+    names = (re.fullmatch(r"(?:model|meta)_(\d{6,})\.(?:pt|json)", n) for n in os.listdir(ckpt_dir))
+    steps = {int(m.group(1)) for m in names if m}
     for step in sorted(steps, reverse=True):
         if (problem := step_problem(ckpt_dir, step, world)) is None:
             return step
@@ -756,7 +773,7 @@ def default_tag(root):
 def load_model(stage, device, tag=None, step=None, tokenizer=None):
     """-> (model in eval mode, meta) from <stage> checkpoints: largest d<N> tag and latest step by default."""
     if stage not in common.CHECKPOINT_DIRS:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(common.CHECKPOINT_DIRS)}")
+        raise common.UserError(f"unknown stage {stage!r}; expected one of {sorted(common.CHECKPOINT_DIRS)}")
     make = f"run `python train.py --stage={stage}` first"
     root = common.checkpoint_dir(stage)
     tag = tag or default_tag(root)
@@ -772,11 +789,11 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
         raise common.UserError(problem)
     state, _, meta = load_checkpoint(ckpt_dir, step, device, tokenizer=tokenizer)
     config = GPTConfig(**meta["model_config"])
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(config)
     if {k: v.shape for k, v in model.state_dict().items()} != {k: v.shape for k, v in state.items()}:
-        raise common.UserError(f"{ckpt_dir}/model_{step:06d}.pt does not hold the model its meta_{step:06d}.json describes ({config})")
+        raise common.UserError(f"{ckpt_dir}/model_{step:06d}.pt does not hold the model its meta_{step:06d}.json "
+                               f"describes ({config})")
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (bf16 tensors are upcast)
@@ -784,56 +801,17 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
     return model, meta
 
 # -----------------------------------------------------------------------------
-# benchmark
-
-class BenchTokenizer:
-    """The benchmark needs no text: special tokens sit at the top ids (python_* never sampled in practice)."""
-    NAMES = ["bos", "user_start", "user_end", "assistant_start", "assistant_end", "python_start", "python_end", "output_start", "output_end"]
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def encode_special(self, name):
-        return self.vocab_size - len(self.NAMES) + self.NAMES.index(name.strip("<|>"))
-
-    def encode(self, text):
-        return [ord(ch) % 256 for ch in text]
-
-    def decode(self, ids):
-        return "".join(chr(i % 256) for i in ids)
-
-def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
-    """Prefill tok/s, time to first token and decode tok/s (best of `repeats` each) of random-init models, top-k 50 sampling."""
-    common.print0(f"device {device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} (a shared machine skews this)")
-    torch.manual_seed(0)
-    for depth in depths:
-        model = build_model(asdict(config_from_depth(depth, vocab_size)), device).eval()
-        engine = Engine(model, BenchTokenizer(vocab_size))
-        prompt = torch.randint(0, vocab_size - 9, (prompt_len,)).tolist()
-        for num_samples in batches:
-            ttft, decode = float("inf"), 0.0
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                gen = engine.generate(prompt, num_samples=num_samples, max_tokens=new_tokens, temperature=1.0, top_k=50)
-                next(gen)
-                t1 = time.perf_counter()
-                n = sum(1 for _ in gen)
-                ttft, decode = min(ttft, t1 - t0), max(decode, n * num_samples / (time.perf_counter() - t1))
-            common.print0(f"depth {depth:2d} | params {model.param_counts()['total'] / 1e6:7.1f}M | num_samples {num_samples} | "
-                          f"prefill {prompt_len / ttft:8.1f} tok/s | TTFT {ttft * 1000:7.1f} ms | decode {decode:7.1f} tok/s")
-
-# -----------------------------------------------------------------------------
-# export: a folder transformers loads as NanoChatForCausalLM + a fast tokenizer (files only; transformers is not imported)
+# export: a folder transformers loads as NanoChatForCausalLM + a fast tokenizer (files only; transformers not imported)
 
 HF_LAYER_NAMES = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
                   "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-HF_TRAIN_SECTIONS = {"base": "base-model-training", "mid": "midtraining", "sft": "chat-sft", "rl": "chat-rl"}  # train.py's REPORT_TITLES
 # Jinja twin of Tokenizer.render_conversation / render_for_completion (the system message joins the first user message)
 HF_CHAT_TEMPLATE = (
     "{%- set msgs = messages -%}{%- if msgs and msgs[0]['role'] == 'system' -%}"
-    "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}{%- endif -%}"
-    "<|bos|>{%- for m in msgs -%}"
-    "{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}{{ raise_exception('user and assistant messages must alternate') }}{%- endif -%}"
+    "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}"
+    "{%- endif -%}<|bos|>{%- for m in msgs -%}"
+    "{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+    "{{ raise_exception('user and assistant messages must alternate') }}{%- endif -%}"
     "{%- if m['role'] == 'user' -%}<|user_start|>{{ m['content'] }}<|user_end|>"
     "{%- elif m['content'] is string -%}<|assistant_start|>{{ m['content'] }}<|assistant_end|>"
     "{%- else -%}<|assistant_start|>{%- for p in m['content'] -%}"
@@ -851,69 +829,85 @@ def hf_merges(ranks):
         while len(parts) > 2:
             r, i = min((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1))
             if r >= rank:
-                raise ValueError(f"token {rank} ({token!r}) is not a merge of two lower-rank tokens: not a BPE vocabulary")
+                raise common.UserError(f"token {rank} ({token!r}) is not a merge of two lower-rank tokens: "
+                                       "not a BPE vocabulary")
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append(tuple(parts))
     return merges
 
 def export_hf(source, out, tag=None, step=None):
-    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json, README.md."""
+    """Write config.json, model.safetensors, tokenizer(_config).json, generation_config.json, README.md into `out`."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out {out} already exists and is not an empty folder: pick a new path")
+        raise common.UserError(f"--out {out} already exists and is not an empty folder: pick a new path")
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ValueError("export writes model.safetensors and needs the safetensors package: pip install safetensors")
+        raise common.UserError("export writes model.safetensors and needs the safetensors package: "
+                               "pip install safetensors") from None
     import tokenizer as tokenizer_lib  # only here: model.py otherwise imports nothing but common.py
     tok = tokenizer_lib.get_tokenizer()
     model, meta = load_model(source, "cpu", tag=tag, step=step, tokenizer=tok)
-    c, S = model.config, tok.special
+    c = model.config
     options = dict(window_pattern=any(layer_windows(c)), qk_scale=c.qk_scale != 1, resid_lambdas=c.resid_lambdas,
                    value_embeds=c.value_embeds, smear=c.smear, backout=c.backout)  # rope_base and padding carry over
     if unsupported := [name for name, used in options.items() if used]:
-        raise ValueError(f"transformers' NanoChat class cannot represent this model's {', '.join(unsupported)}: not exported "
-                         "(train with those options off to export; README: recipe)")
+        raise common.UserError(f"transformers' NanoChat class cannot represent this model's {', '.join(unsupported)}: "
+                               "not exported (train with those options off to export; README: recipe)")
     state = {}
     for name, tensor in model.state_dict().items():
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(\w+\.\w+)\.weight", name)
-        name = f"model.layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m else {"transformer.wte.weight": "model.embed_tokens.weight"}.get(name, name)
-        state[name] = tensor.detach().float()[:c.vocab_size if "embed" in name or "lm_head" in name else None].contiguous()
-    bos, eos = S["<|bos|>"], S["<|assistant_end|>"]
-    config = dict(architectures=["NanoChatForCausalLM"], model_type="nanochat", vocab_size=c.vocab_size, hidden_size=c.n_embd,
-                  intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                  max_position_embeddings=c.sequence_len, hidden_act="relu2", rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default eps
-                  rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_base)}, final_logit_softcapping=SOFTCAP,
-                  attention_bias=False, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, dtype="float32")
+        if m := re.fullmatch(r"transformer\.h\.(\d+)\.(\w+\.\w+)\.weight", name):
+            name = f"model.layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight"
+        elif name == "transformer.wte.weight":
+            name = "model.embed_tokens.weight"
+        rows = c.vocab_size if "embed" in name or "lm_head" in name else None  # the padding rows cropped
+        state[name] = tensor.detach().float()[:rows].contiguous()
+    bos, eos = tok.special["<|bos|>"], tok.special["<|assistant_end|>"]
+    config = dict(architectures=["NanoChatForCausalLM"], model_type="nanochat", vocab_size=c.vocab_size,
+                  hidden_size=c.n_embd, intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer,
+                  num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.sequence_len,
+                  hidden_act="relu2", rms_norm_eps=torch.finfo(torch.float32).eps,  # F.rms_norm's default eps
+                  rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_base)},
+                  final_logit_softcapping=SOFTCAP, attention_bias=False, tie_word_embeddings=False,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, dtype="float32")
     # GPT-2's byte -> printable character map, which HF's ByteLevel pre-tokenizer and decoder use
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     cmap = {b: chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b))) for b in range(256)}
     hf = lambda token: "".join(cmap[b] for b in token)
-    ranks, pattern = tok.enc._mergeable_ranks, tok.enc._pat_str
-    added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True) for s, i in sorted(S.items(), key=lambda kv: kv[1])]
-    tokenizer_json = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None, post_processor=None,
-                          pre_tokenizer=dict(type="Sequence", pretokenizers=[dict(type="Split", pattern=dict(Regex=pattern), behavior="Isolated", invert=False),
-                                                                             dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)]),
-                          decoder=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False),
-                          model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None, fuse_unk=False,
-                                     byte_fallback=False, ignore_merges=True,  # a chunk that is a whole token is that token, as in tiktoken
-                                     vocab={hf(t): i for t, i in ranks.items()}, merges=[[hf(a), hf(b)] for a, b in hf_merges(ranks)]))
-    tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|bos|>", eos_token="<|assistant_end|>", pad_token="<|bos|>",
-                            model_max_length=c.sequence_len, clean_up_tokenization_spaces=False, chat_template=HF_CHAT_TEMPLATE)
+    ranks = tok.enc._mergeable_ranks
+    added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for s, i in sorted(tok.special.items(), key=lambda kv: kv[1])]
+    split = dict(type="Split", pattern=dict(Regex=tok.enc._pat_str), behavior="Isolated", invert=False)
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)
+    bpe = dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
+               fuse_unk=False, byte_fallback=False, ignore_merges=True,  # a chunk that is a whole token is that token
+               vocab={hf(t): i for t, i in ranks.items()}, merges=[[hf(a), hf(b)] for a, b in hf_merges(ranks)])
+    tokenizer_json = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
+                          post_processor=None, pre_tokenizer=dict(type="Sequence", pretokenizers=[split, byte_level]),
+                          decoder=byte_level, model=bpe)
+    tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|bos|>",
+                            eos_token="<|assistant_end|>", pad_token="<|bos|>", model_max_length=c.sequence_len,
+                            clean_up_tokenization_spaces=False, chat_template=HF_CHAT_TEMPLATE)
     generation_config = dict(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos)  # our Engine stops at either
     report = os.path.join(common.get_base_dir(), "report")
     read = lambda slug: open(p).read().splitlines() if os.path.exists(p := os.path.join(report, f"{slug}.md")) else []
     stages = list(common.CHECKPOINT_DIRS)[:list(common.CHECKPOINT_DIRS).index(source) + 1]  # base, mid, sft, rl
-    seen = [f"{s} ({line[10:]} tokens)" for s in stages for line in read(HF_TRAIN_SECTIONS[s]) if line.startswith("- tokens: ")]
-    metrics = [f"#{line}" if line[0] == "#" else line for slug in ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}")
-               for line in read(slug) if line.startswith(("- ", "## "))]
-    card = [f"# nanochat {source} model", "", f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary {c.vocab_size:,}, "
-            f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}"
-            + (f", validation bpb {meta['val_bpb']:.4f}." if meta.get("val_bpb") else "."), "",
-            f"Stages and tokens seen (training report): {' → '.join(seen) or 'not recorded'}", "",
+    seen = [f"{s} ({line[10:]} tokens)" for s in stages for line in read(common.TRAINING_SECTIONS[s])
+            if line.startswith("- tokens: ")]
+    evaluations = ("base-model-evaluation", "base-model-loss", f"chat-evaluation-{source}")
+    metrics = [f"#{line}" if line[0] == "#" else line for slug in evaluations for line in read(slug)
+               if line.startswith(("- ", "## "))]
+    bpb = f", validation bpb {meta['val_bpb']:.4f}." if meta.get("val_bpb") else "."
+    card = [f"# nanochat {source} model", "",
+            f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary "
+            f"{c.vocab_size:,}, context {c.sequence_len}) from the `{source}` checkpoint at step "
+            f"{meta.get('step')}{bpb}",
+            "", f"Stages and tokens seen (training report): {' → '.join(seen) or 'not recorded'}", "",
             "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer", "model, tok = AutoModelForCausalLM.from_pretrained('DIR'), AutoTokenizer.from_pretrained('DIR')",
-            "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, return_tensors='pt', return_dict=False)", "```", ""]
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model, tok = AutoModelForCausalLM.from_pretrained('DIR'), AutoTokenizer.from_pretrained('DIR')",
+            "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi!'}], add_generation_prompt=True, "
+            "return_tensors='pt', return_dict=False)", "```", ""]
     tmp = f"{os.path.abspath(out)}.tmp{os.getpid()}"  # written whole, then renamed to --out: a failure leaves nothing
     try:
         os.makedirs(tmp)
@@ -927,13 +921,14 @@ def export_hf(source, out, tag=None, step=None):
         os.replace(tmp, out)  # onto a missing path or an empty folder
     except Exception as e:  # a full disk, a file-size limit, --out under a file (safetensors raises its own error type)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write --out {out} ({type(e).__name__}: {e}): is the disk full, or the path under "
-                         "a file?") from None
+        raise common.UserError(f"could not write --out {out} ({type(e).__name__}: {e}): is the disk full, or the path "
+                               "under a file?") from None
     return out
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init models; "
-                                     "`export --source STAGE --out DIR` writes a Hugging Face transformers folder")
+def main():
+    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init "
+                                     "models; `export --source STAGE --out DIR` writes a Hugging Face transformers "
+                                     "folder")
     parser.add_argument("command", choices=["bench", "export"])
     parser.add_argument("--source", default=None, help="export: base|mid|sft|rl")
     parser.add_argument("--tag", default=None, help="export: checkpoint tag (default: the largest d<N>)")
@@ -950,13 +945,56 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.command == "export":
-        try:
-            if not args.source or not args.out:
-                raise ValueError("export needs --source base|mid|sft|rl and --out DIR")
-            print(f"wrote {export_hf(args.source, args.out, args.tag, args.step)}")
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}")
-        raise SystemExit(0)
+        if not args.source or not args.out:
+            raise common.UserError("export needs --source base|mid|sft|rl and --out DIR")
+        print(f"wrote {export_hf(args.source, args.out, args.tag, args.step)}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench(args.depths, args.vocab_size, args.prompt_len, args.new_tokens, args.batches, args.device or common.autodetect_device(), args.repeats)
+    device = args.device or common.autodetect_device()
+    bench(args.depths, args.vocab_size, args.prompt_len, args.new_tokens, args.batches, device, args.repeats)
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+class BenchTokenizer:
+    """The benchmark needs no text: special tokens sit at the top ids (python_* never sampled in practice)."""
+    NAMES = ["bos", "user_start", "user_end", "assistant_start", "assistant_end", "python_start", "python_end",
+             "output_start", "output_end"]
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def encode_special(self, name):
+        return self.vocab_size - len(self.NAMES) + self.NAMES.index(name.strip("<|>"))
+
+    def encode(self, text):
+        return [ord(ch) % 256 for ch in text]
+
+    def decode(self, ids):
+        return "".join(chr(i % 256) for i in ids)
+
+def bench(depths, vocab_size, prompt_len, new_tokens, batches, device, repeats):
+    """Prefill tok/s, time to first token and decode tok/s (best of `repeats`) of random-init models, top-k 50."""
+    common.print0(f"device {device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} "
+                  "(a shared machine skews this)")
+    torch.manual_seed(0)
+    for depth in depths:
+        model = build_model(asdict(config_from_depth(depth, vocab_size)), device).eval()
+        engine = Engine(model, BenchTokenizer(vocab_size))
+        prompt = torch.randint(0, vocab_size - 9, (prompt_len,)).tolist()
+        for num_samples in batches:
+            ttft, decode = float("inf"), 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gen = engine.generate(prompt, num_samples=num_samples, max_tokens=new_tokens, temperature=1.0, top_k=50)
+                next(gen)
+                t1 = time.perf_counter()
+                n = sum(1 for _ in gen)
+                ttft, decode = min(ttft, t1 - t0), max(decode, n * num_samples / (time.perf_counter() - t1))
+            common.print0(f"depth {depth:2d} | params {model.param_counts()['total'] / 1e6:7.1f}M | "
+                          f"num_samples {num_samples} | prefill {prompt_len / ttft:8.1f} tok/s | "
+                          f"TTFT {ttft * 1000:7.1f} ms | decode {decode:7.1f} tok/s")
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -753,7 +753,7 @@ def test_model_chunked_loss_matches_full_logits(monkeypatch):
     the last dimension V outside one chunk of rows is ever made or kept, in forward or backward."""
     import model as model_lib
     V, rows = 265, 20
-    monkeypatch.setitem(model_lib.LOSS_CHUNK, False, rows * V)  # 128 rows: 6 full chunks and a ragged one
+    monkeypatch.setattr(model_lib, "LOSS_CHUNK_CPU", rows * V)  # 128 rows: 6 full chunks and a ragged one
     model = small_model(vocab=V)
     torch.manual_seed(1)
     x = torch.randint(0, 256, (2, 64))
@@ -811,7 +811,7 @@ if torch.cuda.is_available():  # CUDA cases (run by `bash run.sh --gpu-check`); 
     def test_model_cuda_chunked_loss_compiled(monkeypatch):
         """Compiled on CUDA in bf16, the loss matches the full-logits loss and the step never holds the (B*T, V) logits."""
         import model as model_lib
-        monkeypatch.setitem(model_lib.LOSS_CHUNK, True, 2**23)  # 128 rows of 65,536
+        monkeypatch.setattr(model_lib, "LOSS_CHUNK_CUDA", 2**23)  # 128 rows of 65,536
         torch.manual_seed(0)
         model = build_model(dict(sequence_len=1024, vocab_size=65536, n_layer=2, n_head=1, n_kv_head=1, n_embd=128), "cuda")
         with torch.no_grad():
@@ -853,7 +853,6 @@ def test_model_engine_greedy_matches_naive():
     engine = Engine(model, ByteTokenizer())
     prompt = [10, 20, 30, 40, 50, 60, 70]
     expected = naive_greedy(model, prompt, 20)
-    assert list(model.generate(prompt, 20, temperature=0.0)) == expected
     cols = list(engine.generate(prompt, num_samples=1, max_tokens=20, temperature=0.0))
     assert [c[0][0] for c in cols] == expected and all(c[1] == [1] for c in cols)
     cols = list(engine.generate(prompt, num_samples=3, max_tokens=20, temperature=0.0))
@@ -1095,8 +1094,8 @@ def test_model_checkpoint_roundtrip_and_crash(tmp_path, monkeypatch):
     loaded, _ = load_model("base", "cpu")
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    # compiled-prefix keys, bf16 tensors, largest d<N> tag, explicit step; clear errors
-    state = {"_orig_mod." + k: v.to(torch.bfloat16) for k, v in other.state_dict().items()}
+    # bf16 tensors, largest d<N> tag, explicit step; clear errors
+    state = {k: v.to(torch.bfloat16) for k, v in other.state_dict().items()}
     save_checkpoint(common.checkpoint_dir("base", "d12"), 3, state, {"model_config": config, "step": 3})
     loaded, meta = load_model("base", "cpu")
     assert meta["step"] == 3 and loaded.lm_head.weight.dtype == torch.float32
@@ -1312,10 +1311,10 @@ def test_model_export_cli_bad_input(hf_export, tmp_path, monkeypatch):
     p = run_script(["model.py", "export", "--source", "pretrain", "--out", str(tmp_path / "new")], check=False)
     assert p.returncode != 0 and p.stderr.startswith("error: unknown stage 'pretrain'") and len(p.stderr.strip().splitlines()) == 1, p.stderr
     for kwargs, message in [(dict(step=99), "no sft checkpoint at step 99"), (dict(out=str(tmp_path / "full")), "already exists and is not an empty folder")]:
-        with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI prints these as one "error: ..." line
+        with pytest.raises((common.UserError, FileNotFoundError), match=message):  # the CLI prints these as one "error: ..." line
             export_hf(**{"source": "sft", "out": str(tmp_path / "new"), "tag": HF_TAG, **kwargs})
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if safetensors were not installed
-    with pytest.raises(ValueError, match="needs the safetensors package: pip install safetensors"):
+    with pytest.raises(common.UserError, match="needs the safetensors package: pip install safetensors"):
         export_hf("sft", str(tmp_path / "new"), tag=HF_TAG)
     assert os.listdir(tmp_path / "full") == ["keep.txt"] and not os.path.exists(tmp_path / "new")
 
@@ -1329,7 +1328,7 @@ def test_model_export_refuses_options_transformers_cannot_hold(tokenizer, tmp_pa
                            (ALL_OPTIONS, "window_pattern, qk_scale, resid_lambdas, value_embeds, smear, backout")]:
         model = build_model(dict(cfg, **options), "cpu")
         save_checkpoint(str(tmp_path / common.CHECKPOINT_DIRS["sft"] / "opt"), 1, model.state_dict(), {"model_config": asdict(model.config)})
-        with pytest.raises(ValueError, match=f"cannot represent this model's {named}: not exported"):
+        with pytest.raises(common.UserError, match=f"cannot represent this model's {named}: not exported"):
             export_hf("sft", str(tmp_path / "out"), tag="opt")
         assert not os.path.exists(tmp_path / "out")
         shutil.rmtree(tmp_path / common.CHECKPOINT_DIRS["sft"] / "opt")
