@@ -32,7 +32,7 @@ SMEAR_CHANNELS = 24
 ROPE_SPAN = 10          # rotary tables cover ROPE_SPAN * sequence_len positions
 SOFTCAP = 15.0          # logits = SOFTCAP * tanh(logits / SOFTCAP)
 MAX_CALC_CHARS = 256    # calculator input-length cap: bounds work and recursion depth
-LOSS_CHUNK_CPU = 2**24  # logits per chunk of the loss on CPU (half of it measured 15% slower)
+LOSS_CHUNK_CPU = 2**24  # logits per chunk of the loss on CPU (smaller chunks ran slower)
 LOSS_CHUNK_CUDA = 2**27  # on CUDA: fewer, larger chunks for torch.compile to trace
 ACT_BYTES_FP32 = 72     # activation bytes saved per token, layer and unit of width (measured with saved_tensors_hooks)
 ACT_BYTES_BF16 = 48     # the same under CUDA's bf16 autocast

@@ -160,6 +160,11 @@ def test_common_shards_and_report(base_dir):
     common.write_report_section("Some Stage", [{"loss": 1.234567, "tokens": 123456, "name": "x"}, "free text"])
     text = open(os.path.join(base_dir, "report", "some-stage.md")).read()
     assert text.startswith("## Some Stage\ntimestamp: ") and "- loss: 1.2346" in text and "- tokens: 123,456" in text and "free text" in text
+    common.write_report_section("reply-endings", {"x": 1})  # a slug of REPORT_SECTIONS: its title is written
+    path = os.path.join(base_dir, "report", "reply-endings.md")
+    assert open(path).read().startswith("## Reply endings\ntimestamp: ")
+    os.remove(path)
+    assert common.parquet_texts(train[0], 0) == next(common.iter_row_groups("train"))[2]
     common.append_log("teststage", {"step": 1, "train_loss": 2.0})
     assert json.loads(open(os.path.join(base_dir, "report", "teststage_log.jsonl")).read().splitlines()[-1])["step"] == 1
 
