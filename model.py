@@ -486,8 +486,7 @@ class KVCache:
 TEMPERATURE_FLOOR = 1e-4  # below it logits / t overflow (1e-40: NaN probabilities); sampling is all but greedy there
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1). Temperature under TEMPERATURE_FLOOR (0 too) = argmax; top_k keeps the k largest;
-    every row sampled independently."""
+    """logits (B, V) -> ids (B, 1), rows independent: argmax under TEMPERATURE_FLOOR (0 too); top_k keeps the k best."""
     assert temperature >= 0.0, "temperature must be non-negative"
     if temperature < TEMPERATURE_FLOOR:
         return torch.argmax(logits, dim=-1, keepdim=True)
