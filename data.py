@@ -64,10 +64,8 @@ def _is_valid(path, kind):
 def _mirror_sums(mirror):
     """{HOST/PATH: sha256} from the mirror's SHA256SUMS (sha256sum's format); {} when it has none."""
     try:  # (an http 404 page has no line of that format)
-        if mirror.startswith(("http://", "https://")):
-            text = requests.get(f"{mirror}/SHA256SUMS", timeout=TIMEOUT).text
-        else:
-            text = open(os.path.join(mirror, "SHA256SUMS")).read()
+        sums = f"{mirror}/SHA256SUMS"  # a mirror is an http(s) URL or an absolute path (common.set_mirror)
+        text = requests.get(sums, timeout=TIMEOUT).text if sums.startswith("http") else open(sums).read()
     except (OSError, requests.RequestException):
         return {}
     return {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64}) [ *](.+)$", text, re.M)}
@@ -485,8 +483,7 @@ class ChatLoader:
         x = torch.from_numpy(ids[:, :-1].copy())
         y = torch.from_numpy(np.where(train[:, 1:] == 1, ids[:, 1:], -1))
         if self.device.startswith("cuda"):
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x, y
 
     def state_dict(self):
