@@ -279,10 +279,9 @@ class PretrainLoader:
     """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
     when none fits, the shortest is cropped to fill the row and its rest stays buffered as a piece that starts with
     BOS. Every row starts with BOS, no padding.
-    This rank reads its row groups (self.row_groups) in order, epoch after epoch. A piece is BOS + doc[start:] (tokens:
-    np.int32, no BOS), named by (epoch, group, doc, start), group being an index into self.row_groups: that is all
-    state_dict() stores, so resume is exact (same batches as an uninterrupted run) and cheap (re-tokenizes only the
-    buffered documents)."""
+    A piece is BOS + doc[start:], named by (epoch, group, doc, start), group indexing this rank's self.row_groups: that
+    is all state_dict() stores, so resume is exact (same batches as an uninterrupted run) and cheap (re-tokenizes only
+    the buffered documents)."""
 
     def __init__(self, tokenizer, B, T, split="train", device="cpu", rank=0, world_size=1, threads=2,
                  buffer_docs=1000, prefetch=4):
@@ -410,10 +409,10 @@ class PretrainLoader:
                 raise common.UserError(f"loader state was saved with {key}={sd[key]!r}, this loader has "
                                        f"{mine[key]!r}: resume with the same shards and number of ranks")
         self.close()
-        wanted = sorted({(u, j) for _, u, j, _ in sd["buffer"]})
-        texts = {u: self._read_texts(u) for u in sorted({u for u, _ in wanted})}  # only the row groups still buffered
-        docs = dict(zip(wanted, self._encode([texts[u][j] for u, j in wanted])))
-        self.buffer = [Piece(docs[(u, j)], start, e, u, j) for e, u, j, start in sd["buffer"]]
+        wanted = sorted({(g, j) for _, g, j, _ in sd["buffer"]})
+        texts = {g: self._read_texts(g) for g in sorted({g for g, _ in wanted})}  # only the row groups still buffered
+        docs = dict(zip(wanted, self._encode([texts[g][j] for g, j in wanted])))
+        self.buffer = [Piece(docs[(g, j)], start, e, g, j) for e, g, j, start in sd["buffer"]]
         self.next, self.epoch, self.stats = tuple(sd["next"]), sd["epoch"], dict(sd["stats"])
 
 # =============================================================================
