@@ -250,9 +250,10 @@ NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid 
               "ipc namespace": 0x8000000}  # unshare(2) flags
 CLONE_NEWUSER = 0x10000000
 NOBODY = 65534  # the uid and gid the program runs as when we are root
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18  # mount(2) flags; MOUNT_OPTIONS: the ones a remount must keep
-MS_RO_REMOUNT = MS_BIND | 32 | 2 | 1  # | MS_REMOUNT | MS_NOSUID | MS_RDONLY
-MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18  # mount(2) flags
+MS_RO_REMOUNT = MS_BIND | 32 | 2 | 1  # MS_BIND | MS_REMOUNT | MS_NOSUID | MS_RDONLY
+MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
+                 "relatime": 1 << 21}  # a mount's options that its read-only remount must keep
 SANDBOX_MAX_FILES = 256  # inodes of the program's tmpfs: files and folders it may create
 _warned = set()
 
@@ -595,7 +596,7 @@ def loss_svg(logs, width=720, panel_h=220):
         offsets[s] = total
         total += max(1, len(logs[s]))
     X = lambda i: pad_l + (width - pad_l - pad_r) * i / max(1, total - 1)  # x of record i
-    y_scale = lambda y0, lo, hi: lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)  # y of value v, a panel
+    y_scale = lambda y0, lo, hi: lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)  # panel at y0 shows lo..hi
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
     for p, (key, title) in enumerate((("train_loss", "train loss"), ("val_bpb", "val bpb"))):
