@@ -24,7 +24,8 @@ import common
 from common import SHARD_URL
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
-HF_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/{subset}/{split}/{index:04d}.parquet"
+HF_PARQUET_URL = ("https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/"
+                  "{subset}/{split}/{index:04d}.parquet")
 ATTEMPTS = 5       # tries per file
 BACKOFF = 2.0      # seconds before the second try, doubled after each failure
 TIMEOUT = 30       # seconds a connection may stay silent
@@ -63,8 +64,8 @@ def _is_valid(path, kind):
 def _mirror_sums(mirror):
     """{HOST/PATH: sha256} from the mirror's SHA256SUMS (sha256sum's format); {} when it has none."""
     try:  # (an http 404 page has no line of that format)
-        is_url = mirror.startswith(("http://", "https://"))
-        text = requests.get(f"{mirror}/SHA256SUMS", timeout=TIMEOUT).text if is_url else open(os.path.join(mirror, "SHA256SUMS")).read()
+        sums = f"{mirror}/SHA256SUMS"  # a mirror is an http(s) URL or an absolute path (common.set_mirror)
+        text = requests.get(sums, timeout=TIMEOUT).text if sums.startswith("http") else open(sums).read()
     except (OSError, requests.RequestException):
         return {}
     return {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64}) [ *](.+)$", text, re.M)}
@@ -76,9 +77,11 @@ def _problem(url, path, kind):
     if os.path.isfile(src) and os.path.getsize(src) != size:
         return f"{size:,} bytes where the mirror has {os.path.getsize(src):,}"
     u = urllib.parse.urlsplit(url)
-    if want := _mirror_sums(common.get_mirror()).get(u.netloc + urllib.parse.unquote(u.path)) if common.get_mirror() else None:
+    sums = _mirror_sums(common.get_mirror()) if common.get_mirror() else {}
+    if want := sums.get(u.netloc + urllib.parse.unquote(u.path)):
         with open(path, "rb") as f:
-            return None if hashlib.file_digest(f, "sha256").hexdigest() == want else "sha256 differs from the mirror's SHA256SUMS"
+            same = hashlib.file_digest(f, "sha256").hexdigest() == want
+        return None if same else "sha256 differs from the mirror's SHA256SUMS"
     if kind != "parquet":
         return None if _is_valid(path, kind) else f"not a valid {kind} file"
     try:
@@ -102,7 +105,7 @@ def _fetch_http(src, url, tmp, progress, stop=None):
         if r.status_code >= 500 or r.status_code == 429:
             raise _Retryable(f"HTTP {r.status_code}")
         if r.status_code not in (200, 206):
-            raise RuntimeError(f"HTTP {r.status_code} for {url} (fetched from {src})")
+            raise common.UserError(f"HTTP {r.status_code} for {url} (fetched from {src}): check the mirror or the URL")
         append = r.status_code == 206
         if append and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             os.remove(tmp)
@@ -122,9 +125,9 @@ def _fetch_http(src, url, tmp, progress, stop=None):
 
 def download_file(url, dest_path, validate="auto", progress=None, recheck=False, stop=None):
     """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe when
-    several processes ask for the same file at once. A dest_path already there is kept if its footer reads (recheck: if
-    _problem passes).
+    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe
+    when several processes ask for the same file at once. A dest_path already there is kept if its footer reads
+    (recheck: if _problem passes).
     A web page where the file belongs is a UserError naming the URL, and nothing is kept. Ctrl-C (or `stop` set, a
     threading.Event) ends it at once with KeyboardInterrupt, leaving no partial file and no lock."""
     dest_path = os.path.abspath(dest_path)
@@ -135,54 +138,62 @@ def download_file(url, dest_path, validate="auto", progress=None, recheck=False,
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
     with common.file_lock(dest_path + ".lock", stop=stop):
         if os.path.exists(dest_path):
-            problem = _problem(url, dest_path, kind) if recheck else None if _is_valid(dest_path, kind) else "truncated or corrupt"
+            if recheck:
+                problem = _problem(url, dest_path, kind)
+            else:
+                problem = None if _is_valid(dest_path, kind) else "truncated or corrupt"
             if problem is None:
                 return dest_path  # good, or another process fetched it while we waited
             print(f"{dest_path}: {problem}; fetching it again", file=sys.stderr, flush=True)
-        src, tmp = common.resolve_url(url), dest_path + ".part"
-        for attempt in range(ATTEMPTS):
-            try:
-                if attempt:
+        src = common.resolve_url(url)
+        tmp = dest_path + ".part"
+        try:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    if src.startswith(("http://", "https://")):
+                        _fetch_http(src, url, tmp, progress, stop)
+                    elif not os.path.isfile(src):
+                        raise NotFound(f"not in the mirror: {url} (no file {src})")
+                    else:
+                        shutil.copyfile(src, tmp)
+                        if progress:
+                            progress(os.path.getsize(tmp))
+                    if _is_html(tmp):
+                        os.remove(tmp)
+                        raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: "
+                                               "check the mirror (--mirror, NANOCHAT_MIRROR) or the network (a login "
+                                               "page?); nothing was kept")
+                    if (problem := _problem(url, tmp, kind)) is None:
+                        os.replace(tmp, dest_path)
+                        return dest_path
+                    os.remove(tmp)
+                    reason = f"the downloaded file is bad: {problem}"
+                except (requests.RequestException, _Retryable) as e:
+                    reason = f"{type(e).__name__}: {e}"
+                if attempt < ATTEMPTS:
                     delay = BACKOFF * 2 ** (attempt - 1)
                     print(f"download {url}: {reason}; try {attempt + 1}/{ATTEMPTS} in {delay:.1f}s", file=sys.stderr,
                           flush=True)
                     if (stop or threading.Event()).wait(delay):
                         raise KeyboardInterrupt
-                if src.startswith(("http://", "https://")):
-                    _fetch_http(src, url, tmp, progress, stop)
-                elif not os.path.isfile(src):
-                    raise NotFound(f"not in the mirror: {url} (no file {src})")
-                else:
-                    shutil.copyfile(src, tmp)
-                    if progress:
-                        progress(os.path.getsize(tmp))
-                if _is_html(tmp):
-                    os.remove(tmp)
-                    raise common.UserError(f"{src} answered with a web page, not {os.path.basename(dest_path)}: check "
-                                           "the mirror (--mirror, NANOCHAT_MIRROR) or the network (a login page?); "
-                                           "nothing was kept")
-                if (reason := _problem(url, tmp, kind)) is None:
-                    os.replace(tmp, dest_path)
-                    return dest_path
+        except KeyboardInterrupt:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-                reason = f"the downloaded file is bad: {reason}"
-            except (requests.RequestException, _Retryable) as e:
-                reason = f"{type(e).__name__}: {e}"
-            except KeyboardInterrupt:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
-                raise
-        raise RuntimeError(f"download failed after {ATTEMPTS} tries: {url} ({reason})")
+            raise
+        raise common.UserError(f"download failed after {ATTEMPTS} tries: {url} ({reason}): check the network or the "
+                               "mirror (--mirror, NANOCHAT_MIRROR), then run the same command again")
 
 def download_shards(n, workers=4):
-    """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those already there are rechecked."""
+    """Train shards 0..n-1 (n = -1: all) plus the val shard into base_data/, in parallel; those there are rechecked."""
     if n != -1 and not 1 <= n <= common.VAL_SHARD_INDEX:
         raise common.UserError(f"-n/--num-shards must be -1 (all) or 1..{common.VAL_SHARD_INDEX}, not {n}")
     if os.path.exists(os.path.join(common.shard_dir(), PREPARED)):
         raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into "
                                f"another NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
-    done, nbytes, lock, t0 = [0], [0], threading.Lock(), time.time()
+    done, nbytes = [0], [0]  # files and bytes so far, counted by the download threads under `lock`
+    lock = threading.Lock()
+    t0 = time.time()
     stop = threading.Event()  # set by Ctrl-C: the running downloads end at their next chunk
 
     def count(k, file_done=False):
@@ -212,7 +223,7 @@ def download_shards(n, workers=4):
     if errors:
         if isinstance(errors[0], common.UserError):
             raise errors[0]
-        raise RuntimeError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
+        raise common.UserError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
     print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
     return [common.shard_path(i) for i in indices]
 
@@ -262,61 +273,61 @@ def _task_rows(repo, subset, split):
 # =============================================================================
 # pretraining loader: BOS-aligned best fit; cropped remainders go back into the buffer as BOS-prefixed pieces
 
-Piece = namedtuple("Piece", "tokens start epoch unit doc")  # BOS + tokens[start:]; tokens (np.int32, no BOS): document doc of row group unit
+Piece = namedtuple("Piece", "tokens start epoch group doc")  # BOS + tokens[start:] of document `doc` of `group`
 
 class PretrainLoader:
     """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
-    when none fits, the shortest is cropped to fill the row and (crop="keep") its rest stays buffered as a piece that
-    starts with BOS, or (crop="drop", SPEC 5.5) is discarded. Every row starts with BOS, no padding.
-    A piece is BOS + doc[start:], named by (epoch, unit, doc, start): that is all state_dict() stores, so resume is
-    exact (same batches as an uninterrupted run) and cheap (re-tokenizes only the buffered documents)."""
+    when none fits, the shortest is cropped to fill the row and its rest stays buffered as a piece that starts with
+    BOS. Every row starts with BOS, no padding.
+    A piece is BOS + doc[start:], named by (epoch, group, doc, start), group indexing this rank's self.row_groups: that
+    is all state_dict() stores, so resume is exact (same batches as an uninterrupted run) and cheap (re-tokenizes only
+    the buffered documents)."""
 
-    def __init__(self, tokenizer, B, T, split="train", device="cpu", rank=0, world_size=1, crop="keep", threads=2,
+    def __init__(self, tokenizer, B, T, split="train", device="cpu", rank=0, world_size=1, threads=2,
                  buffer_docs=1000, prefetch=4):
-        if crop not in ("keep", "drop"):
-            raise ValueError(f"crop must be 'keep' or 'drop', not {crop!r}")
-        self.tok, self.B, self.T, self.split, self.device = tokenizer, B, T, split, str(device)
-        self.rank, self.world_size, self.crop, self.threads = rank, world_size, crop, threads
-        self.prefetch = prefetch
+        self.tok, self.B, self.T = tokenizer, B, T
+        self.split, self.device, self.rank, self.world_size = split, str(device), rank, world_size
+        self.threads, self.prefetch = threads, prefetch
         self.bos = tokenizer.get_bos_token_id()
         self.paths = common.list_shards(split)
         metas = []
         for p in self.paths:
             with common.shard_errors(p):
                 metas.append(pq.ParquetFile(p).metadata)
-        units = [(fi, rg) for fi, md in enumerate(metas) for rg in range(md.num_row_groups)]
-        self.units = units[rank::world_size]  # ranks stride over all row groups of the split: disjoint documents
-        if not self.units:
-            raise ValueError(f"rank {rank} of {world_size} gets no row group: the {split} split has {len(units)} row groups "
-                             f"in {len(self.paths)} shards; download more shards or run fewer ranks")
-        docs = sum(metas[fi].row_group(rg).num_rows for fi, rg in self.units)
+        groups = [(fi, rg) for fi, md in enumerate(metas) for rg in range(md.num_row_groups)]
+        self.row_groups = groups[rank::world_size]  # (file, row group): ranks stride over the split, disjoint documents
+        if not self.row_groups:
+            raise common.UserError(f"rank {rank} of {world_size} gets no row group: the {split} split has "
+                                   f"{len(groups)} row groups in {len(self.paths)} shards; download more shards or run "
+                                   f"fewer ranks")
+        docs = sum(metas[fi].row_group(rg).num_rows for fi, rg in self.row_groups)
         self.buffer_docs = min(buffer_docs, docs)  # a small split (val) is buffered once, not several epochs over
         self.buffer = []      # Pieces
-        self.next = (0, 0)    # (epoch, unit) of the next row group to pull into the buffer
+        self.next = (0, 0)    # (epoch, group) of the next row group to pull into the buffer
         self.epoch = 0        # epoch of the latest row group pulled in
-        self.stats = {"tokens_read": 0, "tokens_used": 0, "tokens_dropped": 0}
+        self.stats = {"tokens_read": 0, "tokens_used": 0}
         self._thread = None
 
-    # --- background tokenization: a thread walks the fixed unit sequence ahead; the consumer takes it in order
-    def _read_texts(self, unit):
-        fi, rg = self.units[unit]
+    # --- background tokenization: a thread walks the fixed row-group sequence ahead; the consumer takes it in order
+    def _read_texts(self, group):
+        fi, rg = self.row_groups[group]
         with common.shard_errors(self.paths[fi]):
             return common.read_texts(pq.ParquetFile(self.paths[fi]), rg, self.paths[fi])
 
     def _encode(self, texts):
         return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]
 
-    def _produce(self, epoch, unit, q, stop):
+    def _produce(self, epoch, group, q, stop):
         def put(item):
             while not stop.is_set():
                 with contextlib.suppress(queue.Full):
                     return q.put(item, timeout=0.1)
         try:
             while not stop.is_set():
-                put((epoch, unit, self._encode(self._read_texts(unit))))
-                unit += 1
-                if unit == len(self.units):
-                    epoch, unit = epoch + 1, 0
+                put((epoch, group, self._encode(self._read_texts(group))))
+                group += 1
+                if group == len(self.row_groups):
+                    epoch, group = epoch + 1, 0
         except BaseException as e:  # handed to the consumer, which raises it
             put(e)
 
@@ -340,21 +351,21 @@ class PretrainLoader:
             if isinstance(item, BaseException):
                 self.close()
                 raise item
-            epoch, unit, docs = item
-            assert (epoch, unit) == self.next, "producer out of step"
-            self.buffer.extend(Piece(d, 0, epoch, unit, j) for j, d in enumerate(docs) if len(d))
+            epoch, group, docs = item
+            assert (epoch, group) == self.next, "producer out of step"
+            self.buffer.extend(Piece(d, 0, epoch, group, j) for j, d in enumerate(docs) if len(d))
             self.stats["tokens_read"] += sum(len(d) for d in docs)
             self.epoch = epoch
-            self.next = (epoch + 1, 0) if unit + 1 == len(self.units) else (epoch, unit + 1)
+            self.next = (epoch + 1, 0) if group + 1 == len(self.row_groups) else (epoch, group + 1)
 
     def _rows(self):
-        T1, st = self.T + 1, self.stats
+        T1 = self.T + 1
         rows = np.empty((self.B, T1), dtype=np.int64)
         for b in range(self.B):
             pos = 0
             while pos < T1:
                 self._refill()
-                lens = np.fromiter((1 + len(p.tokens) - p.start for p in self.buffer), dtype=np.int64, count=len(self.buffer))
+                lens = np.array([1 + len(p.tokens) - p.start for p in self.buffer])
                 room = T1 - pos
                 fits = np.where(lens <= room, lens, 0)
                 j = int(fits.argmax())  # longest that fits whole (first one on ties)
@@ -365,20 +376,12 @@ class PretrainLoader:
                 rows[b, pos] = self.bos
                 rows[b, pos + 1:pos + take] = piece.tokens[piece.start:piece.start + take - 1]
                 pos += take
-                st["tokens_used"] += take - 1
+                self.stats["tokens_used"] += take - 1
                 if take == lens[j]:
                     self.buffer.pop(j)
-                elif self.crop == "keep":
-                    self.buffer[j] = piece._replace(start=piece.start + take - 1)  # the rest stays, as BOS + tokens[start:]
-                else:
-                    st["tokens_dropped"] += int(lens[j]) - take
-                    self.buffer.pop(j)
+                else:  # the rest stays, as BOS + tokens[start:]
+                    self.buffer[j] = piece._replace(start=piece.start + take - 1)
         return rows
-
-    def used_fraction(self):
-        """Share of the data tokens placed into batches that were not thrown away by cropping (1.0 with crop="keep")."""
-        used, dropped = self.stats["tokens_used"], self.stats["tokens_dropped"]
-        return used / max(1, used + dropped)
 
     def __iter__(self):
         return self
@@ -395,52 +398,54 @@ class PretrainLoader:
 
     def state_dict(self):
         """Small and JSON-serializable: position in the row-group sequence, buffer as piece names, counters."""
-        return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "crop": self.crop,
+        return {"split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "shards": [os.path.basename(p) for p in self.paths], "next": list(self.next), "epoch": self.epoch,
-                "buffer": [[p.epoch, p.unit, p.doc, p.start] for p in self.buffer], "stats": dict(self.stats)}
+                "buffer": [[p.epoch, p.group, p.doc, p.start] for p in self.buffer], "stats": dict(self.stats)}
 
     def load_state_dict(self, sd):
         mine = self.state_dict()
         for key in ("split", "rank", "world_size", "shards"):
             if sd[key] != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={sd[key]!r}, this loader has {mine[key]!r}")
+                raise common.UserError(f"loader state was saved with {key}={sd[key]!r}, this loader has "
+                                       f"{mine[key]!r}: resume with the same shards and number of ranks")
         self.close()
-        wanted = sorted({(u, j) for _, u, j, _ in sd["buffer"]})
-        texts = {u: self._read_texts(u) for u in sorted({u for u, _ in wanted})}  # only the row groups still buffered
-        docs = dict(zip(wanted, self._encode([texts[u][j] for u, j in wanted])))
-        self.buffer = [Piece(docs[(u, j)], start, e, u, j) for e, u, j, start in sd["buffer"]]
+        wanted = sorted({(g, j) for _, g, j, _ in sd["buffer"]})
+        texts = {g: self._read_texts(g) for g in sorted({g for g, _ in wanted})}  # only the row groups still buffered
+        docs = dict(zip(wanted, self._encode([texts[g][j] for g, j in wanted])))
+        self.buffer = [Piece(docs[(g, j)], start, e, g, j) for e, g, j, start in sd["buffer"]]
         self.next, self.epoch, self.stats = tuple(sd["next"]), sd["epoch"], dict(sd["stats"])
 
 # =============================================================================
 # chat loader: best fit with padding, never cropping a conversation
 
-Rendered = namedtuple("Rendered", "index ids mask")  # conversation `index` of the task, rendered (np.int64 ids, np.int8 mask)
+Rendered = namedtuple("Rendered", "index ids mask")  # conversation `index` of the task: np.int64 ids, np.int8 mask
 
 class ChatLoader:
-    """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole rendered conversations (longest that fits first),
-    the rest padded with BOS whose targets are -1. completion_only=True (SFT) also sets -1 wherever the render mask is 0;
-    False (mid) trains every real token. Rank r takes conversations r, r+W, ...; after its share of one epoch is placed,
-    last_step is True (the loader keeps cycling if asked for more).
-    A batch may hold no supervised target at all (e.g. conversations without assistant tokens): callers must not take a
-    plain mean then; compute loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed over ranks under DDP),
-    which is 0 with zero gradient instead of NaN."""
+    """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole rendered conversations (longest that fits
+    first), the rest padded with BOS whose targets are -1. completion_only=True (SFT) also sets -1 wherever the render
+    mask is 0; False (mid) trains every real token. Rank r takes conversations r, r+W, ...; `progress` reaches 1.0 once
+    its share of one epoch is placed (the loader keeps cycling if asked for more).
+    A batch may hold no supervised target at all (e.g. conversations without assistant tokens): callers must not take
+    a plain mean then; compute loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed over ranks
+    under DDP), which is 0 with zero gradient instead of NaN."""
 
-    def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100, pack=True):
-        self.task, self.tok, self.B, self.T, self.device, self.pack = task, tokenizer, B, T, str(device), pack
-        self.rank, self.world_size, self.completion_only, self.buffer_size = rank, world_size, completion_only, buffer
+    def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100,
+                 pack=True):
+        self.task, self.tok, self.B, self.T = task, tokenizer, B, T
+        self.device, self.rank, self.world_size = str(device), rank, world_size
+        self.completion_only, self.buffer_size, self.pack = completion_only, buffer, pack
         self.share = len(range(rank, len(task), world_size))  # conversations of this rank per epoch
         if self.share == 0:
-            raise ValueError(f"rank {rank} of {world_size} gets no conversation: the task has only {len(task)}")
+            raise common.UserError(f"rank {rank} of {world_size} gets no conversation: the task has only {len(task)}; "
+                                   f"run fewer ranks")
         self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.placed, self.buffer = rank, 0, []  # buffer: Rendered conversations
+        self.cursor = rank     # the next conversation to render
+        self.placed = 0        # conversations placed into rows so far
+        self.buffer = []       # Rendered conversations
 
     @property
     def progress(self):
         return min(1.0, self.placed / self.share)
-
-    @property
-    def last_step(self):
-        return self.placed >= self.share
 
     def _render(self, i):
         ids, mask = self.tok.render_conversation(self.task[i], max_tokens=self.T + 1)
@@ -477,7 +482,7 @@ class ChatLoader:
         x = torch.from_numpy(ids[:, :-1].copy())
         y = torch.from_numpy(np.where(train[:, 1:] == 1, ids[:, 1:], -1))
         if self.device.startswith("cuda"):
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
         return x, y
 
     def state_dict(self):
@@ -486,7 +491,8 @@ class ChatLoader:
 
     def load_state_dict(self, sd):
         if (sd["rank"], sd["world_size"]) != (self.rank, self.world_size):
-            raise ValueError(f"chat loader state is for rank {sd['rank']} of {sd['world_size']}, not {self.rank} of {self.world_size}")
+            raise common.UserError(f"chat loader state is for rank {sd['rank']} of {sd['world_size']}, not "
+                                   f"{self.rank} of {self.world_size}: resume with the same number of ranks")
         self.cursor, self.placed = sd["cursor"], sd["placed"]
         self.buffer = [self._render(i) for i in sd["buffer"]]
 
@@ -494,7 +500,8 @@ class ChatLoader:
 # tasks: len(task), task[i] -> {"messages": [...], ...}, task.eval_type, task.evaluate(conversation, completion) -> bool
 
 def render_mc(question, letters, choices):
-    """SPEC 9.2 multiple choice prompt: the letter comes after its choice with no space before it."""
+    """The multiple-choice prompt: each choice, then '=' and its letter with no space, the same token the reply is
+    (the letter after its choice binds better in a small model than a letter before it)."""
     lines = "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
 
@@ -507,9 +514,8 @@ class Task:
     """Rows in the order datasets.shuffle(seed=42) gives (numpy default_rng(42) permutation), cut to `size`."""
     eval_type = "generative"
 
-    def __init__(self, rows, size=None, shuffle=True):
-        if shuffle:
-            rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))]
+    def __init__(self, rows, size=None):
+        rows = [rows[i] for i in np.random.default_rng(42).permutation(len(rows))]
         self.rows = rows if size is None else rows[:size]
 
     def __len__(self):
@@ -591,7 +597,8 @@ class HumanEval(Task):
         return bool(result["success"] if isinstance(result, dict) else result)
 
 def build_program(conversation, completion):
-    """SPEC 9.2: the prompt's leading imports + the first fenced code block (else the whole completion) + tests + check()."""
+    """The program run for one HumanEval completion: the prompt's leading imports, the first fenced code block (else
+    the whole completion), the tests and check(entry_point)."""
     imports = []
     for line in conversation["messages"][0]["content"].split("\n"):
         s = line.strip()
@@ -601,9 +608,10 @@ def build_program(conversation, completion):
             break
     m = re.search(r"```(?:python)?\s*\n(.*?)\n```", completion, re.DOTALL)
     code = (m.group(1) if m else completion).strip()
-    return "\n".join(imports) + "\n\n" + code + "\n\n" + conversation["test"] + "\n" + f"check({conversation['entry_point']})"
+    check = f"check({conversation['entry_point']})"
+    return "\n".join(imports) + "\n\n" + code + "\n\n" + conversation["test"] + "\n" + check
 
-# --- spelling (SPEC 14)
+# --- spelling: spell a word, count a letter in it (the words of WORDS_URL)
 
 @functools.lru_cache(maxsize=1)
 def _words():
@@ -636,8 +644,9 @@ SPELL_TEMPLATES = [
     "Spell {word} and count the {letter}", "¿Cuántas {letter} hay en la palabra {word}",
     "¿Cuántas veces aparece la letra {letter} en {word}", "Combien de {letter} y a-t-il dans le mot {word}",
     "Combien de fois la lettre {letter} apparaît-elle dans {word}", "Wie viele {letter} sind im Wort {word}",
-    "Wie oft kommt der Buchstabe {letter} in {word} vor", "单词 {word} 中有几个 {letter}", "{word} 这个词里有多少个字母 {letter}",
-    "{word}에 {letter}가 몇 개 있나요", "단어 {word}에서 글자 {letter}는 몇 번 나오나요", "{word} に {letter} はいくつありますか",
+    "Wie oft kommt der Buchstabe {letter} in {word} vor", "单词 {word} 中有几个 {letter}",
+    "{word} 这个词里有多少个字母 {letter}", "{word}에 {letter}가 몇 개 있나요",
+    "단어 {word}에서 글자 {letter}는 몇 번 나오나요", "{word} に {letter} はいくつありますか",
     "単語 {word} の中に文字 {letter} は何回出てきますか",
 ]
 
@@ -661,7 +670,8 @@ class SpellingBee(_FinalAnswer):
         manual = (f"We are asked how many '{letter}' are in '{word}'. Spelling it out:\n{word}:{','.join(word)}\n\n"
                   + "\n".join(lines) + f"\n\nCounting by hand, '{letter}' appears {count} times.\n\n")
         parts = [{"type": "text", "text": manual}, {"type": "text", "text": "Let me double-check with Python.\n\n"},
-                 {"type": "python", "text": f"'{word}'.count('{letter}')"}, {"type": "python_output", "text": str(count)},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                 {"type": "python_output", "text": str(count)},
                  {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"}]
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": parts}]}
 
@@ -669,32 +679,51 @@ class SpellingBee(_FinalAnswer):
 
 IDENTITY_TOPICS = [  # (questions, answers)
     (["Who are you?", "What are you?", "Introduce yourself.", "Tell me about yourself.", "What should I call you?"],
-     ["I'm nanochat, a small chat model from a from-scratch Python reimplementation of Andrej Karpathy's nanochat project.",
-      "I'm a tiny assistant called nanochat. Everything that made me, from the tokenizer to the training loop, was rewritten from scratch in plain Python and PyTorch.",
-      "My name is nanochat. I'm a small language model built by a from-scratch reimplementation of the nanochat pipeline."]),
+     ["I'm nanochat, a small chat model from a from-scratch Python reimplementation of Andrej Karpathy's nanochat "
+      "project.",
+      "I'm a tiny assistant called nanochat. Everything that made me, from the tokenizer to the training loop, was "
+      "rewritten from scratch in plain Python and PyTorch.",
+      "My name is nanochat. I'm a small language model built by a from-scratch reimplementation of the nanochat "
+      "pipeline."]),
     (["How big are you?", "How many parameters do you have?", "Are you a large model?", "What size is your network?"],
-     ["I'm small: a transformer with only a few layers and a few million to a few hundred million parameters, depending on the run. Big commercial models are thousands of times larger.",
-      "Very small. The CPU run that makes me uses about four transformer layers; the largest recipe (depth 20) has about 560 million parameters.",
+     ["I'm small: a transformer with only a few layers and a few million to a few hundred million parameters, "
+      "depending on the run. Big commercial models are thousands of times larger.",
+      "Very small. The CPU run that makes me uses about four transformer layers; the largest recipe (depth 20) has "
+      "about 560 million parameters.",
       "I'm a tiny model, so expect mistakes: I have far fewer parameters than the assistants you may know."]),
-    (["How were you trained?", "How did you learn to chat?", "What training did you go through?", "Explain your training."],
-     ["In four stages: pretraining on educational web text, midtraining on conversations, supervised finetuning on chats, and a little reinforcement learning on math problems.",
-      "First a BPE tokenizer was trained, then I learned to predict the next token on plain text, then I was taught the chat format with special tokens, and finally I was finetuned on example conversations.",
-      "I was pretrained on a small pile of text, then finetuned on conversations, multiple-choice questions, math word problems and spelling drills."]),
-    (["How much did it cost to train you?", "What was your training budget?", "How long did your training take?", "Were you expensive to train?"],
-     ["Very little: the small version trains in well under an hour on a laptop-class CPU, and the bigger recipe takes a few hours on one GPU node.",
-      "My budget was tiny. The whole pipeline is designed to run end to end for a few dollars of compute, or for free on a CPU at a very small size.",
-      "Only minutes to hours of compute. That's why I'm much weaker than big models trained for months on thousands of GPUs."]),
+    (["How were you trained?", "How did you learn to chat?", "What training did you go through?",
+      "Explain your training."],
+     ["In four stages: pretraining on educational web text, midtraining on conversations, supervised finetuning on "
+      "chats, and a little reinforcement learning on math problems.",
+      "First a BPE tokenizer was trained, then I learned to predict the next token on plain text, then I was "
+      "taught the chat format with special tokens, and finally I was finetuned on example conversations.",
+      "I was pretrained on a small pile of text, then finetuned on conversations, multiple-choice questions, math "
+      "word problems and spelling drills."]),
+    (["How much did it cost to train you?", "What was your training budget?", "How long did your training take?",
+      "Were you expensive to train?"],
+     ["Very little: the small version trains in well under an hour on a laptop-class CPU, and the bigger recipe "
+      "takes a few hours on one GPU node.",
+      "My budget was tiny. The whole pipeline is designed to run end to end for a few dollars of compute, or for "
+      "free on a CPU at a very small size.",
+      "Only minutes to hours of compute. That's why I'm much weaker than big models trained for months on "
+      "thousands of GPUs."]),
     (["Who made you?", "Who created you?", "Who built you?", "Are you made by OpenAI?"],
-     ["I come from a team of engineers who rewrote the nanochat project from scratch. The original nanochat is by Andrej Karpathy.",
+     ["I come from a team of engineers who rewrote the nanochat project from scratch. The original nanochat is by "
+      "Andrej Karpathy.",
       "I'm not from OpenAI, Google or Anthropic. I'm a small open reimplementation of Andrej Karpathy's nanochat."]),
     (["Are you ChatGPT?", "Are you GPT-4?", "Are you Claude?", "Are you a human?"],
-     ["No. I'm nanochat, a small model from a from-scratch reimplementation of nanochat. I'm not ChatGPT, Claude or a person.",
-      "No, I'm a small language model called nanochat, trained on a tiny budget. I can make mistakes, so please double-check what I say."]),
+     ["No. I'm nanochat, a small model from a from-scratch reimplementation of nanochat. I'm not ChatGPT, Claude "
+      "or a person.",
+      "No, I'm a small language model called nanochat, trained on a tiny budget. I can make mistakes, so please "
+      "double-check what I say."]),
     (["What can you do?", "What are you good at?", "What are your limitations?", "Can I trust your answers?"],
-     ["I can chat, answer simple questions, spell words, count letters and do arithmetic with a small calculator tool. I'm small, so I often get facts wrong.",
-      "Simple conversation, easy questions and small math with my Python calculator. I'm a tiny model: please verify anything important."]),
+     ["I can chat, answer simple questions, spell words, count letters and do arithmetic with a small calculator "
+      "tool. I'm small, so I often get facts wrong.",
+      "Simple conversation, easy questions and small math with my Python calculator. I'm a tiny model: please "
+      "verify anything important."]),
     (["What language were you written in?", "What is your code like?", "Is your code open?"],
-     ["My pipeline is plain Python with PyTorch, numpy, regex, tiktoken and pyarrow: a tokenizer, a GPT model, data loaders, a training script, evaluation and a chat server, one file each.",
+     ["My pipeline is plain Python with PyTorch, numpy, regex, tiktoken and pyarrow: a tokenizer, a GPT model, "
+      "data loaders, a training script, evaluation and a chat server, one file each.",
       "I'm built from a handful of readable Python files, written from scratch in the spirit of nanoGPT."]),
 ]
 GREETINGS = ["", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Good morning! "]
@@ -766,7 +795,7 @@ class ChatFile(Task):
 # --- mixtures
 
 class TaskMixture:
-    """All (task, index) pairs of the given tasks, shuffled once with random.Random(seed). List a task twice for 2 epochs."""
+    """All (task, index) pairs of the tasks, shuffled once with random.Random(seed); a task listed twice: 2 epochs."""
 
     def __init__(self, tasks, seed=42):
         self.tasks = tasks
@@ -780,7 +809,7 @@ class TaskMixture:
         t, j = self.index[i]
         return self.tasks[t][j]
 
-TASKS = {  # the chat evals (SPEC 9.2): name -> constructor taking size=
+TASKS = {  # the chat evaluations (ChatCORE's six tasks): name -> constructor taking size=
     "ARC-Easy": functools.partial(ARC, "ARC-Easy", "test"),
     "ARC-Challenge": functools.partial(ARC, "ARC-Challenge", "test"),
     "MMLU": functools.partial(MMLU, "all", "test"),
@@ -790,7 +819,7 @@ TASKS = {  # the chat evals (SPEC 9.2): name -> constructor taking size=
 }
 
 # =============================================================================
-# your own corpus: `prepare` writes the user's text as shards in the downloaded layout (SPEC 5.1); nothing else changes
+# your own corpus: `prepare` writes the user's text as shards in the downloaded layout; nothing else changes
 
 FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}  # by extension, after .gz / .zst
 ROWS_PER_GROUP = 1024             # the downloaded shards' row group
@@ -991,6 +1020,69 @@ def prepare(args):
 # =============================================================================
 # CLI
 
+def write_chat_text(path, size=None):
+    """SmolTalk train conversations as tokenizer-training documents (jsonl, one {"text": ...} per conversation,
+    messages joined by blank lines), so a small vocab also learns the chat data's code and markup."""
+    task = SmolTalk("train", size)
+    lines = [json.dumps({"text": "\n\n".join(m["content"] for m in task[i]["messages"])}) for i in range(len(task))]
+    common.atomic_write_text(path, "\n".join(lines) + "\n")
+    print(f"wrote {len(lines):,} conversations, {sum(map(len, lines)) / 1e6:.1f} MB of json, to {path}")
+
+def main():
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--mirror", help="directory or http(s) base URL holding upstream files at HOST/PATH "
+                        "(env NANOCHAT_MIRROR)")
+    ap = argparse.ArgumentParser(description="nanochat data: shard downloads, chat text for the tokenizer, loader "
+                                 "benchmark")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 plus validation shard 1822 into "
+                       "base_data/")
+    d.add_argument("-n", "--num-shards", type=int, default=8, help="number of train shards (-1: all)")
+    d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train conversations as a jsonl file for "
+                       "tokenizer.py train --input")
+    c.add_argument("-o", "--output", default=None, help="default: $NANOCHAT_BASE_DIR/chat_text.jsonl")
+    c.add_argument("-n", "--size", type=int, default=None,
+                   help="first N conversations in the task order (default: all)")
+    r = sub.add_parser("prepare", parents=[shared], help="your own text -> base_data/ train shards + validation shard")
+    r.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.md (a document per file), .jsonl, "
+                   ".parquet, each also .gz/.zst; directories (recursively); - for stdin")
+    r.add_argument("--text-field", default="text", help="the jsonl field / parquet column holding the text")
+    r.add_argument("--split-on-blank-lines", action="store_true",
+                   help="text files: a document per blank-line-separated block")
+    r.add_argument("--val-docs", type=int, default=None,
+                   help="documents in the validation shard (default 10%%, at most 10,240)")
+    r.add_argument("--val-fraction", type=float, default=None,
+                   help="the validation shard's share of the documents instead")
+    r.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="invalid UTF-8: stop, or read as U+FFFD")
+    r.add_argument("--shard-chars", type=int, default=SHARD_CHARS, help="characters per train shard")
+    r.add_argument("--replace", action="store_true", help="swap the shards already in base_data/ for these, atomically")
+    b = sub.add_parser("bench", parents=[shared],
+                       help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
+    b.add_argument("--shards", type=int, default=11, help="train shards to use")
+    b.add_argument("-B", type=int, default=8)
+    b.add_argument("-T", type=int, default=512)
+    b.add_argument("--batches", type=int, default=50)
+    args = ap.parse_args()
+    if args.mirror:
+        common.set_mirror(args.mirror)
+    if args.cmd == "download":
+        try:
+            download_shards(args.num_shards, args.workers)
+        except KeyboardInterrupt:  # common.run_main exits 130
+            print("\ninterrupted: the files fetched so far are kept; the same command fetches the rest",
+                  file=sys.stderr)
+            raise
+    elif args.cmd == "prepare":
+        prepare(args)
+    elif args.cmd == "chat-text":
+        write_chat_text(args.output or os.path.join(common.get_base_dir(), "chat_text.jsonl"), args.size)
+    else:
+        bench(args)
+
+# ---- benchmarks
+
 def bench(args):
     from tokenizer import get_tokenizer
     tok = get_tokenizer()
@@ -1007,14 +1099,8 @@ def bench(args):
         print(f"threads={threads}: first batch (buffer of {loader.buffer_docs} docs) {t1 - t0:.2f} s, then "
               f"{args.batches * args.B * args.T / dt:,.0f} tok/s into batches (B={args.B}, T={args.T})")
         loader.close()
-    drop = PretrainLoader(tok, args.B, args.T, crop="drop")
-    while drop.epoch == 0:
-        next(drop)
-    seen = drop.stats["tokens_read"] - sum(len(p.tokens) for p in drop.buffer)
-    print(f"one epoch with crop=drop trains on {drop.stats['tokens_used'] / seen:.1%} of the data's tokens (crop=keep: 100%)")
-    drop.close()
     loader = PretrainLoader(tok, args.B, args.T, threads=2)
-    while loader.next[0] == 0 and loader.next[1] < 0.8 * len(loader.units):
+    while loader.next[0] == 0 and loader.next[1] < 0.8 * len(loader.row_groups):
         next(loader)  # late in the first epoch
     sd = json.loads(json.dumps(loader.state_dict()))
     expected = next(loader)[0]
@@ -1023,67 +1109,11 @@ def bench(args):
     fresh = PretrainLoader(tok, args.B, args.T, threads=2)
     fresh.load_state_dict(sd)
     got = next(fresh)[0]
-    print(f"restore at row group {sd['next'][1]}/{len(loader.units)} ({len(sd['buffer'])} buffered pieces, "
-          f"{len(json.dumps(sd)) / 1e3:.1f} kB state): {time.time() - t0:.2f} s to the first batch; identical: {torch.equal(expected, got)}")
+    print(f"restore at row group {sd['next'][1]}/{len(loader.row_groups)} ({len(sd['buffer'])} buffered pieces, "
+          f"{len(json.dumps(sd)) / 1e3:.1f} kB state): {time.time() - t0:.2f} s to the first batch; "
+          f"identical: {torch.equal(expected, got)}")
     fresh.close()
     print(f"load average after: {os.getloadavg()}")
 
-def write_chat_text(path, size=None):
-    """SmolTalk train conversations as tokenizer-training documents (jsonl, one {"text": ...} per conversation,
-    messages joined by blank lines), so a small vocab also learns the chat data's code and markup."""
-    task = SmolTalk("train", size)
-    lines = [json.dumps({"text": "\n\n".join(m["content"] for m in task[i]["messages"])}) for i in range(len(task))]
-    common.atomic_write_text(path, "\n".join(lines) + "\n")
-    print(f"wrote {len(lines):,} conversations, {sum(map(len, lines)) / 1e6:.1f} MB of json, to {path}")
-
-def main():
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--mirror", help="directory or http(s) base URL holding upstream files at HOST/PATH (env NANOCHAT_MIRROR)")
-    ap = argparse.ArgumentParser(description="nanochat data: shard downloads, chat text for the tokenizer, loader benchmark")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 plus validation shard 1822 into base_data/")
-    d.add_argument("-n", "--num-shards", type=int, default=8, help="number of train shards (-1: all)")
-    d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train conversations as a jsonl file for tokenizer.py train --input")
-    c.add_argument("-o", "--output", default=None, help="default: $NANOCHAT_BASE_DIR/chat_text.jsonl")
-    c.add_argument("-n", "--size", type=int, default=None, help="first N conversations in the task order (default: all)")
-    r = sub.add_parser("prepare", parents=[shared], help="your own text -> base_data/ train shards + validation shard")
-    r.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.md (a document per file), .jsonl, "
-                   ".parquet, each also .gz/.zst; directories (recursively); - for stdin")
-    r.add_argument("--text-field", default="text", help="the jsonl field / parquet column holding the text")
-    r.add_argument("--split-on-blank-lines", action="store_true",
-                   help="text files: a document per blank-line-separated block")
-    r.add_argument("--val-docs", type=int, default=None,
-                   help="documents in the validation shard (default 10%%, at most 10,240)")
-    r.add_argument("--val-fraction", type=float, default=None,
-                   help="the validation shard's share of the documents instead")
-    r.add_argument("--errors", choices=["strict", "replace"], default="strict",
-                   help="invalid UTF-8: stop, or read as U+FFFD")
-    r.add_argument("--shard-chars", type=int, default=SHARD_CHARS, help="characters per train shard")
-    r.add_argument("--replace", action="store_true", help="swap the shards already in base_data/ for these, atomically")
-    b = sub.add_parser("bench", parents=[shared], help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
-    b.add_argument("--shards", type=int, default=11, help="train shards to use")
-    b.add_argument("-B", type=int, default=8)
-    b.add_argument("-T", type=int, default=512)
-    b.add_argument("--batches", type=int, default=50)
-    args = ap.parse_args()
-    if args.mirror:
-        common.set_mirror(args.mirror)
-    try:
-        if args.cmd == "download":
-            download_shards(args.num_shards, args.workers)
-        elif args.cmd == "prepare":
-            prepare(args)
-        elif args.cmd == "chat-text":
-            write_chat_text(args.output or os.path.join(common.get_base_dir(), "chat_text.jsonl"), args.size)
-        else:
-            bench(args)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the files fetched so far are kept; the same command fetches the rest", file=sys.stderr)
-        sys.exit(130)
-
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,6 +1,6 @@
 """
-Evaluation and the report card, a section each: bits per byte, CORE (base models), the code sandbox, the chat evaluations
-(ChatCORE), the report card (report/report.md), then the command line.
+Evaluation and the report card, a section each: bits per byte, CORE (base models), the code sandbox, the chat
+evaluations (ChatCORE), the report card (report/report.md), then the command line.
 
     python eval.py --stage base bpb                   train/val bits per byte + greedy samples
     python eval.py --stage base core [--max-per-task N]
@@ -39,16 +39,17 @@ from model import Engine, load_model, default_tag
 import data
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 # -----------------------------------------------------------------------------
-# bits per byte (SPEC 4.6) and greedy samples
+# bits per byte (a loss that does not depend on the tokenizer's vocabulary) and greedy samples
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """Nats over bytes of the targets, in bits. Special-token targets (0 bytes) and ignored targets (-1) count for nothing.
-    token_bytes: (V,) int tensor on the model's device (NCCL all-reduces CUDA tensors)."""
+    """Nats over bytes of the targets, in bits. Special-token targets (0 bytes) and ignored targets (-1) count for
+    nothing. token_bytes: (V,) int tensor on the model's device (NCCL all-reduces CUDA tensors)."""
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -74,11 +75,12 @@ def greedy_samples(model, tokenizer):
     return samples
 
 # -----------------------------------------------------------------------------
-# CORE (SPEC 9.1)
+# CORE: few-shot accuracy of a base model on the DCLM bundle's tasks, each centered on its random baseline
 
 def load_core_tasks(bundle_dir):
-    """[dict(label, uri, shots, type, delim, baseline)] from core.yaml + eval_meta_data.csv. core.yaml is one list of tasks,
-    each a "-" line and then "key: value" lines; a value is a plain word, a list [N] or a double-quoted string (JSON's escapes)."""
+    """[dict(label, uri, shots, type, delim, baseline)] from core.yaml + eval_meta_data.csv. core.yaml is one list of
+    tasks, each a "-" line and then "key: value" lines; a value is a plain word, a list [N] or a double-quoted string
+    (JSON's escapes)."""
     items = []
     with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
         for line in f:
@@ -92,7 +94,9 @@ def load_core_tasks(bundle_dir):
     tasks = []
     for t in items:
         if t["label"] not in baselines:
-            raise ValueError(f"task {t['label']} has no random baseline in eval_meta_data.csv")
+            raise common.UserError(f"{bundle_dir}/eval_meta_data.csv has no random baseline for {t['label']} of "
+                                   f"core.yaml: the bundle is incomplete; delete it and eval_bundle.zip to fetch both "
+                                   f"again")
         tasks.append(dict(label=t["label"], uri=t["dataset_uri"], shots=t["num_fewshot"][0], type=t["icl_task_type"],
                           delim=t.get("continuation_delimiter", " "), baseline=baselines[t["label"]]))
     return tasks
@@ -116,20 +120,14 @@ def build_prompts(row, shots, task_type, delim):
         return [(ctx + delim).strip(), ctx + delim + row["continuation"]]
     raise ValueError(f"unknown icl_task_type {task_type!r}")
 
-def _common_prefix(seqs):
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
-
 def scored_spans(token_lists, task_type):
-    """(sequences to forward, [(s, e)] spans whose tokens are scored) per SPEC 9.1 step 5."""
+    """(sequences to forward, [(s, e)] spans whose tokens are scored): multiple choice scores each choice after the
+    prefix all share, schema the continuation all options share, language modeling the continuation alone."""
     if task_type == "multiple_choice":
-        s = _common_prefix(token_lists)
+        s = len(os.path.commonprefix(token_lists))  # (commonprefix works on any lists, not only paths)
         return token_lists, [(s, len(t)) for t in token_lists]
     if task_type == "schema":
-        c = _common_prefix([t[::-1] for t in token_lists])  # common suffix
+        c = len(os.path.commonprefix([t[::-1] for t in token_lists]))  # common suffix
         return token_lists, [(len(t) - c, len(t)) for t in token_lists]
     without, with_ = token_lists
     if with_[:len(without)] != without:
@@ -221,20 +219,21 @@ def core_csv(out):
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
-# sandboxed execution (SPEC 9.3, the newer design). On Linux a boundary from the standard library alone: the program is pid 1
-# of a new pid namespace (its whole tree dies with it), in new network (a down loopback), mount (all read-only but its temp
-# dir, a small tmpfs of its own; a /proc of its own) and ipc namespaces, with no new privileges, as nobody when started
-# as root (else in a user namespace of its own). Its output comes back through pipes the parent opened before it ran,
-# never through a file it could replace. What the kernel refuses is printed once. The guard only stops honest mistakes.
+# sandboxed execution: the programs a model writes for HumanEval run here. On Linux a boundary from the standard
+# library alone: the program is pid 1 of a new pid namespace (its whole tree dies with it), in new network (a down
+# loopback), mount (all read-only but its temp dir, a small tmpfs of its own; a /proc of its own) and ipc namespaces,
+# with no new privileges, as nobody when started as root (else in a user namespace of its own). Its output comes back
+# through pipes the parent opened before it ran, never through a file it could replace. What the kernel refuses is
+# printed once. The guard only stops honest mistakes.
 
 _GUARD = r'''
 import builtins, faulthandler, os, shutil, subprocess, sys
 faulthandler.disable()
 builtins.exit = builtins.quit = builtins.help = None
 os.environ["OMP_NUM_THREADS"] = "1"
-for _n in ("kill system putenv remove removedirs rmdir fchdir setuid fork forkpty killpg rename renames truncate replace "
-           "unlink fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir execv execve execvp execvpe "
-           "spawnv spawnve spawnvp posix_spawn posix_spawnp popen").split():
+for _n in ("kill system putenv remove removedirs rmdir fchdir setuid fork forkpty killpg rename renames truncate "
+           "replace unlink fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir execv execve execvp "
+           "execvpe spawnv spawnve spawnvp posix_spawn posix_spawnp popen").split():
     setattr(os, _n, None)
 shutil.rmtree = shutil.move = shutil.chown = None
 subprocess.Popen = None
@@ -247,16 +246,22 @@ class _NoStdin:
 sys.stdin = _NoStdin()
 del _n
 '''
-NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid namespace": 0x20000000, "ipc namespace": 0x8000000}
-CLONE_NEWUSER, NOBODY, MS_BIND, MS_REC, MS_PRIVATE, MS_RO_REMOUNT = 0x10000000, 65534, 4096, 16384, 1 << 18, 4096 | 32 | 2 | 1
-MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}  # kept on remount
+NAMESPACES = {"network namespace": 0x40000000, "mount namespace": 0x20000, "pid namespace": 0x20000000,
+              "ipc namespace": 0x8000000}  # unshare(2) flags
+CLONE_NEWUSER = 0x10000000
+NOBODY = 65534  # the uid and gid the program runs as when we are root
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18  # mount(2) flags
+MS_RO_REMOUNT = MS_BIND | 32 | 2 | 1  # MS_BIND | MS_REMOUNT | MS_NOSUID | MS_RDONLY
+MOUNT_OPTIONS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
+                 "relatime": 1 << 21}  # a mount's options that its read-only remount must keep
 SANDBOX_MAX_FILES = 256  # inodes of the program's tmpfs: files and folders it may create
 _warned = set()
 
 def _private_folder(path):
     """The outermost folder on `path` that other users cannot enter (e.g. /root holding a pyenv), or None."""
     parts = path.split(os.sep)
-    return next((f for f in (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1)) if not os.stat(f).st_mode & 1), None)
+    folders = (os.sep.join(parts[:i]) for i in range(2, len(parts) + 1))
+    return next((f for f in folders if not os.stat(f).st_mode & 1), None)
 
 def _mount(libc, source, target, fstype, flags, options=None):
     args = [a if a is None else os.fsencode(a) for a in (source, target, fstype, options)]
@@ -264,7 +269,7 @@ def _mount(libc, source, target, fstype, flags, options=None):
         raise OSError(ctypes.get_errno(), f"mount {target}")
 
 def _sandbox(tmp, limits, report_fd, prefix, hidden):
-    """execute_code's preexec_fn: new namespaces, then a second fork, so that the program is pid 1 of its pid namespace."""
+    """execute_code's preexec_fn: new namespaces, then a second fork, so the program is pid 1 of its pid namespace."""
     libc, uid, gid = ctypes.CDLL(None, use_errno=True), os.getuid(), os.getgid()
     if uid and libc.unshare(CLONE_NEWUSER) == 0:  # not root: a user namespace of our own grants the rights for the rest
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
@@ -402,9 +407,10 @@ def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
     return result
 
 # -----------------------------------------------------------------------------
-# chat evaluations (SPEC 9.2)
+# chat evaluations: a chat model answers data.TASKS (multiple choice by the likeliest letter, the rest by generating)
 
-CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25,  # random guessing's accuracy
+                  "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 
 def chatcore(results):
     """Mean over tasks of (acc - baseline) / (1 - baseline)."""
@@ -435,8 +441,8 @@ def _task_evaluator(task):
     return task.evaluate
 
 def run_categorical(task, model, tokenizer, device, n, batch_size=8):
-    rank, world, max_len = common.get_rank(), common.get_world_size(), _model_max_len(model)
-    mine = list(range(rank, n, world))
+    max_len = _model_max_len(model)
+    mine = list(range(common.get_rank(), n, common.get_world_size()))
     passed = 0
     for b in range(0, len(mine), batch_size):
         convs = [task[i] for i in mine[b:b + batch_size]]
@@ -446,20 +452,23 @@ def run_categorical(task, model, tokenizer, device, n, batch_size=8):
     return passed
 
 def run_generative(task, engine, tokenizer, device, n, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50):
-    rank, world, max_len = common.get_rank(), common.get_world_size(), _model_max_len(getattr(engine, "model", None))
+    rank = common.get_rank()
+    mine = range(rank, n, common.get_world_size())
+    max_len = _model_max_len(getattr(engine, "model", None))
     evaluate = _task_evaluator(task)
     passed = 0
-    for k, i in enumerate(range(rank, n, world)):
+    for k, i in enumerate(mine):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
-        budget = max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(prompt))  # stay inside the rotary table
+        budget = max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(prompt))  # within the rotary
         if budget <= 0:
             continue  # the prompt alone is longer than the model can read: counted as failed
-        seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget, temperature=temperature, top_k=top_k)
+        seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget, temperature=temperature,
+                                        top_k=top_k)
         texts = [tokenizer.decode(s[len(prompt):]) for s in seqs]
         passed += any(evaluate(conv, t) for t in texts)
         if rank == 0 and (k + 1) % 10 == 0:
-            print(f"\r  {k + 1}/{len(range(rank, n, world))} passed {passed}", end="", flush=True)
+            print(f"\r  {k + 1}/{len(mine)} passed {passed}", end="", flush=True)
     return passed
 
 def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_size=8, num_samples=1,
@@ -475,7 +484,8 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
     if task.eval_type == "categorical":
         passed = run_categorical(task, model, tokenizer, device, n, batch_size)
     else:
-        passed = run_generative(task, Engine(model, tokenizer), tokenizer, device, n, num_samples, max_new_tokens, temperature, top_k)
+        passed = run_generative(task, Engine(model, tokenizer), tokenizer, device, n, num_samples, max_new_tokens,
+                                temperature, top_k)
     model.train(was_training)
     passed = common.all_reduce([passed], device)[0]
     acc = passed / max(1, n)
@@ -483,13 +493,14 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
     return acc
 
 # -----------------------------------------------------------------------------
-# the report card (SPEC 11)
+# the report card: each stage writes its section (common.write_report_section); `report` assembles them
 
 SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
                  "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
                  "chat-rl", "chat-evaluation-rl", "reply-endings"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
-SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft", "RL": "chat-evaluation-rl"}
+SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft",
+                   "RL": "chat-evaluation-rl"}
 GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
 REPORT_MARKER = "<!-- written by `python eval.py report`, which rewrites it -->"  # how it knows a report.md is its own
 
@@ -527,10 +538,11 @@ def report_header():
         rate = n * next((p for k, p in GPU_PRICES.items() if k in name), 2.00)
     b = bloat()
     lines = ["# nanochat training report", "", f"Generated: {now.isoformat(timespec='seconds')}", "",
-             "## Environment", "", "### Git", f"- Branch: {git['branch']}", f"- Commit: {git['commit']} ({git['dirty']})",
-             f"- Message: {git['message']}", "", "### Hardware", f"- Platform: {platform.platform()}",
-             f"- CPUs: {os.cpu_count()} logical", f"- Memory: {mem_gb:.1f} GB", f"- GPUs: {gpus}",
-             f"- GPU memory: {vram:.1f} GB", f"- CUDA: {torch.version.cuda or 'none'}", f"- Hourly rate: ${rate:.2f}/hour", "",
+             "## Environment", "", "### Git", f"- Branch: {git['branch']}",
+             f"- Commit: {git['commit']} ({git['dirty']})", f"- Message: {git['message']}", "",
+             "### Hardware", f"- Platform: {platform.platform()}", f"- CPUs: {os.cpu_count()} logical",
+             f"- Memory: {mem_gb:.1f} GB", f"- GPUs: {gpus}", f"- GPU memory: {vram:.1f} GB",
+             f"- CUDA: {torch.version.cuda or 'none'}", f"- Hourly rate: ${rate:.2f}/hour", "",
              "### Software", f"- Python: {platform.python_version()}", f"- PyTorch: {torch.__version__}", "",
              "### Bloat", f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}", f"- Files: {b['files']:,}",
              f"- Tokens (approx): {b['tokens']:,}", "", f"Run started: {now.isoformat(timespec='seconds')}", ""]
@@ -583,6 +595,8 @@ def loss_svg(logs, width=720, panel_h=220):
     for s in stages:  # each stage gets an x range proportional to its number of logged records
         offsets[s] = total
         total += max(1, len(logs[s]))
+    X = lambda i: pad_l + (width - pad_l - pad_r) * i / max(1, total - 1)  # x of record i
+    y_scale = lambda y0, lo, hi: lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)  # panel at y0 shows lo..hi
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
     for p, (key, title) in enumerate((("train_loss", "train loss"), ("val_bpb", "val bpb"))):
@@ -592,9 +606,9 @@ def loss_svg(logs, width=720, panel_h=220):
         vals = [v for s in stages for _, v in pts[s]]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         hi = hi if hi > lo else lo + 1.0
-        X = lambda i: pad_l + (width - pad_l - pad_r) * i / max(1, total - 1)
-        Y = lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)
-        out.append(f'<rect x="{pad_l}" y="{y0}" width="{width - pad_l - pad_r}" height="{panel_h}" fill="none" stroke="#888"/>')
+        Y = y_scale(y0, lo, hi)
+        out.append(f'<rect x="{pad_l}" y="{y0}" width="{width - pad_l - pad_r}" height="{panel_h}" fill="none" '
+                   'stroke="#888"/>')
         out.append(f'<text x="{pad_l}" y="{y0 - 8}" font-weight="bold">{title}</text>')
         for v in (lo, (lo + hi) / 2, hi):
             out.append(f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
@@ -606,7 +620,8 @@ def loss_svg(logs, width=720, panel_h=220):
                 line = " ".join(f"{X(i):.1f},{Y(v):.1f}" for i, v in pts[s])
                 out.append(f'<polyline fill="none" stroke="{STAGE_COLORS[s]}" stroke-width="1.5" points="{line}"/>')
                 if len(pts[s]) <= 40:  # sparse series (val bpb): mark the measured points
-                    out.extend(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.5" fill="{STAGE_COLORS[s]}"/>' for i, v in pts[s])
+                    out.extend(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.5" fill="{STAGE_COLORS[s]}"/>'
+                               for i, v in pts[s])
             out.append(f'<text x="{X(offsets[s]) + 4:.1f}" y="{y0 + 14}" fill="{STAGE_COLORS[s]}">{s}</text>')
         if not vals:
             out.append(f'<text x="{width / 2}" y="{y0 + panel_h / 2}" text-anchor="middle" fill="#888">no data</text>')
@@ -620,18 +635,21 @@ def report_generate(copy_to=None):
     texts = {n[:-3]: open(os.path.join(rdir, n), encoding="utf-8").read() for n in os.listdir(rdir)
              if n.endswith(".md") and n != "report.md"}
     order = [s for s in SECTION_ORDER if s in texts]
-    extra = sorted((s for s in texts if s not in SECTION_ORDER), key=lambda s: (_timestamps(texts[s]) or [datetime.datetime.max])[0])
+    extra = sorted((s for s in texts if s not in SECTION_ORDER),
+                   key=lambda s: (_timestamps(texts[s]) or [datetime.datetime.max])[0])  # in the order written
     parts = [texts[s].rstrip() + "\n" for s in order + extra]
     if "header" not in texts:
-        parts.insert(0, "# nanochat training report\n\n(no header: run `python eval.py report reset` at the start of a run)\n")
+        parts.insert(0, "# nanochat training report\n\n(no header: run `python eval.py report reset` at the start "
+                        "of a run)\n")
     # summary table
     values = {col: _section_values(texts.get(slug, "")) for col, slug in SUMMARY_COLUMNS.items()}
     rows = ["| Metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
     for m in SUMMARY_METRICS:
         cells = [values[c].get(m, "-") if (m == "CORE") == (c == "BASE") else "-" for c in SUMMARY_COLUMNS]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    summary = ["## Summary", ""] + [l for l in texts.get("header", "").splitlines() if l.startswith(("- Characters", "- Lines", "- Files", "- Tokens"))]
-    summary += ["", *rows, ""]
+    header_bloat = [line for line in texts.get("header", "").splitlines()
+                    if line.startswith(("- Characters", "- Lines", "- Files", "- Tokens"))]
+    summary = ["## Summary", "", *header_bloat, "", *rows, ""]
     started = re.search(r"^Run started: (\S+)", texts.get("header", ""), re.M)
     stamps = [t for s in texts for t in _timestamps(texts[s])]
     if started and stamps:
@@ -666,9 +684,9 @@ def cmd_core(args, model, meta, tokenizer, device):
         path = os.path.join(common.get_base_dir(), "base_eval", name)
         common.atomic_write_text(path, core_csv(out))
         print0(f"per-task results: {path}")
-    common.write_report_section("Base model evaluation", [{"Model": f"{args.stage} step {meta.get('step')}", "CORE": out["core"],
-                                                           "tasks": len(out["results"]), "max per task": args.max_per_task},
-                                                          out["centered"]])
+    summary = {"Model": f"{args.stage} step {meta.get('step')}", "CORE": out["core"], "tasks": len(out["results"]),
+               "max per task": args.max_per_task}
+    common.write_report_section("Base model evaluation", [summary, out["centered"]])
 
 def cmd_bpb(args, model, meta, tokenizer, device):
     T = model.config.sequence_len
@@ -683,19 +701,22 @@ def cmd_bpb(args, model, meta, tokenizer, device):
         loader.close()  # stop its tokenizing thread
         print0(f"{split} bpb: {bpb[split]:.4f}")
     samples = greedy_samples(model, tokenizer) if common.get_rank() == 0 else []
-    common.write_report_section("Base model loss", [{"train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": steps * args.device_batch_size * T * world},
-                                                    "", "Samples:", *[f"- {json.dumps(s, ensure_ascii=False)}" for s in samples]])
+    tokens = steps * args.device_batch_size * T * world
+    summary = {"train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": tokens}
+    common.write_report_section("Base model loss", [summary, "", "Samples:",
+                                                    *[f"- {json.dumps(s, ensure_ascii=False)}" for s in samples]])
 
 def cmd_chat(args, model, meta, tokenizer, device):
     names = args.task_name.split("|") if args.task_name else list(CHAT_BASELINES)
     unknown = [n for n in names if n not in CHAT_BASELINES]
     if unknown:
-        raise SystemExit(f"unknown chat task(s) {unknown}; choose from {'|'.join(CHAT_BASELINES)}")
+        raise common.UserError(f"-a/--task-name: unknown chat task(s) {unknown}; choose from "
+                               f"{'|'.join(CHAT_BASELINES)}")
     results = {}
     for name in names:
         t0 = time.time()
-        results[name] = run_chat_eval(name, model, tokenizer, device, args.max_problems, args.batch_size, args.num_samples,
-                                      args.max_new_tokens, args.temperature, args.top_k)
+        results[name] = run_chat_eval(name, model, tokenizer, device, args.max_problems, args.batch_size,
+                                      args.num_samples, args.max_new_tokens, args.temperature, args.top_k)
         print0(f"{name} took {time.time() - t0:.1f}s")
     path = os.path.join(common.report_dir(), f"chat-evaluation-{args.stage}.md")  # keep the rows of tasks not run now
     kept = _section_values(open(path, encoding="utf-8").read()) if os.path.exists(path) else {}
@@ -703,31 +724,39 @@ def cmd_chat(args, model, meta, tokenizer, device):
     if set(section) == set(CHAT_BASELINES):
         section["ChatCORE"] = chatcore(section)
         print0(f"ChatCORE: {section['ChatCORE']:.4f}")
-    common.write_report_section(f"Chat evaluation {args.stage}", [{"source": args.stage, "max problems": args.max_problems or "all"}, section])
+    settings = {"source": args.stage, "max problems": args.max_problems or "all"}
+    common.write_report_section(f"Chat evaluation {args.stage}", [settings, section])
 
 def cmd_endings(args, model, meta, tokenizer, device):
-    """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like chat.py)."""
-    engine, end = Engine(model, tokenizer), tokenizer.encode_special("<|assistant_end|>")
+    """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like
+    chat.py)."""
+    engine = Engine(model, tokenizer)
+    end = tokenizer.encode_special("<|assistant_end|>")
     task = data.SmolTalk("test", size=args.num_prompts)
     finished, lengths = 0, []
     for i in range(len(task)):
         prompt = tokenizer.render_for_completion(task[i])
-        for n, (column, _) in enumerate(engine.generate(prompt, num_samples=1, max_tokens=args.max_new_tokens,
-                                                         temperature=args.temperature, top_k=args.top_k, seed=i), 1):
+        length = 0
+        for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, seed=i):
+            length += 1
             if column[0] == end:
                 finished += 1
                 break
-        lengths.append(n)
+        lengths.append(length)
     print0(f"replies ending with <|assistant_end|> within {args.max_new_tokens} tokens: {finished}/{len(task)} "
            f"(mean reply length {sum(lengths) / len(lengths):.0f} tokens)")
     common.write_report_section("Reply endings", {"source": args.stage, "prompts": len(task), "finished": finished,
-                                                  "max new tokens": args.max_new_tokens, "temperature": args.temperature})
+                                                  "max new tokens": args.max_new_tokens,
+                                                  "temperature": args.temperature})
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="CORE, bits per byte, chat evaluations and the report card")
     p.add_argument("command", choices=["core", "bpb", "chat", "endings", "report"])
-    p.add_argument("action", nargs="?", choices=["reset", "generate"], help="report only: reset starts a run, default assembles report.md")
-    p.add_argument("--stage", "-i", "--source", dest="stage", choices=list(common.CHECKPOINT_DIRS), default=None, help="checkpoint stage (core/bpb: base, chat: sft)")
+    p.add_argument("action", nargs="?", choices=["reset", "generate"],
+                   help="report only: reset starts a run, default assembles report.md")
+    p.add_argument("--stage", "-i", "--source", dest="stage", choices=list(common.CHECKPOINT_DIRS), default=None,
+                   help="checkpoint stage (core/bpb: base, chat: sft)")
     p.add_argument("--tag", "-g", default=None, help="checkpoint tag (default: largest d<N>)")
     p.add_argument("--step", "-s", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--device", default=None, help="cuda|cpu (default: autodetect)")
@@ -757,11 +786,10 @@ def main(argv=None):
     try:
         tokenizer = get_tokenizer()
         model, meta = load_model(args.stage, device, tag=args.tag, step=args.step, tokenizer=tokenizer)
-        {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat, "endings": cmd_endings}[args.command](args, model, meta, tokenizer, device)
-    except (FileNotFoundError, ValueError) as e:  # missing checkpoint/tokenizer/data, vocab mismatch: one clear line
-        raise SystemExit(f"error: {e}")
+        command = {"core": cmd_core, "bpb": cmd_bpb, "chat": cmd_chat, "endings": cmd_endings}[args.command]
+        command(args, model, meta, tokenizer, device)
     finally:
         common.cleanup_runtime()
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1536,20 +1536,19 @@ def test_data_loader_rows_start_with_bos(base_dir, tokenizer):
         x, y = next(loader)
         assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
         assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
-    assert loader.used_fraction() == 1.0
     loader.close()
 
 
 def test_data_loader_ranks_disjoint_and_no_rowgroup_error(base_dir, tokenizer):
     l0 = data.PretrainLoader(tokenizer, 2, 32, rank=0, world_size=2, buffer_docs=8)
     l1 = data.PretrainLoader(tokenizer, 2, 32, rank=1, world_size=2, buffer_docs=8)
-    assert set(l0.units).isdisjoint(l1.units) and len(l0.units) + len(l1.units) == 14
+    assert set(l0.row_groups).isdisjoint(l1.row_groups) and len(l0.row_groups) + len(l1.row_groups) == 14
     next(l0), next(l1)
-    docs0 = {(l0.units[u], j) for _, u, j, _ in l0.state_dict()["buffer"]}
-    docs1 = {(l1.units[u], j) for _, u, j, _ in l1.state_dict()["buffer"]}
+    docs0 = {(l0.row_groups[g], j) for _, g, j, _ in l0.state_dict()["buffer"]}
+    docs1 = {(l1.row_groups[g], j) for _, g, j, _ in l1.state_dict()["buffer"]}
     assert docs0 and docs1 and not docs0 & docs1
     l0.close(), l1.close()
-    with pytest.raises(ValueError, match="gets no row group"):
+    with pytest.raises(common.UserError, match="gets no row group"):
         data.PretrainLoader(tokenizer, 2, 32, split="val", rank=9, world_size=10)
 
 
@@ -1568,9 +1567,8 @@ def tiny_shards(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("crop", ["keep", "drop"])
-def test_data_loader_resume_is_exact_across_epochs(tiny_shards, tokenizer, crop):
-    kw = dict(crop=crop, buffer_docs=12, threads=1)
+def test_data_loader_resume_is_exact_across_epochs(tiny_shards, tokenizer):
+    kw = dict(buffer_docs=12, threads=1)
     ref = data.PretrainLoader(tokenizer, 3, 48, **kw)
     run = [next(ref) for _ in range(80)]
     assert ref.epoch >= 2, ref.epoch  # several epochs went by
@@ -1584,17 +1582,15 @@ def test_data_loader_resume_is_exact_across_epochs(tiny_shards, tokenizer, crop)
         b.load_state_dict(sd)
         assert _all_batches_equal([next(b) for _ in range(80 - cut)], run[cut:]), f"cut at {cut}"
         b.close()
-    if crop == "drop":
-        assert ref.used_fraction() < 1.0
 
 
 def test_data_loader_keeps_remainders(tiny_shards, tokenizer):
-    """With crop=keep every token of every document reaches a batch once per epoch (BOS-prefixed pieces)."""
+    """Every token of every document reaches a batch once per epoch (cropped rests stay as BOS-prefixed pieces)."""
     loader = data.PretrainLoader(tokenizer, 2, 40, buffer_docs=4, threads=1)
     while loader.epoch == 0:
         next(loader)
     st = loader.stats
-    assert st["tokens_dropped"] == 0 and st["tokens_used"] + sum(len(p[0]) - p[1] for p in loader.buffer) == st["tokens_read"]
+    assert st["tokens_used"] + sum(len(p[0]) - p[1] for p in loader.buffer) == st["tokens_read"]
     loader.close()
 
 
@@ -1665,12 +1661,12 @@ def test_data_chatloader_prompts_only_gives_no_nan(base_dir, tokenizer, tiny_mod
     assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in tiny_model.parameters() if p.grad is not None)
 
 
-def test_data_chatloader_progress_last_step_resume(base_dir, tokenizer):
+def test_data_chatloader_progress_resume(base_dir, tokenizer):
     task = ListTask([_chat(i) for i in range(41)])
     loader = data.ChatLoader(task, tokenizer, 2, 48, rank=1, world_size=2, buffer=5)
     assert loader.share == 20 and loader.progress == 0.0
     steps, prog = 0, []
-    while not loader.last_step:
+    while loader.progress < 1.0:
         next(loader)
         prog.append(loader.progress)
         steps += 1
@@ -1680,7 +1676,7 @@ def test_data_chatloader_progress_last_step_resume(base_dir, tokenizer):
     again = data.ChatLoader(task, tokenizer, 2, 48, rank=1, world_size=2, buffer=5)
     again.load_state_dict(sd)
     assert _all_batches_equal([next(again) for _ in range(4)], cont)
-    with pytest.raises(ValueError, match="gets no conversation"):
+    with pytest.raises(common.UserError, match="gets no conversation"):
         data.ChatLoader(ListTask([_chat(0)]), tokenizer, 1, 16, rank=1, world_size=2)
 
 
