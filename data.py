@@ -312,7 +312,7 @@ class PretrainLoader:
     def _read_texts(self, group):
         fi, rg = self.row_groups[group]
         with common.shard_errors(self.paths[fi]):
-            return common.read_texts(pq.ParquetFile(self.paths[fi]), rg, self.paths[fi])
+            return common.parquet_texts(self.paths[fi], rg)
 
     def _encode(self, texts):
         return [np.asarray(ids, dtype=np.int32) for ids in self.tok.encode(texts, num_threads=self.threads)]

@@ -495,9 +495,6 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
 # -----------------------------------------------------------------------------
 # the report card: each stage writes its section (common.write_report_section); `report` assembles them
 
-SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
-                 "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
-                 "chat-rl", "chat-evaluation-rl", "reply-endings"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft",
                    "RL": "chat-evaluation-rl"}
@@ -634,8 +631,8 @@ def report_generate(copy_to=None):
     rdir = common.report_dir()
     texts = {n[:-3]: open(os.path.join(rdir, n), encoding="utf-8").read() for n in os.listdir(rdir)
              if n.endswith(".md") and n != "report.md"}
-    order = [s for s in SECTION_ORDER if s in texts]
-    extra = sorted((s for s in texts if s not in SECTION_ORDER),
+    order = [s for s in common.REPORT_SECTIONS if s in texts]
+    extra = sorted((s for s in texts if s not in common.REPORT_SECTIONS),
                    key=lambda s: (_timestamps(texts[s]) or [datetime.datetime.max])[0])  # in the order written
     parts = [texts[s].rstrip() + "\n" for s in order + extra]
     if "header" not in texts:
@@ -686,7 +683,7 @@ def cmd_core(args, model, meta, tokenizer, device):
         print0(f"per-task results: {path}")
     summary = {"Model": f"{args.stage} step {meta.get('step')}", "CORE": out["core"], "tasks": len(out["results"]),
                "max per task": args.max_per_task}
-    common.write_report_section("Base model evaluation", [summary, out["centered"]])
+    common.write_report_section("base-model-evaluation", [summary, out["centered"]])
 
 def cmd_bpb(args, model, meta, tokenizer, device):
     T = model.config.sequence_len
@@ -703,7 +700,7 @@ def cmd_bpb(args, model, meta, tokenizer, device):
     samples = greedy_samples(model, tokenizer) if common.get_rank() == 0 else []
     tokens = steps * args.device_batch_size * T * world
     summary = {"train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": tokens}
-    common.write_report_section("Base model loss", [summary, "", "Samples:",
+    common.write_report_section("base-model-loss", [summary, "", "Samples:",
                                                     *[f"- {json.dumps(s, ensure_ascii=False)}" for s in samples]])
 
 def cmd_chat(args, model, meta, tokenizer, device):
@@ -725,7 +722,7 @@ def cmd_chat(args, model, meta, tokenizer, device):
         section["ChatCORE"] = chatcore(section)
         print0(f"ChatCORE: {section['ChatCORE']:.4f}")
     settings = {"source": args.stage, "max problems": args.max_problems or "all"}
-    common.write_report_section(f"Chat evaluation {args.stage}", [settings, section])
+    common.write_report_section(f"chat-evaluation-{args.stage}", [settings, section])
 
 def cmd_endings(args, model, meta, tokenizer, device):
     """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like
@@ -746,7 +743,7 @@ def cmd_endings(args, model, meta, tokenizer, device):
         lengths.append(length)
     print0(f"replies ending with <|assistant_end|> within {args.max_new_tokens} tokens: {finished}/{len(task)} "
            f"(mean reply length {sum(lengths) / len(lengths):.0f} tokens)")
-    common.write_report_section("Reply endings", {"source": args.stage, "prompts": len(task), "finished": finished,
+    common.write_report_section("reply-endings", {"source": args.stage, "prompts": len(task), "finished": finished,
                                                   "max new tokens": args.max_new_tokens,
                                                   "temperature": args.temperature})
 
