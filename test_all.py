@@ -314,7 +314,7 @@ def test_tokenizer_train_matches_reference_bpe(monkeypatch):
     assert len(want) > 256 + 200, "the corpus should allow a few hundred merges"
     assert T.train_bpe(texts, 700, num_workers=1) == want
     for many in (1, 10**9):  # every merge through numpy, then every merge through the plain loop
-        monkeypatch.setattr(T, "MANY", many)
+        monkeypatch.setattr(T, "NUMPY_MIN_POSITIONS", many)
         assert T.train_bpe(texts, 700, num_workers=1) == want
     monkeypatch.setattr(T, "BATCH_CHARS", 2000)  # many small batches through 2 worker processes
     assert T.train_bpe(texts, 700, num_workers=2) == want
@@ -400,8 +400,7 @@ def test_tokenizer_special_tokens(tokenizer):
     V = tokenizer.get_vocab_size()
     assert V == TEST_VOCAB
     assert [tokenizer.encode_special(s) for s in T.SPECIAL_TOKENS] == list(range(V - 9, V))
-    assert tokenizer.get_special_tokens() == T.SPECIAL_TOKENS and tokenizer.get_bos_token_id() == V - 9
-    assert tokenizer.id_to_token(V - 9) == "<|bos|>" and tokenizer.id_to_token(ord("a")) == "a"
+    assert tokenizer.get_bos_token_id() == V - 9 and tokenizer.decode([V - 9]) == "<|bos|>" and tokenizer.decode([ord("a")]) == "a"
     for name in T.SPECIAL_TOKENS:  # a special token's string in text is ordinary text
         ids = tokenizer.encode(f"say {name} now")
         assert max(ids) < V - 9 and tokenizer.decode(ids) == f"say {name} now"
@@ -1291,7 +1290,7 @@ def test_model_export_hf_tokenizer(hf_export, tokenizer):
     for text, ids in zip(texts, hf_ids):
         assert ids == tokenizer.encode(text) and hf_tok.decode(ids) == text, text[:80]
     assert hf_tok("x<|bos|>")["input_ids"] == tokenizer.encode("x") + [tokenizer.get_bos_token_id()]  # HF default: specials in text are specials
-    assert {s: hf_tok.convert_tokens_to_ids(s) for s in tokenizer.get_special_tokens()} == tokenizer.special and len(tokenizer.special) == 9
+    assert {s: hf_tok.convert_tokens_to_ids(s) for s in tokenizer.special} == tokenizer.special and len(tokenizer.special) == 9
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>"))
     assert hf_export[1].generation_config.eos_token_id == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
 
