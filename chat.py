@@ -34,8 +34,7 @@ from model import (Engine, RowState, TextStreamer, BenchTokenizer, load_model, b
 
 # the API's abuse limits (HTTP 400 beyond them)
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
-# sampling limits of the CLI flags (-t, -k, -m) and the API; the page reads them from /health
-SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # CLI flags, API and ui.html
 MAX_BODY_BYTES = 1 << 20     # 32,000 characters of content fit many times over; larger bodies get 413
 QUEUE_WAIT_S = 120           # a request that waits this long for a place in a batch gets 503
 REQUEST_DEADLINE_S = 30      # a request's line, headers and body must all arrive within this, however slowly
@@ -79,24 +78,22 @@ class Reply:
             if piece:
                 yield piece
 
-def fit_context(prompts, context, max_tokens):
+def fit_context(prompts, left_out, context, max_tokens):
     """The longest of the candidate prompts (the latest user turn alone first, then each one more turn back; made only
-    when asked for) that leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, else the first
-    -> (prompt, its index, the reply's room: below 1 when even the first prompt does not fit)."""
+    when asked for) that leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, else the first ->
+    (prompt, the reply's room: below 1 when even the first does not fit, what the fit cost said to the user or '').
+    left_out: how many messages each candidate leaves out."""
     need = min(max_tokens, context // REPLY_SHARE)
-    prompt, index = None, -1
-    for ids in prompts:
+    prompt, dropped = None, 0
+    for ids, n in zip(prompts, left_out):
         if prompt is not None and len(ids) + need > context:
             break
-        prompt, index = ids, index + 1
-    return prompt, index, min(max_tokens, context - len(prompt))
-
-def fit_note(dropped, room, asked, context):
-    """What fitting the context cost, said to the user ('' when nothing is worth saying: none dropped, a full reply)."""
-    if dropped or room < min(asked, context // REPLY_SHARE):
-        return (f"the {dropped} oldest message(s) were left out and the reply may use {room} tokens, to fit the "
-                f"model's {context}-token context")
-    return ""
+        prompt, dropped = ids, n
+    room = min(max_tokens, context - len(prompt))
+    if dropped or room < need:
+        return prompt, room, (f"the {dropped} oldest message(s) were left out and the reply may use {room} tokens, "
+                              f"to fit the model's {context}-token context")
+    return prompt, room, ""
 
 # -----------------------------------------------------------------------------
 # command-line chat
@@ -128,11 +125,11 @@ def chat_cli(args, tokenizer, engine, context):
             continue
         tokens = history + tokenizer.render_prompt([{"role": "user", "content": text}])[1:]  # the turn, after <|bos|>
         starts = [i for i, t in enumerate(tokens) if t == user_start][::-1]  # where each turn begins, latest first
-        prompt, kept, room = fit_context([tokens[:1] + tokens[i:] for i in starts], context, max_tokens)
+        left_out = [2 * n for n in range(len(starts))][::-1]  # a turn is two messages
+        prompt, room, note = fit_context([tokens[:1] + tokens[i:] for i in starts], left_out, context, max_tokens)
         if room < 1:
             print(f"(that message needs {len(prompt)} tokens; this model's context is {context} tokens: not sent)")
             continue
-        note = fit_note(2 * (len(starts) - 1 - kept), room, max_tokens, context)  # a CLI turn is two messages
         if note:
             print(f"({note})")
         history = prompt
@@ -256,8 +253,7 @@ def parse_sampling(data, defaults):
 # -----------------------------------------------------------------------------
 # the worker pool: one model replica + Engine per GPU (one on CPU), each decoding up to `cap` requests at once
 
-# out: True once admitted, text pieces, then None (or an exception)
-Job = namedtuple("Job", "prompt params reply out cancel worker")
+Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, pieces, None (or an error)
 Worker = namedtuple("Worker", "id device engine inbox")  # inbox: the Jobs waiting for its decode_loop
 App = namedtuple("App", "tokenizer pool model_id created defaults")  # what the server's handlers read
 
@@ -330,10 +326,9 @@ def row_failure(e):
 
 @torch.inference_mode()
 def decode_loop(pool, worker):
-    """Continuous batching: each step samples one token for every active request (its own settings, seed and tool
-    state) and runs them all through one batched forward. Waiting requests are prefilled and join between steps;
-    finished or cancelled ones leave at once, the last row taking over their cache row so the batch stays packed.
-    Engine.generate decodes one prompt's fixed batch; rows that join and leave between steps need this loop."""
+    """Continuous batching: each step samples a token for every active request (its own settings, seed and tool state)
+    and runs them all through one batched forward; waiting requests are prefilled and join between steps, finished or
+    cancelled ones leave at once (the last row takes over their cache row). Engine.generate decodes one fixed batch."""
     engine, special = worker.engine, worker.engine.specials()
     kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
     while True:
@@ -513,10 +508,9 @@ class Handler(BaseHTTPRequestHandler):
         system = messages[:1] if messages[0]["role"] == "system" else []  # always kept
         starts = [i for i, m in enumerate(messages) if m["role"] == "user" and i > len(system)][::-1] + [len(system)]
         prompts = (app.tokenizer.render_prompt(system + messages[i:], any_order=True) for i in starts)
-        prompt, kept, room = fit_context(prompts, context, params["max_tokens"])
+        prompt, room, note = fit_context(prompts, [i - len(system) for i in starts], context, params["max_tokens"])
         if room < 1:
             raise ApiError(400, f"the last message needs {len(prompt)} tokens; the model's context is {context} tokens")
-        note = fit_note(starts[kept] - len(system), room, params["max_tokens"], context)
         note = {"note": note} if note else {}
         params["max_tokens"] = room
         job = app.pool.start(prompt, params, Reply(app.tokenizer))

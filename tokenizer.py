@@ -312,11 +312,6 @@ class Tokenizer:
         return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
 
     @classmethod
-    def from_pretrained(cls, name):
-        """tiktoken's encodings ("gpt2", "cl100k_base") for comparison (BOS <|endoftext|>); needs the network once."""
-        return cls(tiktoken.get_encoding(name))
-
-    @classmethod
     def load(cls, directory):
         path = os.path.join(directory, "tokenizer.pkl")
         with open(path, "rb") as f:
@@ -354,9 +349,6 @@ class Tokenizer:
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
         return [head + row + tail for row in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -523,9 +515,8 @@ def read_input_file(path):
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
-    """The training text: --input files in order, the word train-shards standing for the train split (never the val
-    shard), each document capped at doc_cap characters; stops right after the running count of characters passes
-    max_chars."""
+    """The training text: the --input files in order (the word train-shards: the train split, never the val shard),
+    each document cut to doc_cap characters; stops right after the running character count passes max_chars."""
     docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x)
                                          for x in inputs)
     for doc in docs:
@@ -538,8 +529,7 @@ def training_documents(inputs, max_chars, doc_cap, stats):
 
 
 def peak_rss_mb():
-    """Peak RSS of this process plus its largest reaped child's (a counting worker) in MB: an upper bound on the
-    tree's."""
+    """Peak RSS of this process plus its largest reaped child's (a worker) in MB: an upper bound on the tree's."""
     return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
@@ -589,8 +579,7 @@ def cmd_train(args):
         ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress(args.max_chars))
     except ValueError as e:  # an empty corpus or a malformed --input file
         raise common.UserError(str(e)) from None
-    train_time = time.time() - t0
-    peak_mb = peak_rss_mb()
+    train_time, peak_mb = time.time() - t0, peak_rss_mb()
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
     assert tok.decode(tok.encode(sample)) == sample, "round trip failed on the sanity string"
@@ -618,42 +607,41 @@ def cmd_train(args):
 SAMPLES = {
     "news": ("City officials announced on Tuesday that the long-delayed harbor bridge will reopen to traffic next "
              "spring, after engineers found the corrosion in its northern span to be less severe than first feared. "
-             "The repairs, budgeted at $212 million, were paid for in part by a federal infrastructure grant "
-             "awarded in 2023. \"We owe commuters an apology for the delays, but we also owe them a bridge that "
-             "will last another fifty years,\" the mayor told reporters at a press conference near the waterfront. "
-             "Local businesses, many of which reported a drop of 30% in weekday customers since the closure, "
-             "welcomed the news. Some residents remain skeptical: a petition signed by 4,800 people asks the "
-             "council to publish the full inspection report before any decision on tolls is made. The council is "
-             "expected to vote on the matter on March 14."),
+             "The repairs, budgeted at $212 million, were paid for in part by a federal infrastructure grant awarded "
+             "in 2023. \"We owe commuters an apology for the delays, but we also owe them a bridge that will last "
+             "another fifty years,\" the mayor told reporters at a press conference near the waterfront. Local "
+             "businesses, many of which reported a drop of 30% in weekday customers since the closure, welcomed the "
+             "news. Some residents remain skeptical: a petition signed by 4,800 people asks the council to publish the "
+             "full inspection report before any decision on tolls is made. The council is expected to vote on the "
+             "matter on March 14."),
     "korean": ("오늘 아침 서울에는 올해 들어 처음으로 눈이 내렸다. 기상청은 오후부터 기온이 크게 떨어질 것으로 "
                "예상된다며 빙판길 안전에 유의해 달라고 당부했다. 출근길 시민들은 두꺼운 외투를 입고 서둘러 "
-               "지하철역으로 향했고, 일부 도로에서는 차량이 천천히 움직이며 정체가 이어졌다. 한편 강원도 산간 "
-               "지역에는 최대 10센티미터의 눈이 더 올 것으로 보여 등산객들의 각별한 주의가 필요하다."),
+               "지하철역으로 향했고, 일부 도로에서는 차량이 천천히 움직이며 정체가 이어졌다. 한편 강원도 산간 지역에는 "
+               "최대 10센티미터의 눈이 더 올 것으로 보여 등산객들의 각별한 주의가 필요하다."),
     "code": ("import heapq\n\n\ndef dijkstra(graph, source):\n    \"\"\"Shortest distances from source; graph maps "
-             "node -> [(neighbor, weight), ...].\"\"\"\n    dist = {source: 0}\n    queue = [(0, source)]\n    "
-             "while queue:\n        d, node = heapq.heappop(queue)\n        if d > dist.get(node, float('inf')):\n  "
-             "          continue  # stale entry\n        for nbr, w in graph.get(node, []):\n            nd = d + "
-             "w\n            if nd < dist.get(nbr, float('inf')):\n                dist[nbr] = nd\n                "
+             "node -> [(neighbor, weight), ...].\"\"\"\n    dist = {source: 0}\n    queue = [(0, source)]\n    while "
+             "queue:\n        d, node = heapq.heappop(queue)\n        if d > dist.get(node, float('inf')):\n           "
+             " continue  # stale entry\n        for nbr, w in graph.get(node, []):\n            nd = d + w\n           "
+             " if nd < dist.get(nbr, float('inf')):\n                dist[nbr] = nd\n                "
              "heapq.heappush(queue, (nd, nbr))\n    return dist\n\n\nif __name__ == \"__main__\":\n    g = {\"a\": "
-             "[(\"b\", 4), (\"c\", 1)], \"c\": [(\"b\", 2)]}\n    print(dijkstra(g, \"a\"))  # {'a': 0, 'b': 3, "
-             "'c': 1}\n"),
-    "math": ("\\begin{theorem}[Cauchy--Schwarz] For all vectors $u, v$ in an inner product space $V$,\n\\[ "
-             "|\\langle u, v \\rangle|^2 \\le \\langle u, u \\rangle \\cdot \\langle v, v \\rangle. "
-             "\\]\n\\end{theorem}\n\\begin{proof} If $v = 0$ both sides vanish. Otherwise let $\\lambda = "
-             "\\frac{\\langle u, v\\rangle}{\\langle v, v\\rangle}$ and expand\n\\begin{align*} 0 \\le \\| u - "
-             "\\lambda v \\|^2 &= \\langle u, u\\rangle - 2\\,\\mathrm{Re}(\\bar{\\lambda}\\langle u, v\\rangle) + "
-             "|\\lambda|^2 \\langle v, v\\rangle \\\\ &= \\|u\\|^2 - \\frac{|\\langle u, v\\rangle|^2}{\\|v\\|^2}. "
-             "\\end{align*}\nMultiplying by $\\|v\\|^2 > 0$ gives the claim; equality holds iff $u = \\lambda v$. "
-             "\\qedhere\n\\end{proof}\nAs a corollary, $\\sum_{i=1}^{n} x_i y_i \\le \\sqrt{\\sum_{i=1}^{n} "
+             "[(\"b\", 4), (\"c\", 1)], \"c\": [(\"b\", 2)]}\n    print(dijkstra(g, \"a\"))  # {'a': 0, 'b': 3, 'c': "
+             "1}\n"),
+    "math": ("\\begin{theorem}[Cauchy--Schwarz] For all vectors $u, v$ in an inner product space $V$,\n\\[ |\\langle "
+             "u, v \\rangle|^2 \\le \\langle u, u \\rangle \\cdot \\langle v, v \\rangle. \\]\n\\end{theorem}\n"
+             "\\begin{proof} If $v = 0$ both sides vanish. Otherwise let $\\lambda = \\frac{\\langle u, "
+             "v\\rangle}{\\langle v, v\\rangle}$ and expand\n\\begin{align*} 0 \\le \\| u - \\lambda v \\|^2 &= "
+             "\\langle u, u\\rangle - 2\\,\\mathrm{Re}(\\bar{\\lambda}\\langle u, v\\rangle) + |\\lambda|^2 \\langle "
+             "v, v\\rangle \\\\ &= \\|u\\|^2 - \\frac{|\\langle u, v\\rangle|^2}{\\|v\\|^2}. \\end{align*}\n"
+             "Multiplying by $\\|v\\|^2 > 0$ gives the claim; equality holds iff $u = \\lambda v$. \\qedhere\n"
+             "\\end{proof}\nAs a corollary, $\\sum_{i=1}^{n} x_i y_i \\le \\sqrt{\\sum_{i=1}^{n} "
              "x_i^2}\\,\\sqrt{\\sum_{i=1}^{n} y_i^2}$ for real $x_i, y_i$, and $\\int_0^1 f g \\,dx \\le \\|f\\|_2 "
              "\\|g\\|_2$."),
-    "science": ("Photosynthesis converts light energy into chemical energy stored in glucose. In the "
-                "light-dependent reactions, which take place in the thylakoid membranes of the chloroplast, photons "
-                "excite electrons in chlorophyll; water is split to replace them, releasing O2 as a by-product. The "
-                "energy captured is stored as ATP and NADPH, which then drive the Calvin cycle in the stroma, where "
-                "the enzyme RuBisCO fixes CO2 into three-carbon sugars. Under high temperatures RuBisCO also reacts "
-                "with oxygen, a wasteful process called photorespiration that C4 and CAM plants have evolved to "
-                "reduce."),
+    "science": ("Photosynthesis converts light energy into chemical energy stored in glucose. In the light-dependent "
+                "reactions, which take place in the thylakoid membranes of the chloroplast, photons excite electrons "
+                "in chlorophyll; water is split to replace them, releasing O2 as a by-product. The energy captured is "
+                "stored as ATP and NADPH, which then drive the Calvin cycle in the stroma, where the enzyme RuBisCO "
+                "fixes CO2 into three-carbon sugars. Under high temperatures RuBisCO also reacts with oxygen, a "
+                "wasteful process called photorespiration that C4 and CAM plants have evolved to reduce."),
 }
 
 
@@ -670,7 +658,7 @@ def cmd_eval(args):
     tokenizers = {"ours": ours}
     for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
         try:
-            tokenizers[label] = Tokenizer.from_pretrained(name)
+            tokenizers[label] = Tokenizer(tiktoken.get_encoding(name))  # their BOS is <|endoftext|>
         except Exception as e:  # tiktoken downloads these on first use; offline it cannot
             print(f"{label} ({name}) not available, compared with ours only: tiktoken could not load it "
                   f"(offline or not cached: {type(e).__name__})")
@@ -679,15 +667,13 @@ def cmd_eval(args):
              + "".join(f" {'vs ' + label:>8}" for label in others)]
     report = {}
     for name, text in texts.items():
-        nbytes, n = len(text.encode("utf-8")), {}
-        line = f"{name:<10} {nbytes:>7,}"
+        nbytes, line, n = len(text.encode("utf-8")), f"{name:<10} {len(text.encode('utf-8')):>7,}", {}
         for label, tok in tokenizers.items():
             ids = tok.encode(text)
             assert tok.decode(ids) == text, f"{label} round trip failed on {name}"
             n[label] = len(ids)
             line += f" {len(ids):>10,} {nbytes / len(ids):>5.2f}"
-            report[f"{name}_{label}_tokens"] = len(ids)
-            report[f"{name}_{label}_ratio"] = nbytes / len(ids)
+            report[f"{name}_{label}_tokens"], report[f"{name}_{label}_ratio"] = len(ids), nbytes / len(ids)
         for label in others:  # relative diff: positive = ours needs fewer tokens
             line += f" {100 * (n[label] - n['ours']) / n[label]:>+7.1f}%"
         lines.append(line)
