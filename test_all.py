@@ -359,8 +359,8 @@ def test_tokenizer_matches_rustbpe():
     except ImportError:
         skip_or_fail("rustbpe is not installed (pip install rustbpe)")
     import tokenizer as T
-    texts = _tie_corpus() + [d[:3000] for d in common_docs(100)]
-    for texts, vocab in ((texts, 2000), (common_docs(200, shards=3), 80_000)):
+    small = _tie_corpus() + [d[:3000] for d in common_docs(100)]
+    for texts, vocab in ((small, 2000), (common_docs(200, shards=3), 80_000)):
         # the second case runs out of pairs past id 65,535 (token ids cross the UTF-16 surrogate range on the way)
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(texts, vocab - 9, pattern=T.SPLIT_PATTERN)
@@ -3894,7 +3894,7 @@ def test_chat_batched_decoding_equals_alone(options):
             time.sleep(0.005)
         jobs.append(pool.start(prompt, p, Reply(tok)))  # the 5th waits until a row frees (cap 4)
     for job in jobs:
-        assert list(iter(lambda: job.out.get(timeout=120), None)) and job.out.empty()
+        assert list(iter(lambda job=job: job.out.get(timeout=120), None)) and job.out.empty()
     assert [job.reply.ids for job in jobs] == alone
     assert max(batch_sizes) == 4 and len(set(batch_sizes)) >= 3, sorted(Counter(batch_sizes).items())
 
