@@ -132,8 +132,7 @@ def chat_cli(args, tokenizer, engine, context):
             continue
         if note:
             print(f"({note})")
-        history = prompt
-        reply = Reply(tokenizer)
+        history, reply = prompt, Reply(tokenizer)
         if args.prompt is None:
             print("\nAssistant: ", end="", flush=True)
         seed = random.randint(0, 2**31 - 1)
@@ -328,7 +327,8 @@ def row_failure(e):
 def decode_loop(pool, worker):
     """Continuous batching: each step samples a token for every active request (its own settings, seed and tool state)
     and runs them all through one batched forward; waiting requests are prefilled and join between steps, finished or
-    cancelled ones leave at once (the last row takes over their cache row). Engine.generate decodes one fixed batch."""
+    cancelled ones leave at once (the last row takes over their cache row). It shares Engine's prefill, row_step and
+    forward_last, but not Engine.generate, whose batch is fixed from the first step to the last."""
     engine, special = worker.engine, worker.engine.specials()
     kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
     while True:

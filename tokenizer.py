@@ -369,23 +369,20 @@ class Tokenizer:
         ids, mask = [], []
 
         def add(tokens, m):
-            tokens = [tokens] if isinstance(tokens, int) else tokens
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
         S, enc = self.encode_special, self.encode  # only these two: chat.py's benchmark tokenizer renders with this too
-        add(S("<|bos|>"), 0)
+        add([S("<|bos|>")], 0)
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             expected = "user" if i % 2 == 0 else "assistant"
             assert any_order or role == expected, f"message {i} has role {role!r}, expected {expected!r}"
             if role == "user":
                 assert isinstance(content, str), "user content must be a string"
-                add(S("<|user_start|>"), 0)
-                add(enc(content), 0)
-                add(S("<|user_end|>"), 0)
+                add([S("<|user_start|>"), *enc(content), S("<|user_end|>")], 0)
                 continue
-            add(S("<|assistant_start|>"), 0)
+            add([S("<|assistant_start|>")], 0)
             if isinstance(content, str):
                 add(enc(content), 1)
             elif isinstance(content, list):
@@ -394,18 +391,14 @@ class Tokenizer:
                     if kind == "text":
                         add(enc(value), 1)
                     elif kind == "python":
-                        add(S("<|python_start|>"), 1)
-                        add(enc(value), 1)
-                        add(S("<|python_end|>"), 1)
+                        add([S("<|python_start|>"), *enc(value), S("<|python_end|>")], 1)
                     elif kind == "python_output":  # tool output is supplied at run time, never learned
-                        add(S("<|output_start|>"), 0)
-                        add(enc(value), 0)
-                        add(S("<|output_end|>"), 0)
+                        add([S("<|output_start|>"), *enc(value), S("<|output_end|>")], 0)
                     else:
                         raise ValueError(f"unknown assistant content part type {kind!r}")
             else:
                 raise ValueError(f"assistant content must be a str or a list of parts, got {type(content).__name__}")
-            add(S("<|assistant_end|>"), 1)
+            add([S("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_prompt(self, messages, any_order=False):
