@@ -1,12 +1,12 @@
 """
 Talk to a trained model: a streamed command-line chat, and (--web) one small standard-library HTTP server that serves
-a self-contained web page, the SSE endpoint of SPEC 10.6 and an OpenAI-compatible API.
+a self-contained web page, the server-sent-events endpoint the page streams from and an OpenAI-compatible API.
 
-    python chat.py                               interactive chat (quit/exit end, clear starts over, EOF ends)
-    python chat.py -p "Why is the sky blue?"     answer once and exit
-    python chat.py --web [--port 8000]           GET / (ui.html), POST /chat/completions (SSE), POST /v1/chat/completions,
-                                                 GET /v1/models, GET /health, GET /stats
-    python chat.py --bench                       time to first token and tokens/s, 1, 8 and 32 concurrent streams, over HTTP
+    python chat.py                            interactive chat (quit/exit end, clear starts over, EOF ends)
+    python chat.py -p "Why is the sky blue?"  answer once and exit
+    python chat.py --web [--port 8000]        GET / (ui.html), POST /chat/completions (SSE), POST /v1/chat/completions,
+                                              GET /v1/models, GET /health, GET /stats
+    python chat.py --bench                    time to first token and tokens/s, 1, 8 and 32 concurrent streams (HTTP)
 """
 import os
 import sys
@@ -28,20 +28,22 @@ from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import torch
 
 import common
-from tokenizer import get_tokenizer
-from model import Engine, RowState, TextStreamer, load_model, build_model, config_from_depth, sample_next_token, BenchTokenizer
+from tokenizer import Tokenizer, get_tokenizer
+from model import (Engine, RowState, TextStreamer, BenchTokenizer, load_model, build_model, config_from_depth,
+                   sample_next_token)
 
-# abuse limits of SPEC 10.6 (HTTP 400 beyond them)
+# the API's abuse limits (HTTP 400 beyond them)
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
-TEMPERATURE_RANGE, TOP_K_RANGE, MAX_TOKENS_RANGE = (0.0, 2.0), (0, 200), (1, 4096)
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # CLI flags, API and ui.html
 MAX_BODY_BYTES = 1 << 20     # 32,000 characters of content fit many times over; larger bodies get 413
 QUEUE_WAIT_S = 120           # a request that waits this long for a place in a batch gets 503
-REQUEST_DEADLINE_S = 30      # a request's line, headers and body must all arrive within this, however slowly they trickle
+REQUEST_DEADLINE_S = 30      # a request's line, headers and body must all arrive within this, however slowly
 MAX_CONNECTIONS = 256        # open connections beyond this get 503 at once (each holds a thread)
-REPLY_SHARE = 4              # older turns are dropped until the prompt leaves context // REPLY_SHARE tokens (or max_tokens) for the reply
+REPLY_SHARE = 4              # old turns go until the prompt leaves min(max_tokens, context // 4) for the reply
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 # tool calls are shown readably instead of as raw special tokens
-TOOL_MARKERS = {"<|python_start|>": "[python: ", "<|python_end|>": "]", "<|output_start|>": " [output: ", "<|output_end|>": "] "}
+TOOL_MARKERS = {"<|python_start|>": "[python: ", "<|python_end|>": "]",
+                "<|output_start|>": " [output: ", "<|output_end|>": "] "}
 
 # -----------------------------------------------------------------------------
 # generation shared by the CLI and the server
@@ -64,7 +66,7 @@ class Reply:
         return self.streamer.push(token)
 
     def stream(self, engine, prompt, max_tokens, temperature, top_k, seed):
-        """Yield text pieces until an end token (finish 'stop') or max_tokens (finish 'length'); the end token is not kept."""
+        """Yield text pieces until an end token (finish 'stop', the token not kept) or max_tokens (finish 'length')."""
         for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
                                          top_k=top_k or None, seed=seed):
             token = column[0]
@@ -76,41 +78,31 @@ class Reply:
             if piece:
                 yield piece
 
-def render_prompt(tokenizer, messages):
-    """SPEC 10.6: <|bos|>, each (role, text) in its start/end tokens, <|assistant_start|>; a leading system message merged into the
-    first user message (SPEC 1.7). tokenizer.render_for_completion is equal but asserts the roles alternate; the API takes any order."""
-    bos, us, ue, ast, aend = (tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "user_end", "assistant_start", "assistant_end"))
-    if messages[0][0] == "system":
-        messages = [("user", messages[0][1] + "\n\n" + messages[1][1])] + messages[2:]
-    ids = [bos]
-    for role, text in messages:
-        ids += ([us] + tokenizer.encode(text) + [ue]) if role == "user" else ([ast] + tokenizer.encode(text) + [aend])
-    return ids + [ast]
-
-def fit_context(tokens, context, max_tokens, user_start):
-    """Drop the oldest whole turns (never <|bos|> nor the last user message) until the history leaves
-    min(max_tokens, context // REPLY_SHARE) tokens for the reply -> (tokens, turns dropped)."""
-    dropped = 0
-    while len(tokens) + min(max_tokens, context // REPLY_SHARE) > context:
-        later = [i for i, t in enumerate(tokens) if t == user_start and i > 1]
-        if not later:
+def fit_context(prompts, left_out, context, max_tokens):
+    """The longest of the candidate prompts (the latest user turn alone first, then each one more turn back; made only
+    when asked for) that leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, else the first ->
+    (prompt, the reply's room: below 1 when even the first does not fit, what the fit cost said to the user or '').
+    left_out: how many messages each candidate leaves out."""
+    need = min(max_tokens, context // REPLY_SHARE)
+    prompt, dropped = None, 0
+    for ids, n in zip(prompts, left_out):
+        if prompt is not None and len(ids) + need > context:
             break
-        tokens, dropped = tokens[:1] + tokens[later[0]:], dropped + 1
-    return tokens, dropped
-
-def fit_note(dropped, room, asked, context):
-    """What fitting the context cost, said to the user ('' when nothing worth saying: no turn dropped, a full reply's room)."""
-    if dropped or room < min(asked, context // REPLY_SHARE):
-        return f"the {dropped} oldest message(s) were left out and the reply may use {room} tokens, to fit the model's {context}-token context"
-    return ""
+        prompt, dropped = ids, n
+    room = min(max_tokens, context - len(prompt))
+    if dropped or room < need:
+        return prompt, room, (f"the {dropped} oldest message(s) were left out and the reply may use {room} tokens, "
+                              f"to fit the model's {context}-token context")
+    return prompt, room, ""
 
 # -----------------------------------------------------------------------------
-# command-line chat (SPEC 10.5)
+# command-line chat
 
 def chat_cli(args, tokenizer, engine, context):
-    bos, us, aend = (tokenizer.encode_special(f"<|{n}|>") for n in ("bos", "user_start", "assistant_end"))
+    user_start = tokenizer.encode_special("<|user_start|>")
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
     max_tokens = args.max_tokens or 256
-    history = [bos]  # the conversation is kept as tokens
+    history = [tokenizer.encode_special("<|bos|>")]  # the conversation is kept as tokens
     if args.prompt is None:
         print(f"nanochat ({args.source}) - type 'quit' or 'exit' to leave, 'clear' to start a new conversation")
     while True:
@@ -126,30 +118,31 @@ def chat_cli(args, tokenizer, engine, context):
         if command in ("quit", "exit"):
             break
         if command == "clear":
-            history = [bos]
+            history = history[:1]
             print("(conversation cleared)")
             continue
         if not text.strip():
             continue
-        turn = render_prompt(tokenizer, [("user", text)])[1:]  # <|user_start|> text <|user_end|> <|assistant_start|>
-        prompt, dropped = fit_context(history + turn, context, max_tokens, us)
-        if len(prompt) >= context:
+        tokens = history + tokenizer.render_prompt([{"role": "user", "content": text}])[1:]  # the turn, after <|bos|>
+        starts = [i for i, t in enumerate(tokens) if t == user_start][::-1]  # where each turn begins, latest first
+        left_out = [2 * n for n in range(len(starts))][::-1]  # a turn is two messages
+        prompt, room, note = fit_context([tokens[:1] + tokens[i:] for i in starts], left_out, context, max_tokens)
+        if room < 1:
             print(f"(that message needs {len(prompt)} tokens; this model's context is {context} tokens: not sent)")
             continue
-        room = min(max_tokens, context - len(prompt))
-        note = fit_note(2 * dropped, room, max_tokens, context)  # a CLI turn is two messages
         if note:
             print(f"({note})")
         history, reply = prompt, Reply(tokenizer)
         if args.prompt is None:
             print("\nAssistant: ", end="", flush=True)
+        seed = random.randint(0, 2**31 - 1)
         try:
-            for piece in reply.stream(engine, history, room, args.temperature, args.top_k, random.randint(0, 2**31 - 1)):
+            for piece in reply.stream(engine, history, room, args.temperature, args.top_k, seed):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" (interrupted)", end="")
         print(flush=True)
-        history += reply.ids + [aend]  # every reply in the history is closed, even when cut
+        history += reply.ids + [assistant_end]  # every reply in the history is closed, even when cut
         if args.prompt is not None:
             break
 
@@ -162,7 +155,8 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 def error_json(status, message):  # OpenAI's error shape, for every endpoint
-    return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "code": status}}
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
 
 def read_json_body(handler):
     if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
@@ -172,11 +166,11 @@ def read_json_body(handler):
     try:
         length = int(handler.headers.get("Content-Length", ""))
     except ValueError:
-        raise ApiError(411, "a Content-Length header is required")
+        raise ApiError(411, "a Content-Length header is required") from None
     if length < 0:
         raise ApiError(400, "negative Content-Length")
     if length > MAX_BODY_BYTES:
-        if length <= 16 * MAX_BODY_BYTES:  # read and drop it, so the client sees our answer rather than a reset connection
+        if length <= 16 * MAX_BODY_BYTES:  # read and drop it: the client sees our answer, not a reset connection
             for start in range(0, length, 65536):
                 if not handler.rfile.read(min(65536, length - start)):
                     break
@@ -187,15 +181,15 @@ def read_json_body(handler):
         handler.server.deadlines.pop(handler.connection, None)  # all arrived: generation may take as long as it takes
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-        raise ApiError(400, f"malformed JSON body: {e}")
+        raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
     return data
 
 def parse_content(i, content):
     if isinstance(content, list):  # OpenAI style: a list of text parts, joined
-        is_text = lambda p: isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str))
-        if not all(is_text(p) for p in content):
+        if not all(isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text"
+                                          and isinstance(p.get("text"), str)) for p in content):
             raise ApiError(400, f"messages[{i}].content: only text parts are supported")
         content = "\n".join(p if isinstance(p, str) else p["text"] for p in content)
     if not isinstance(content, str) or not content.strip():
@@ -205,7 +199,7 @@ def parse_content(i, content):
     return content
 
 def parse_messages(data):
-    """-> [(role, text)]: user/assistant messages after an optional leading system message."""
+    """-> [{"role", "content"}]: user/assistant messages after an optional leading system message, content as text."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list")
@@ -218,28 +212,13 @@ def parse_messages(data):
         role = m.get("role")
         if role not in ("user", "assistant") and not (role == "system" and i == 0):
             raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant' (or 'system' first), not {role!r}")
-        out.append((role, parse_content(i, m.get("content"))))
-    total = sum(len(text) for _, text in out)
+        out.append({"role": role, "content": parse_content(i, m.get("content"))})
+    total = sum(len(m["content"]) for m in out)
     if total > MAX_TOTAL_CHARS:
         raise ApiError(400, f"the messages hold {total} characters; the limit is {MAX_TOTAL_CHARS}")
-    if out[0][0] == "system" and (len(out) < 2 or out[1][0] != "user"):
+    if out[0]["role"] == "system" and (len(out) < 2 or out[1]["role"] != "user"):
         raise ApiError(400, "a system message must be followed by a user message")
     return out
-
-def fit_messages(tokenizer, messages, context, max_tokens):
-    """-> (prompt ids, messages dropped, max_tokens): the most recent turns (from a user message on; the system message always
-    kept) whose prompt leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, max_tokens capped to what fits."""
-    system = messages[:1] if messages[0][0] == "system" else []
-    first = len(system)
-    prompt = start = None
-    for i in reversed([first] + [i for i, (role, _) in enumerate(messages) if role == "user" and i > first]):
-        ids = render_prompt(tokenizer, system + messages[i:])  # one more turn back, while it fits
-        if prompt is not None and len(ids) + min(max_tokens, context // REPLY_SHARE) > context:
-            break
-        prompt, start = ids, i
-    if len(prompt) >= context:
-        raise ApiError(400, f"the last message needs {len(prompt)} tokens; this model's context is {context} tokens")
-    return prompt, start - first, min(max_tokens, context - len(prompt))
 
 def parse_number(data, key, bounds, default, integer):
     value = data.get(key)
@@ -264,15 +243,16 @@ def parse_sampling(data, defaults):
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of up to 4, got {json.dumps(data['stop'])}")
-    return dict(temperature=parse_number(data, "temperature", TEMPERATURE_RANGE, defaults["temperature"], False),
-                top_k=parse_number(data, "top_k", TOP_K_RANGE, defaults["top_k"], True),
-                max_tokens=parse_number(data, max_key, MAX_TOKENS_RANGE, defaults["max_tokens"], True),
+    limits = SAMPLING_LIMITS
+    return dict(temperature=parse_number(data, "temperature", limits["temperature"], defaults["temperature"], False),
+                top_k=parse_number(data, "top_k", limits["top_k"], defaults["top_k"], True),
+                max_tokens=parse_number(data, max_key, limits["max_tokens"], defaults["max_tokens"], True),
                 seed=random.randint(0, 2**31 - 1) if seed is None else seed % 2**63, stop=stop)
 
 # -----------------------------------------------------------------------------
-# the worker pool: one model replica + Engine per GPU (one on CPU), each decoding a batch of up to `cap` requests at once
+# the worker pool: one model replica + Engine per GPU (one on CPU), each decoding up to `cap` requests at once
 
-Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, text pieces, then None (or an exception)
+Job = namedtuple("Job", "prompt params reply out cancel worker")  # out: True once admitted, pieces, None (or an error)
 Worker = namedtuple("Worker", "id device engine inbox")  # inbox: the Jobs waiting for its decode_loop
 App = namedtuple("App", "tokenizer pool model_id created defaults")  # what the server's handlers read
 
@@ -289,8 +269,8 @@ class WorkerPool:
         return sum(max(0, load - self.cap) for load in self.load)
 
     def start(self, prompt, params, reply):
-        """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every batch
-        and the queue are full or the wait is too long (the caller answers 503)."""
+        """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every
+        batch and the queue are full or the wait is too long (the caller answers 503)."""
         with self.lock:
             worker = min(self.workers, key=lambda w: self.load[w.id])
             if self.load[worker.id] >= self.cap and self.waiting() >= self.max_queue:
@@ -345,9 +325,10 @@ def row_failure(e):
 
 @torch.inference_mode()
 def decode_loop(pool, worker):
-    """Continuous batching: each step samples one token for every active request (its own settings, seed and tool state) and
-    runs them all through one batched forward. Waiting requests are prefilled and join between steps; finished or cancelled
-    ones leave at once, the last row taking over their cache row so the batch stays packed at the front."""
+    """Continuous batching: each step samples a token for every active request (its own settings, seed and tool state)
+    and runs them all through one batched forward; waiting requests are prefilled and join between steps, finished or
+    cancelled ones leave at once (the last row takes over their cache row). It shares Engine's prefill, row_step and
+    forward_last, but not Engine.generate, whose batch is fixed from the first step to the last."""
     engine, special = worker.engine, worker.engine.specials()
     kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
     while True:
@@ -379,7 +360,7 @@ def decode_loop(pool, worker):
                 except Exception as e:
                     failed[i] = row_failure(e)
                     sampled.append(torch.zeros(1, 1, dtype=torch.long, device=logits.device))
-            for i, ((job, state, _), s) in enumerate(zip(rows, torch.cat(sampled).view(-1).tolist())):
+            for i, ((_, state, _), s) in enumerate(zip(rows, torch.cat(sampled).view(-1).tolist())):
                 try:
                     tokens.append(0 if i in failed else engine.row_step(state, s, special)[0])
                 except Exception as e:
@@ -424,11 +405,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # one line per request is written by `_logged` instead
         pass
 
-    def handle_one_request(self):  # Server.service_actions cuts the connection if the request is not all in by its deadline
+    def handle_one_request(self):  # Server.service_actions cuts the connection if the request is not in by its deadline
         self.server.deadlines[self.connection] = time.time() + REQUEST_DEADLINE_S
         super().handle_one_request()
 
-    def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON too
+    def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, 501) as JSON
         self.close_connection = True
         self.send_json(code, error_json(code, message or self.responses.get(code, ("error",))[0]))
         self.server.log(f"{self.client_address[0]} {code} {message or ''}")
@@ -438,7 +419,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         sized = {"Connection": "close"} if length is None else {"Content-Length": str(length)}
         self.close_connection = self.close_connection or length is None
-        for k, v in {"Content-Type": content_type, "Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache", **sized, **(extra or {})}.items():
+        headers = {"Content-Type": content_type, "Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache"}
+        for k, v in {**headers, **sized, **(extra or {})}.items():
             self.send_header(k, v)
         self.end_headers()
 
@@ -448,7 +430,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def send_event(self, obj):
-        self.wfile.write(("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode("utf-8"))
+        text = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        self.wfile.write(("data: " + text + "\n\n").encode("utf-8"))
         self.wfile.flush()
 
     def _logged(self, route):
@@ -464,20 +447,19 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(e.status, error_json(e.status, e.message), e.headers)
         except (ConnectionError, TimeoutError):  # broken pipe, reset: the client went away
             self.note += " client disconnected"
-        except Exception as e:  # a bug: log it here, answer 500 (or an error event mid-stream) with no trace, keep serving
+        except Exception as e:  # a bug: log it here, answer 500 (or an error event mid-stream) with no trace, go on
             traceback.print_exc()
             self.note += f" internal error: {type(e).__name__}"
             self.close_connection = True
             message = str(e) if isinstance(e, GenerationError) else "internal server error"
-            try:
+            with contextlib.suppress(OSError):
                 if self.status is None:
                     self.send_json(500, error_json(500, message))
                 else:
                     self.send_event({"error": message})
-            except OSError:
-                pass
         finally:
-            self.server.log(f"{self.client_address[0]} {self.command} {self.path} {self.status} {time.time() - t0:.2f}s {' '.join(self.note.split())}")
+            self.server.log(f"{self.client_address[0]} {self.command} {self.path} {self.status} "
+                            f"{time.time() - t0:.2f}s {' '.join(self.note.split())}")
 
     def do_GET(self):
         self._logged(self.route_get)
@@ -486,8 +468,9 @@ class Handler(BaseHTTPRequestHandler):
         self._logged(self.route_post)
 
     def do_OPTIONS(self):  # CORS preflight
-        self._logged(lambda: self.send_headers(204, "text/plain", {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                                                   "Access-Control-Allow-Headers": "Content-Type, Authorization"}, 0))
+        allow = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                 "Access-Control-Allow-Headers": "Content-Type, Authorization"}
+        self._logged(lambda: self.send_headers(204, "text/plain", allow, 0))
 
     def route_get(self):
         app, pool, path = self.server.app, self.server.app.pool, self.path.split("?")[0]
@@ -500,10 +483,11 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             num_gpus = sum(w.device.startswith("cuda") for w in pool.workers)
             self.send_json(200, {"status": "ok", "ready": True, "num_gpus": num_gpus, "available_workers": free,
-                                 "model": app.model_id, "defaults": app.defaults})
+                                 "model": app.model_id, "defaults": app.defaults, "limits": SAMPLING_LIMITS})
         elif path == "/stats":
-            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free, "busy_workers": sum(load > 0 for load in pool.load),
-                                 "active_requests": sum(min(load, pool.cap) for load in pool.load), "batch_cap": pool.cap,
+            self.send_json(200, {"total_workers": len(pool.workers), "available_workers": free,
+                                 "busy_workers": sum(load > 0 for load in pool.load), "batch_cap": pool.cap,
+                                 "active_requests": sum(min(load, pool.cap) for load in pool.load),
                                  "waiting_requests": pool.waiting(), "max_queue": pool.max_queue,
                                  "workers": [{"gpu_id": w.id, "device": w.device} for w in pool.workers]})
         elif path == "/v1/models" or path.startswith("/v1/models/"):  # one model; any id asked for is this one
@@ -520,10 +504,15 @@ class Handler(BaseHTTPRequestHandler):
         data = read_json_body(self)
         messages = parse_messages(data)
         params = parse_sampling(data, app.defaults)
-        asked = params["max_tokens"]
-        prompt, dropped, params["max_tokens"] = fit_messages(app.tokenizer, messages, app.pool.context, asked)
-        note = fit_note(dropped, params["max_tokens"], asked, app.pool.context)
+        context = app.pool.context
+        system = messages[:1] if messages[0]["role"] == "system" else []  # always kept
+        starts = [i for i, m in enumerate(messages) if m["role"] == "user" and i > len(system)][::-1] + [len(system)]
+        prompts = (app.tokenizer.render_prompt(system + messages[i:], any_order=True) for i in starts)
+        prompt, room, note = fit_context(prompts, [i - len(system) for i in starts], context, params["max_tokens"])
+        if room < 1:
+            raise ApiError(400, f"the last message needs {len(prompt)} tokens; the model's context is {context} tokens")
         note = {"note": note} if note else {}
+        params["max_tokens"] = room
         job = app.pool.start(prompt, params, Reply(app.tokenizer))
         if job is None:
             raise ApiError(503, "all workers are busy and the queue is full; retry shortly", {"Retry-After": "2"})
@@ -540,20 +529,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.openai_response(data, pieces, job.reply, len(prompt), note)
         finally:
             job.cancel.set()  # a client that went away leaves the batch at the next step
-            self.note = f"worker={job.worker.id} prompt={len(prompt)} completion={len(job.reply.ids)} finish={job.reply.finish} {self.note}"
+            self.note = (f"worker={job.worker.id} prompt={len(prompt)} completion={len(job.reply.ids)} "
+                         f"finish={job.reply.finish} {self.note}")
 
     def openai_response(self, data, pieces, reply, n_prompt, note):
         app, cid, created = self.server.app, "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": len(reply.ids), "total_tokens": n_prompt + len(reply.ids)}
+        usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": len(reply.ids),
+                         "total_tokens": n_prompt + len(reply.ids)}
+        chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                       "model": app.model_id, "choices": choices, **kw}
         if not data.get("stream"):
-            text = "".join(pieces)
+            message = {"role": "assistant", "content": "".join(pieces)}
             self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": app.model_id,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reply.finish}],
+                                 "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}],
                                  "usage": usage(), **note})
             return
-        chunk = lambda choices, **kw: {"id": cid, "object": "chat.completion.chunk", "created": created, "model": app.model_id, "choices": choices, **kw}
         self.send_headers(200, "text/event-stream; charset=utf-8")
-        self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **note))
+        self.send_event(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                              **note))
         for piece in pieces:
             self.send_event(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         self.send_event(chunk([{"index": 0, "delta": {}, "finish_reason": reply.finish}]))
@@ -583,7 +576,7 @@ class Server(ThreadingHTTPServer):
         super().shutdown_request(request)
         self.slots.release()
 
-    def service_actions(self):  # serve_forever calls this twice a second: cut requests still arriving past their deadline
+    def service_actions(self):  # serve_forever calls this twice a second: cut requests still coming in past a deadline
         for conn, deadline in list(self.deadlines.items()):
             if time.time() > deadline and self.deadlines.pop(conn, None):
                 with contextlib.suppress(OSError):  # a closed connection (its request was answered) raises here
@@ -596,7 +589,7 @@ def make_server(app, host, port, log):
     return server
 
 # -----------------------------------------------------------------------------
-# loading and the benchmark
+# loading
 
 _log_lock = threading.Lock()
 
@@ -612,36 +605,86 @@ def worker_devices(device, num_gpus):
     return [device]
 
 def batch_cap(model):
-    """CPU: 32 rows (beyond that a step's cost grows with the rows); CUDA: the rows whose KV cache fits in half the free memory."""
+    """CPU: 32 rows (past that a step's cost grows with the rows); CUDA: the rows whose KV cache (k and v, 2 bytes each
+    in bf16) fits in half the free memory."""
     config, device = model.config, model.get_device()
     if device.type != "cuda":
         return 32
-    row_bytes = 2 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * config.sequence_len * 2  # k and v, bf16
+    row_bytes = 4 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * config.sequence_len
     return int(max(1, min(256, torch.cuda.mem_get_info(device)[0] // 2 // row_bytes)))
 
-def build_app(args):
-    engines, random_init = [], False
-    for device in worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1):
-        try:
-            tokenizer = get_tokenizer()
-            model, _ = load_model(args.source, device, tag=args.tag, step=args.step, tokenizer=tokenizer)  # in eval mode
-        except FileNotFoundError:
-            if not args.bench:
-                raise
-            random_init, tokenizer = True, BenchTokenizer(65536)  # no checkpoint: time a random-init depth-4 model (as model.py bench)
-            torch.manual_seed(0)
-            model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
-        engines.append(Engine(model, tokenizer))
-    config = model.config
-    return App(tokenizer, WorkerPool(engines, args.max_queue, args.batch_cap or batch_cap(engines[0].model), config.sequence_len),
-               "random-init-d4" if random_init else f"nanochat-{args.source}-{args.tag or 'd%d' % config.n_layer}", int(time.time()),
-               {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512})
+def build_app(args, engines=None, model_id=None):
+    """What the handlers read: an Engine per worker device on the checkpoint the flags name (or the bench's engines)."""
+    if engines is None:
+        tokenizer = get_tokenizer()
+        devices = worker_devices(args.device or common.autodetect_device(), args.num_gpus if args.web else 1)
+        models = [load_model(args.source, d, tag=args.tag, step=args.step, tokenizer=tokenizer)[0] for d in devices]
+        engines = [Engine(model, tokenizer) for model in models]  # the models are in eval mode
+        model_id = f"nanochat-{args.source}-{args.tag or 'd%d' % models[0].config.n_layer}"
+    model = engines[0].model
+    pool = WorkerPool(engines, args.max_queue, args.batch_cap or batch_cap(model), model.config.sequence_len)
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens or 512}
+    return App(engines[0].tokenizer, pool, model_id, int(time.time()), defaults)
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Chat with a nanochat model: CLI, web UI, OpenAI-compatible API.")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="stage to load")
+    parser.add_argument("-g", "--tag", default=None, help="checkpoint tag such as d20 (default: the largest d<N>)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=None, help="reply length limit (CLI 256, web 512)")
+    parser.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--web", action="store_true", help="serve the web UI and the APIs instead of the CLI")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    parser.add_argument("-n", "--num-gpus", type=int, default=0, help="web: GPUs to serve from (0 = all visible)")
+    parser.add_argument("--max-queue", type=int, default=32, help="web: requests that may wait for a batch before 503")
+    parser.add_argument("--batch-cap", type=int, default=0, help="web: requests decoded together (0 = fit the device)")
+    parser.add_argument("--bench", action="store_true", help="time to first token and tok/s, 1, 8, 32 streams at once")
+    args = parser.parse_args()
+    for key, (lo, hi) in SAMPLING_LIMITS.items():  # -t, -k and -m
+        value = getattr(args, key)
+        if value is not None and not lo <= value <= hi:
+            parser.error(f"--{key.replace('_', '-')} must be {lo:g}..{hi:g}, not {value:g}")
+    if args.batch_cap < 0:
+        parser.error("--batch-cap must be >= 1 (or 0 for the device's default)")
+    if not 0 <= args.port <= 65535:
+        raise common.UserError(f"--port must be 0..65535 (0 = any free port), not {args.port}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise common.UserError("-p/--prompt is empty: give the text to answer, or leave -p out to chat")
+    if args.bench:
+        return bench(args)
+    app = build_app(args)
+    if not args.web:
+        return chat_cli(args, app.tokenizer, app.pool.workers[0].engine, app.pool.context)
+    try:
+        server = make_server(app, args.host, args.port, log_line)
+    except OSError as e:
+        raise common.UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    host, port = server.server_address[:2]
+    print(f"serving {app.model_id} with {len(app.pool.workers)} worker(s) on http://{host}:{port}/ "
+          f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    server.server_close()
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+class BenchChatTokenizer(BenchTokenizer):
+    """model.py's bench tokenizer (no trained one needed) with the chat format, whose renderer needs only encode*."""
+    render_conversation, render_prompt = Tokenizer.render_conversation, Tokenizer.render_prompt
 
 def bench_stream(port, max_tokens, out):
     """One streamed /v1 request; appends (time to first token, completion tokens, decode time after the first token)."""
-    body = {"messages": [{"role": "user", "content": "Tell me a long story about the sea."}], "stream": True, "max_tokens": max_tokens,
-            "temperature": 1.0, "stream_options": {"include_usage": True}}
-    conn, t0, first, tokens = http.client.HTTPConnection("127.0.0.1", port, timeout=600), time.time(), None, 0
+    body = {"messages": [{"role": "user", "content": "Tell me a long story about the sea."}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 1.0, "stream_options": {"include_usage": True}}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0, first, tokens = time.time(), None, 0
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     for line in conn.getresponse():
         event = json.loads(line[6:]) if line.startswith(b"data: {") else {}
@@ -650,74 +693,35 @@ def bench_stream(port, max_tokens, out):
         tokens = event["usage"]["completion_tokens"] if event.get("usage") else tokens
     out.append((first or 0.0, tokens, time.time() - t0 - (first or 0.0)))
 
-def bench(app, max_tokens=128):
+def bench(args, max_tokens=128):
     """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 and 32 concurrent ones."""
+    try:
+        app = build_app(args)
+    except FileNotFoundError:  # no checkpoint: time a random-init depth-4 model, as model.py's bench does
+        torch.manual_seed(0)
+        device = worker_devices(args.device or common.autodetect_device(), 1)[0]
+        model = build_model(asdict(config_from_depth(4, 65536, 512)), device).eval()
+        app = build_app(args, [Engine(model, BenchChatTokenizer(65536))], "random-init-d4")
     server = make_server(app, "127.0.0.1", 0, log=lambda line: None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    bench_stream(server.server_address[1], 8, [])  # warm-up
-    print(f"{app.model_id} on {app.pool.workers[0].device}, {len(app.pool.workers)} worker(s) of up to {app.pool.cap} rows, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f} before (a shared machine: figures move with the load)")
+    port = server.server_address[1]
+    bench_stream(port, 8, [])  # warm-up
+    print(f"{app.model_id} on {app.pool.workers[0].device}, {len(app.pool.workers)} worker(s) of up to "
+          f"{app.pool.cap} rows, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f} "
+          "before (a shared machine: figures move with the load)")
     for n in (1, 8, 32):
         results, t0 = [], time.time()
-        threads = [threading.Thread(target=bench_stream, args=(server.server_address[1], max_tokens, results)) for _ in range(n)]
+        threads = [threading.Thread(target=bench_stream, args=(port, max_tokens, results)) for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall, ttft, tokens = time.time() - t0, sorted(r[0] for r in results), sum(r[1] for r in results)
-        print(f"{n:2d} stream(s): time to first token p50 {ttft[n // 2] * 1000:.0f} ms, p95 {ttft[min(n - 1, int(0.95 * n))] * 1000:.0f} ms; {tokens} tokens "
-              f"in {wall:.2f} s = {tokens / wall:.1f} tok/s overall, {sum(r[1] / max(r[2], 1e-9) for r in results) / n:.1f} tok/s per stream once started")
+        per_stream = sum(r[1] / max(r[2], 1e-9) for r in results) / n
+        print(f"{n:2d} stream(s): time to first token p50 {ttft[n // 2] * 1000:.0f} ms, "
+              f"p95 {ttft[min(n - 1, int(0.95 * n))] * 1000:.0f} ms; {tokens} tokens in {wall:.2f} s = "
+              f"{tokens / wall:.1f} tok/s overall, {per_stream:.1f} tok/s per stream once started")
     server.shutdown()
 
-# -----------------------------------------------------------------------------
-
-def main():
-    parser = argparse.ArgumentParser(description="Chat with a nanochat model: CLI, web UI, OpenAI-compatible API.")
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    parser.add_argument("-g", "--tag", default=None, help="checkpoint tag such as d20 (default: the largest d<N>)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=None, help="reply length limit (default 256 in the CLI, 512 on the web)")
-    parser.add_argument("--device", default=None, help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--web", action="store_true", help="serve the web UI and the APIs instead of the CLI")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
-    parser.add_argument("-n", "--num-gpus", type=int, default=0, help="web: GPUs to serve from, one worker each (0 = all visible)")
-    parser.add_argument("--max-queue", type=int, default=32, help="web: requests that may wait for a place in a batch before 503")
-    parser.add_argument("--batch-cap", type=int, default=0, help="web: requests decoded together per worker (0 = sized for the device)")
-    parser.add_argument("--bench", action="store_true", help="time to first token and tokens/s for 1, 8 and 32 concurrent streams")
-    args = parser.parse_args()
-    if not 0.0 <= args.temperature <= 2.0 or not 0 <= args.top_k <= 200 or (args.max_tokens is not None and not 1 <= args.max_tokens <= 4096):
-        parser.error("need 0 <= -t <= 2, 0 <= -k <= 200 and 1 <= -m <= 4096")
-    if args.batch_cap < 0:
-        parser.error("--batch-cap must be >= 1 (or 0 for the device's default)")
-    if not 0 <= args.port <= 65535:
-        raise common.UserError(f"--port must be 0..65535 (0 = any free port), not {args.port}")
-    if args.prompt is not None and not args.prompt.strip():
-        sys.exit("error: -p/--prompt is empty: give the text to answer, or leave -p out to chat")
-    try:
-        app = build_app(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    if args.bench:
-        bench(app)
-    elif args.web:
-        try:
-            server = make_server(app, args.host, args.port, log_line)
-        except OSError as e:
-            sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
-        host, port = server.server_address[:2]
-        print(f"serving {app.model_id} with {len(app.pool.workers)} worker(s) on http://{host}:{port}/ "
-              f"(OpenAI API at http://{host}:{port}/v1)", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        server.server_close()
-    else:
-        chat_cli(args, app.tokenizer, app.pool.workers[0].engine, app.pool.context)
-
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -319,7 +319,7 @@ def test_tokenizer_train_matches_reference_bpe(monkeypatch):
     assert len(want) > 256 + 200, "the corpus should allow a few hundred merges"
     assert T.train_bpe(texts, 700, num_workers=1) == want
     for many in (1, 10**9):  # every merge through numpy, then every merge through the plain loop
-        monkeypatch.setattr(T, "MANY", many)
+        monkeypatch.setattr(T, "NUMPY_MIN_POSITIONS", many)
         assert T.train_bpe(texts, 700, num_workers=1) == want
     monkeypatch.setattr(T, "BATCH_CHARS", 2000)  # many small batches through 2 worker processes
     assert T.train_bpe(texts, 700, num_workers=2) == want
@@ -364,8 +364,8 @@ def test_tokenizer_matches_rustbpe():
     except ImportError:
         skip_or_fail("rustbpe is not installed (pip install rustbpe)")
     import tokenizer as T
-    texts = _tie_corpus() + [d[:3000] for d in common_docs(100)]
-    for texts, vocab in ((texts, 2000), (common_docs(200, shards=3), 80_000)):
+    small = _tie_corpus() + [d[:3000] for d in common_docs(100)]
+    for texts, vocab in ((small, 2000), (common_docs(200, shards=3), 80_000)):
         # the second case runs out of pairs past id 65,535 (token ids cross the UTF-16 surrogate range on the way)
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(texts, vocab - 9, pattern=T.SPLIT_PATTERN)
@@ -397,7 +397,6 @@ def test_tokenizer_round_trip_hard_text(tokenizer):
     bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
     assert tokenizer.encode("hi", prepend="<|bos|>", append=end) == [bos] + tokenizer.encode("hi") + [end]
     assert tokenizer.encode(["hi", "yo"], prepend=bos) == [[bos] + tokenizer.encode("hi"), [bos] + tokenizer.encode("yo")]
-    assert tokenizer("hi") == tokenizer.encode("hi")
 
 
 def test_tokenizer_special_tokens(tokenizer):
@@ -405,8 +404,7 @@ def test_tokenizer_special_tokens(tokenizer):
     V = tokenizer.get_vocab_size()
     assert V == TEST_VOCAB
     assert [tokenizer.encode_special(s) for s in T.SPECIAL_TOKENS] == list(range(V - 9, V))
-    assert tokenizer.get_special_tokens() == T.SPECIAL_TOKENS and tokenizer.get_bos_token_id() == V - 9
-    assert tokenizer.id_to_token(V - 9) == "<|bos|>" and tokenizer.id_to_token(ord("a")) == "a"
+    assert tokenizer.get_bos_token_id() == V - 9 and tokenizer.decode([V - 9]) == "<|bos|>" and tokenizer.decode([ord("a")]) == "a"
     for name in T.SPECIAL_TOKENS:  # a special token's string in text is ordinary text
         ids = tokenizer.encode(f"say {name} now")
         assert max(ids) < V - 9 and tokenizer.decode(ids) == f"say {name} now"
@@ -1295,7 +1293,7 @@ def test_model_export_hf_tokenizer(hf_export, tokenizer):
     for text, ids in zip(texts, hf_ids):
         assert ids == tokenizer.encode(text) and hf_tok.decode(ids) == text, text[:80]
     assert hf_tok("x<|bos|>")["input_ids"] == tokenizer.encode("x") + [tokenizer.get_bos_token_id()]  # HF default: specials in text are specials
-    assert {s: hf_tok.convert_tokens_to_ids(s) for s in tokenizer.get_special_tokens()} == tokenizer.special and len(tokenizer.special) == 9
+    assert {s: hf_tok.convert_tokens_to_ids(s) for s in tokenizer.special} == tokenizer.special and len(tokenizer.special) == 9
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>"))
     assert hf_export[1].generation_config.eos_token_id == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
 
@@ -3813,17 +3811,17 @@ def test_chat_reply_streams_utf8_whole_and_brackets_tools(tokenizer):
     ids = [tokenizer.encode_special("<|python_start|>"), *tokenizer.encode("2+2"), tokenizer.encode_special("<|python_end|>"),
            tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("4"), tokenizer.encode_special("<|output_end|>")]
     assert "".join(reply.push(t) for t in ids) == "[python: 2+2] [output: 4] "
-    # list-of-parts content is joined; the system message stays first (render_prompt merges it: the test below)
+    # list-of-parts content is joined; the system message stays first (the tokenizer's render_prompt merges it: the test below)
     msgs = parse_messages({"messages": [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]})
-    assert msgs == [("system", "Be brief."), ("user", "Hi\nthere")]
+    assert msgs == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
 
 
 def test_chat_prompt_tokens_are_the_tokenizers_format(tokenizer):
-    """The served prompt: the tokenizer's render_for_completion wherever the roles alternate (with or without a system message),
-    and the same per-message format for any other order, which the API also serves (ids pinned before the refactor of issue 21)."""
+    """The served prompt (the tokenizer's render_prompt with any_order): its render_for_completion wherever the roles alternate
+    (with or without a system message), and the same per-message format for any other order, which the API also serves (ids
+    pinned before the refactor of issue 21)."""
     from tokenizer import Tokenizer
-    from chat import render_prompt
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # ids: the bytes, then <|bos|> 256, user 257/258, assistant 259/260
     hi, yo, s = [257, 72, 105, 258], [259, 89, 111, 260], [83, 10, 10]  # "Hi" as a user message, "Yo" as an assistant one, "S\n\n"
     cases = [([("user", "Hi")], [256, *hi, 259]),
@@ -3833,13 +3831,18 @@ def test_chat_prompt_tokens_are_the_tokenizers_format(tokenizer):
              ([("assistant", "Yo"), ("user", "Hi")], [256, *yo, *hi, 259]),  # not alternating from a user message: served all the same
              ([("user", "Hi"), ("user", "Hi")], [256, *hi, *hi, 259]),
              ([("system", "S"), ("user", "Hi"), ("assistant", "Yo")], [256, 257, *s, *hi[1:], *yo, 259])]
-    for messages, ids in cases:
-        assert render_prompt(tok, messages) == ids, messages
-        roles = [r for r, _ in messages if r != "system"]
-        if roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]:  # alternating, ending with the user's
-            conversation = {"messages": [{"role": r, "content": t} for r, t in messages] + [{"role": "assistant", "content": "x"}]}
-            assert tok.render_for_completion(conversation) == ids, messages
-            assert render_prompt(tokenizer, messages) == tokenizer.render_for_completion(conversation), messages  # a BPE too
+    for pairs, ids in cases:
+        messages = [{"role": r, "content": t} for r, t in pairs]
+        assert tok.render_prompt(messages, any_order=True) == ids, pairs
+        roles = [r for r, _ in pairs if r != "system"]
+        alternating = roles == (["user", "assistant"] * len(roles))[:len(roles)]
+        if alternating and roles[-1] == "user":
+            conversation = {"messages": messages + [{"role": "assistant", "content": "x"}]}
+            assert tok.render_for_completion(conversation) == ids, pairs
+            assert tokenizer.render_prompt(messages, any_order=True) == tokenizer.render_for_completion(conversation), pairs  # a BPE too
+        elif not alternating:
+            with pytest.raises(AssertionError):  # without any_order (training data) the roles must alternate
+                tok.render_prompt(messages)
 
 
 @pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["release", "all_options"])
@@ -3891,7 +3894,7 @@ def test_chat_batched_decoding_equals_alone(options):
             time.sleep(0.005)
         jobs.append(pool.start(prompt, p, Reply(tok)))  # the 5th waits until a row frees (cap 4)
     for job in jobs:
-        assert list(iter(lambda: job.out.get(timeout=120), None)) and job.out.empty()
+        assert list(iter(lambda job=job: job.out.get(timeout=120), None)) and job.out.empty()
     assert [job.reply.ids for job in jobs] == alone
     assert max(batch_sizes) == 4 and len(set(batch_sizes)) >= 3, sorted(Counter(batch_sizes).items())
 
@@ -3915,6 +3918,7 @@ def test_chat_sse_streams_and_ends(chat_server):
     conn.close()
     health = body
     assert health["status"] == "ok" and health["ready"] and health["available_workers"] == 1 and health["num_gpus"] == 0
+    assert health["limits"] == {"temperature": [0.0, 2.0], "top_k": [0, 200], "max_tokens": [1, 4096]}  # the page's checks
     stats = json.loads(http_request(port, "GET", "/stats")[2])
     assert stats["total_workers"] == 1 and stats["busy_workers"] == 0 and stats["workers"] == [{"gpu_id": 0, "device": "cpu"}]
     assert re.search(r"POST /chat/completions 200 .*worker=0 prompt=\d+ completion=\d+ finish=(stop|length)", open(log).read())
@@ -3999,15 +4003,15 @@ def test_chat_bad_inputs_get_4xx_with_reason(chat_server):
 def test_chat_long_conversation_keeps_its_latest_turns(chat_server, tokenizer):
     """A conversation past the 128-token context is answered from the system message and its latest turns (API and the
     page's SSE endpoint say so); a single message longer than the context is the only error."""
-    from chat import render_prompt
     port, _ = chat_server
-    turns = [("user" if i % 2 == 0 else "assistant", f"Turn {i}: the sea is wide and the ships sail far away today.") for i in range(9)]
-    system = ("system", "Be brief.")
-    messages = [{"role": r, "content": t} for r, t in [system, *turns]]
-    kept = max(k for k in range(1, 10, 2) if len(render_prompt(tokenizer, [system, *turns[-k:]])) + 32 <= 128)  # a reply of 128 // 4
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: the sea is wide and the ships sail far away today."}
+             for i in range(9)]
+    system = {"role": "system", "content": "Be brief."}
+    messages = [system, *turns]
+    kept = max(k for k in range(1, 10, 2) if len(tokenizer.render_prompt([system, *turns[-k:]])) + 32 <= 128)  # a reply of 128 // 4
     assert kept < 9
     body = json.loads(http_request(port, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 100})[2])
-    n_prompt = len(render_prompt(tokenizer, [system, *turns[-kept:]]))
+    n_prompt = len(tokenizer.render_prompt([system, *turns[-kept:]]))
     assert body["usage"]["prompt_tokens"] == n_prompt and body["usage"]["completion_tokens"] <= 128 - n_prompt
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and f"the {9 - kept} oldest message(s) were left out" in body["note"]
     status, _, data = http_request(port, "POST", "/chat/completions", {"messages": messages, "max_tokens": 100})
@@ -4099,7 +4103,7 @@ def test_chat_cli_history_eof_and_bad_flags(chat_checkpoint, tokenizer, monkeypa
     for argv, message in [(["--source", "rl", "-g", CHAT_TAG, "-p", "hi"], "train.py --stage=rl"), (["-t", "5", "-p", "hi"], "-t"), (["-k", "201"], "-k"), (["-g", CHAT_TAG, "-s", "7"], "step 7")]:
         monkeypatch.setattr(sys, "argv", ["chat.py", *argv])
         with pytest.raises(SystemExit) as e:
-            chat.main()
+            common.run_main(chat.main)  # the script's entry point: a missing checkpoint is one line too
         assert e.value.code != 0 and message in (str(e.value.code) + capsys.readouterr().err)
 
 
@@ -4260,7 +4264,8 @@ def test_chat_a_failing_row_ends_alone(monkeypatch):
     """issue 27: four concurrent streams in one worker's batch; one asks for temperature 1e-40 (greedy: the same reply as
     temperature 0, not NaN), one fails in its sampling (patched): that one alone gets an error event, the others finish."""
     import chat
-    tok, model = ByteTokenizer(), small_model(seq=128)
+    from tokenizer import Tokenizer
+    tok, model = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), small_model(seq=128)  # the server renders with it
     ends, batch_sizes = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")], []
 
     class Endless:  # the real model, its end and tool tokens pushed down: every reply runs to max_tokens

@@ -1,6 +1,6 @@
 """
 The tokenizer: our own byte-level BPE trainer (pure Python + numpy + regex), a tiktoken runtime built from its merges,
-and the chat rendering used by every later stage (SPEC 1).
+and the chat rendering used by every later stage.
 
     python tokenizer.py train [--input FILE ...] [--vocab-size 65536] [--max-chars 2000000000] [--doc-cap 10000]
     python tokenizer.py eval     # compression table vs GPT-2 / GPT-4 (when tiktoken can load them)
@@ -10,7 +10,6 @@ Imports nothing of ours but common.py.
 """
 import os
 import sys
-import copy
 import glob
 import json
 import shutil
@@ -31,13 +30,14 @@ import tiktoken
 
 import common
 
-# GPT-4's cl100k pattern with digit runs chunked by 1-2 instead of 1-3 (SPEC 1.1)
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+# GPT-4's cl100k split pattern, but digit runs are chunked by 1-2 instead of 1-3, as in nanochat's release
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"""
+                 r"""|\s+(?!\S)|\s+""")
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 # -----------------------------------------------------------------------------
-# BPE training (SPEC 1.2): count distinct regex chunks in worker processes, then an incremental merge loop
+# BPE training: count distinct regex chunks in worker processes, then an incremental merge loop
 
 MAX_VOCAB = 2 ** 20      # --vocab-size cap, 16x the release's 65,536: a larger embedding table fits no recipe here
 BATCH_CHARS = 1_000_000  # texts go to the workers in batches of about this many characters
@@ -61,8 +61,8 @@ def _count_pieces(texts, pieces, firsts, counts):
 
 
 def _fold(pieces, firsts, counts):
-    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces. A piece of
-    letters only is one chunk, its space included."""
+    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces.
+    A piece of letters only is one chunk, its space included."""
     findall, get = regex.compile(SPLIT_PATTERN).findall, counts.get
     for piece, n in firsts.items():
         pieces[piece] -= n
@@ -117,9 +117,9 @@ def _batches(texts):
 
 
 def count_chunks(texts, num_workers=None, progress=None):
-    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process reads
-    the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch itself
-    whenever they are all busy. Each counts on its own, so memory grows with the distinct pieces, not with the corpus."""
+    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process
+    reads the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch
+    itself whenever they are all busy. Each counts on its own: memory grows with the distinct pieces, not the corpus."""
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
     num_workers = (num_workers or os.cpu_count() or 1) if len(head) == 2 else 1  # a small input: no processes to start
@@ -128,7 +128,8 @@ def count_chunks(texts, num_workers=None, progress=None):
     procs = [ctx.Process(target=_count_worker, args=(inbox, outbox), daemon=True) for _ in range(num_workers - 1)]
     for p in procs:
         p.start()
-    pieces, firsts, counts, done, ok = Counter(), Counter(), {}, 0, False
+    pieces, firsts, counts = Counter(), Counter(), {}
+    done, ok = 0, False
     try:
         for batch, size in itertools.chain(head, batches):
             if procs and not inbox.full():
@@ -139,7 +140,7 @@ def count_chunks(texts, num_workers=None, progress=None):
             progress and progress(done)
         for _ in procs:
             inbox.put(None)
-        # fold our pieces while the workers fold theirs; read their results before join: a big one blocks a worker's exit
+        # fold our pieces while the workers fold theirs; read their results before join: a big one blocks its exit
         packs = [_packed(_fold(pieces, firsts, counts))] + [outbox.get() for _ in procs]
         for r in packs:
             if isinstance(r, Exception):
@@ -159,7 +160,8 @@ def train_bpe(texts, vocab_size, num_workers=None, progress=None):
     Tie-break: highest count, then the smallest pair (a, b) — so the ranks equal rustbpe's for the same input."""
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
-        raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), got {vocab_size}")
+        raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
+                         f"got {vocab_size}")
     chunks, counts = count_chunks(texts, num_workers, progress and (lambda chars: progress("count", chars, 0, 0)))
     if not len(counts):
         raise ValueError("no text to train on: the corpus is empty")
@@ -188,10 +190,11 @@ def _initial_pairs(chunks, wcounts, shift):
     present = np.flatnonzero(counts)
     bounds = np.searchsorted(codes, present, "left").tolist() + [len(codes)]
     keys = (((present >> 8) << shift) | (present & 255)).tolist()
-    return tok, cnt, dict(zip(keys, counts[present].astype(np.int64).tolist())), {k: pos[s:e] for k, s, e in zip(keys, bounds, bounds[1:])}
+    pair_count = dict(zip(keys, counts[present].astype(np.int64).tolist()))
+    return tok, cnt, pair_count, {k: pos[s:e] for k, s, e in zip(keys, bounds, bounds[1:])}
 
 
-MANY = 128  # a merge with at least this many listed positions runs in numpy (_merge_many), fewer in plain Python
+NUMPY_MIN_POSITIONS = 128  # a merge listing at least this many positions runs in numpy (_merge_many), fewer in Python
 
 
 def _grouped(pos, keys):
@@ -204,8 +207,8 @@ def _grouped(pos, keys):
 
 
 def _merge_many(tok, nxt, prv, cnt, ps, a, b, new, shift, pair_count):
-    """The merge of (a, b) at the listed positions `ps` all at once with numpy, on the arrays of _merge_loop: subtract the
-    counts of the pairs it breaks from pair_count and return the pairs it makes as (key, count, positions)."""
+    """The merge of (a, b) at the listed positions `ps` all at once with numpy, on the arrays of _merge_loop: subtract
+    the counts of the pairs it breaks from pair_count and return the pairs it makes as (key, count, positions)."""
     ps = ps[(tok[ps] == a) & (tok[nxt[ps]] == b)]
     if a == b:  # in a run of a's, merge the 1st, 3rd, ... from the left, as the plain loop does
         first, n = np.ones(len(ps), dtype=bool), np.arange(len(ps))
@@ -260,7 +263,7 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
         merges.append((a, b))
         ps = pair_pos.pop(key)
         ps = ps[1:] if isinstance(ps, list) else ps  # positions after the count, or an array from numpy
-        if len(ps) >= MANY:
+        if len(ps) >= NUMPY_MIN_POSITIONS:
             made = _merge_many(*arrays, np.asarray(ps, dtype=np.int32), a, b, new, SHIFT, pair_count)
         else:
             created = {}  # pair made by this merge -> [its count, positions...]
@@ -293,7 +296,7 @@ def _merge_loop(chunks, wcounts, num_merges, progress=None):
     return merges
 
 # -----------------------------------------------------------------------------
-# the runtime: a tiktoken.Encoding built from our ranks plus the 9 special tokens at the top ids (SPEC 1.4-1.6)
+# the runtime: a tiktoken.Encoding built from our ranks plus the 9 special tokens at the top ids
 
 class Tokenizer:
 
@@ -306,12 +309,7 @@ class Tokenizer:
     @classmethod
     def from_ranks(cls, ranks, pattern=SPLIT_PATTERN):
         special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        return cls(tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
-
-    @classmethod
-    def from_pretrained(cls, name):
-        """tiktoken's own encodings ("gpt2", "cl100k_base") for comparison; their BOS is <|endoftext|>. Needs the network once."""
-        return cls(tiktoken.get_encoding(name))
+        return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special))
 
     @classmethod
     def load(cls, directory):
@@ -326,15 +324,12 @@ class Tokenizer:
         common.atomic_write(os.path.join(directory, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
 
     def token_byte_lengths(self):
-        """Raw UTF-8 byte length of every token id, 0 for the special tokens (SPEC 1.6, the raw-bytes definition)."""
+        """Raw UTF-8 byte length of every token id (what bits per byte divides by), 0 for the special tokens."""
         specials = set(self.special.values())
         return [0 if i in specials else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)]
 
     def get_vocab_size(self):
         return self.enc.n_vocab
-
-    def get_special_tokens(self):
-        return sorted(self.special, key=self.special.get)
 
     def get_bos_token_id(self):
         return self.bos_id
@@ -342,75 +337,52 @@ class Tokenizer:
     def encode_special(self, name):
         return self.special[name]
 
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
-
     def decode_single_token_bytes(self, token_id):
         return self.enc.decode_single_token_bytes(token_id)
-
-    def _as_id(self, token):
-        return token if token is None or isinstance(token, int) else self.special[token]
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """Ordinary text -> ids (special-token strings inside the text stay ordinary text). A list of strings is encoded
         by tiktoken's threaded batch path. prepend/append: a special token's name or an id."""
-        pre, post = self._as_id(prepend), self._as_id(append)
+        head, tail = ([] if t is None else [self.special[t] if isinstance(t, str) else t] for t in (prepend, append))
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
+            return head + self.enc.encode_ordinary(text) + tail
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-        rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-        if pre is not None:
-            for row in rows:
-                row.insert(0, pre)
-        if post is not None:
-            for row in rows:
-                row.append(post)
-        return rows
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
+        return [head + row + tail for row in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
 
     def decode(self, ids):
         return self.enc.decode(ids)
 
     # -------------------------------------------------------------------------
-    # chat rendering (SPEC 1.7-1.8)
+    # chat rendering: the one chat format of training, evaluation, the chat server and the export's template
 
-    def render_conversation(self, conversation, max_tokens=2048):
-        """Conversation -> (ids, mask); mask 1 = a supervised target (assistant content and <|assistant_end|>)."""
+    def render_conversation(self, conversation, max_tokens=2048, any_order=False):
+        """Conversation -> (ids, mask); mask 1 = a supervised target (assistant content and <|assistant_end|>). A system
+        message joins the first user message. Training data alternates user and assistant (checked); any_order=True
+        renders a chat client's messages in the order they come."""
         messages = conversation["messages"]
         if messages and messages[0]["role"] == "system":
-            messages = copy.deepcopy(messages)  # never change the caller's conversation
-            assert len(messages) > 1 and messages[1]["role"] == "user", "a system message must be followed by a user message"
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
+            assert len(messages) > 1 and messages[1]["role"] == "user", "a system message must precede a user message"
+            joined = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [{"role": "user", "content": joined}] + messages[2:]  # never change the caller's conversation
         assert messages, "a conversation needs at least one message"
         ids, mask = [], []
 
         def add(tokens, m):
-            tokens = [tokens] if isinstance(tokens, int) else tokens
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        S, enc = self.special, self.enc.encode_ordinary
-        add(S["<|bos|>"], 0)
+        S, enc = self.encode_special, self.encode  # only these two: chat.py's benchmark tokenizer renders with this too
+        add([S("<|bos|>")], 0)
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             expected = "user" if i % 2 == 0 else "assistant"
-            assert role == expected, f"message {i} has role {role!r}, expected {expected!r} (user and assistant alternate)"
+            assert any_order or role == expected, f"message {i} has role {role!r}, expected {expected!r}"
             if role == "user":
                 assert isinstance(content, str), "user content must be a string"
-                add(S["<|user_start|>"], 0)
-                add(enc(content), 0)
-                add(S["<|user_end|>"], 0)
+                add([S("<|user_start|>"), *enc(content), S("<|user_end|>")], 0)
                 continue
-            add(S["<|assistant_start|>"], 0)
+            add([S("<|assistant_start|>")], 0)
             if isinstance(content, str):
                 add(enc(content), 1)
             elif isinstance(content, list):
@@ -419,29 +391,26 @@ class Tokenizer:
                     if kind == "text":
                         add(enc(value), 1)
                     elif kind == "python":
-                        add(S["<|python_start|>"], 1)
-                        add(enc(value), 1)
-                        add(S["<|python_end|>"], 1)
+                        add([S("<|python_start|>"), *enc(value), S("<|python_end|>")], 1)
                     elif kind == "python_output":  # tool output is supplied at run time, never learned
-                        add(S["<|output_start|>"], 0)
-                        add(enc(value), 0)
-                        add(S["<|output_end|>"], 0)
+                        add([S("<|output_start|>"), *enc(value), S("<|output_end|>")], 0)
                     else:
                         raise ValueError(f"unknown assistant content part type {kind!r}")
             else:
                 raise ValueError(f"assistant content must be a str or a list of parts, got {type(content).__name__}")
-            add(S["<|assistant_end|>"], 1)
+            add([S("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
+
+    def render_prompt(self, messages, any_order=False):
+        """The messages, then <|assistant_start|>: the prompt for sampling the next reply."""
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=None, any_order=any_order)
+        return ids + [self.encode_special("<|assistant_start|>")]
 
     def render_for_completion(self, conversation):
         """Everything but the final assistant message, then <|assistant_start|>: the prompt for sampling a reply."""
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         assert messages and messages[-1]["role"] == "assistant", "the last message must be the assistant's"
-        messages.pop()
-        ids, _ = self.render_conversation(conversation, max_tokens=10**12)
-        ids.append(self.special["<|assistant_start|>"])
-        return ids
+        return self.render_prompt(messages[:-1])
 
 # -----------------------------------------------------------------------------
 # loading the saved tokenizer
@@ -471,7 +440,8 @@ def checkpoints_using(directory):
 
 
 def _unreadable(path, e):
-    return common.UserError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild it with `python tokenizer.py train`")
+    return common.UserError(f"{path} is unreadable ({type(e).__name__}: {e}): "
+                            "rebuild it with `python tokenizer.py train`")
 
 
 def get_tokenizer():
@@ -538,10 +508,10 @@ def read_input_file(path):
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
-    """SPEC 1.3: --input files in order, the word train-shards standing for the train split (never the val shard),
-    each document capped at doc_cap characters;
-    stop right after the running character count exceeds max_chars."""
-    docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x) for x in inputs)
+    """The training text: the --input files in order (the word train-shards: the train split, never the val shard),
+    each document cut to doc_cap characters; stops right after the running character count passes max_chars."""
+    docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x)
+                                         for x in inputs)
     for doc in docs:
         doc = doc[:doc_cap]
         stats["docs"] += 1
@@ -552,13 +522,13 @@ def training_documents(inputs, max_chars, doc_cap, stats):
 
 
 def peak_rss_mb():
-    """Peak RSS of this process plus its largest reaped child's (a counting worker) in MB: an upper bound on the tree's."""
+    """Peak RSS of this process plus its largest reaped child's (a worker) in MB: an upper bound on the tree's."""
     return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
 class Progress:
     """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log
-    (stderr not a terminal) gets a plain line per tenth of the stage or per 30 s, not hundreds of redraws on one line."""
+    (stderr not a terminal) gets a plain line per tenth of the stage or per 30 s, not hundreds of redraws in one."""
     def __init__(self, max_chars):
         self.t0, self.max_chars = time.time(), max_chars
         self.stage, self.logged = None, None  # the stage and (tenths done, time) of the last plain line
@@ -586,10 +556,10 @@ class Progress:
 
 def cmd_train(args):
     if not 256 + len(SPECIAL_TOKENS) < args.vocab_size <= MAX_VOCAB:
-        raise common.UserError(f"--vocab-size must be {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (256 bytes + 9 special tokens + at least one "
-                        f"merge; at most 2^20), not {args.vocab_size}")
+        raise common.UserError(f"--vocab-size must be {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (256 bytes + 9 special "
+                               f"tokens + at least one merge; at most 2^20), not {args.vocab_size}")
     if args.max_chars <= 0 or args.doc_cap <= 0:
-        raise ValueError("--max-chars and --doc-cap must be positive")
+        raise common.UserError("--max-chars and --doc-cap must be positive")
     users = checkpoints_using(tokenizer_dir())
     backup = os.path.join(common.get_base_dir(), f"tokenizer_{Tokenizer.load(tokenizer_dir()).hash}") if users else None
     if users and not args.force:
@@ -598,7 +568,10 @@ def cmd_train(args):
                                f"one is then kept in {backup}), or use another NANOCHAT_BASE_DIR")
     stats, t0 = {"docs": 0, "chars": 0}, time.time()
     docs = training_documents(args.input, args.max_chars, args.doc_cap, stats)
-    ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress(args.max_chars))
+    try:
+        ranks = train_bpe(docs, args.vocab_size, num_workers=args.workers, progress=Progress(args.max_chars))
+    except ValueError as e:  # an empty corpus or a malformed --input file
+        raise common.UserError(str(e)) from None
     train_time, peak_mb = time.time() - t0, peak_rss_mb()
     tok = Tokenizer.from_ranks(ranks)
     sample = "Hello world! It's 2025; 12345 apples cost $3.50.\n\n\tdon't    stop\n你好世界 👋🏽 naïve café"
@@ -612,8 +585,9 @@ def cmd_train(args):
         print(f"note: the corpus only supports {len(ranks) - 256:,} merges, so the vocab is {tok.get_vocab_size():,}, "
               f"not {args.vocab_size:,}; read it from the tokenizer, not from the flag")
     lengths = np.array([n for n in tok.token_byte_lengths() if n > 0])
-    print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: vocab {tok.get_vocab_size():,} "
-          f"({len(ranks) - 256:,} merges), peak RSS {peak_mb:,.0f} MB (with the largest worker); saved to {tokenizer_dir()}")
+    print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: "
+          f"vocab {tok.get_vocab_size():,} ({len(ranks) - 256:,} merges), peak RSS {peak_mb:,.0f} MB "
+          f"(with the largest worker); saved to {tokenizer_dir()}")
     common.write_report_section("Tokenizer training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
@@ -622,41 +596,45 @@ def cmd_train(args):
         "token_bytes_mean": float(lengths.mean()), "token_bytes_std": float(lengths.std())})
 
 
-# five hand-written samples for the compression table (SPEC 1.9)
+# five hand-written samples for `tokenizer.py eval`'s compression table: prose, another script, code, LaTeX, science
 SAMPLES = {
-    "news": ("City officials announced on Tuesday that the long-delayed harbor bridge will reopen to traffic next spring, "
-             "after engineers found the corrosion in its northern span to be less severe than first feared. The repairs, "
-             "budgeted at $212 million, were paid for in part by a federal infrastructure grant awarded in 2023. \"We owe "
-             "commuters an apology for the delays, but we also owe them a bridge that will last another fifty years,\" the "
-             "mayor told reporters at a press conference near the waterfront. Local businesses, many of which reported a "
-             "drop of 30% in weekday customers since the closure, welcomed the news. Some residents remain skeptical: a "
-             "petition signed by 4,800 people asks the council to publish the full inspection report before any decision "
-             "on tolls is made. The council is expected to vote on the matter on March 14."),
-    "korean": ("오늘 아침 서울에는 올해 들어 처음으로 눈이 내렸다. 기상청은 오후부터 기온이 크게 떨어질 것으로 예상된다며 "
-               "빙판길 안전에 유의해 달라고 당부했다. 출근길 시민들은 두꺼운 외투를 입고 서둘러 지하철역으로 향했고, "
-               "일부 도로에서는 차량이 천천히 움직이며 정체가 이어졌다. 한편 강원도 산간 지역에는 최대 10센티미터의 "
-               "눈이 더 올 것으로 보여 등산객들의 각별한 주의가 필요하다."),
-    "code": ("import heapq\n\n\ndef dijkstra(graph, source):\n    \"\"\"Shortest distances from source; graph maps node -> "
-             "[(neighbor, weight), ...].\"\"\"\n    dist = {source: 0}\n    queue = [(0, source)]\n    while queue:\n"
-             "        d, node = heapq.heappop(queue)\n        if d > dist.get(node, float('inf')):\n            continue  "
-             "# stale entry\n        for nbr, w in graph.get(node, []):\n            nd = d + w\n            if nd < "
-             "dist.get(nbr, float('inf')):\n                dist[nbr] = nd\n                heapq.heappush(queue, (nd, nbr))\n"
-             "    return dist\n\n\nif __name__ == \"__main__\":\n    g = {\"a\": [(\"b\", 4), (\"c\", 1)], \"c\": [(\"b\", 2)]}\n"
-             "    print(dijkstra(g, \"a\"))  # {'a': 0, 'b': 3, 'c': 1}\n"),
-    "math": ("\\begin{theorem}[Cauchy--Schwarz] For all vectors $u, v$ in an inner product space $V$,\n\\[ |\\langle u, v "
-             "\\rangle|^2 \\le \\langle u, u \\rangle \\cdot \\langle v, v \\rangle. \\]\n\\end{theorem}\n\\begin{proof} If $v = 0$ "
-             "both sides vanish. Otherwise let $\\lambda = \\frac{\\langle u, v\\rangle}{\\langle v, v\\rangle}$ and expand\n"
-             "\\begin{align*} 0 \\le \\| u - \\lambda v \\|^2 &= \\langle u, u\\rangle - 2\\,\\mathrm{Re}(\\bar{\\lambda}\\langle u, "
-             "v\\rangle) + |\\lambda|^2 \\langle v, v\\rangle \\\\ &= \\|u\\|^2 - \\frac{|\\langle u, v\\rangle|^2}{\\|v\\|^2}. "
-             "\\end{align*}\nMultiplying by $\\|v\\|^2 > 0$ gives the claim; equality holds iff $u = \\lambda v$. \\qedhere\n"
-             "\\end{proof}\nAs a corollary, $\\sum_{i=1}^{n} x_i y_i \\le \\sqrt{\\sum_{i=1}^{n} x_i^2}\\,\\sqrt{\\sum_{i=1}^{n} y_i^2}$ "
-             "for real $x_i, y_i$, and $\\int_0^1 f g \\,dx \\le \\|f\\|_2 \\|g\\|_2$."),
+    "news": ("City officials announced on Tuesday that the long-delayed harbor bridge will reopen to traffic next "
+             "spring, after engineers found the corrosion in its northern span to be less severe than first feared. "
+             "The repairs, budgeted at $212 million, were paid for in part by a federal infrastructure grant awarded "
+             "in 2023. \"We owe commuters an apology for the delays, but we also owe them a bridge that will last "
+             "another fifty years,\" the mayor told reporters at a press conference near the waterfront. Local "
+             "businesses, many of which reported a drop of 30% in weekday customers since the closure, welcomed the "
+             "news. Some residents remain skeptical: a petition signed by 4,800 people asks the council to publish the "
+             "full inspection report before any decision on tolls is made. The council is expected to vote on the "
+             "matter on March 14."),
+    "korean": ("오늘 아침 서울에는 올해 들어 처음으로 눈이 내렸다. 기상청은 오후부터 기온이 크게 떨어질 것으로 "
+               "예상된다며 빙판길 안전에 유의해 달라고 당부했다. 출근길 시민들은 두꺼운 외투를 입고 서둘러 "
+               "지하철역으로 향했고, 일부 도로에서는 차량이 천천히 움직이며 정체가 이어졌다. 한편 강원도 산간 지역에는 "
+               "최대 10센티미터의 눈이 더 올 것으로 보여 등산객들의 각별한 주의가 필요하다."),
+    "code": ("import heapq\n\n\ndef dijkstra(graph, source):\n    \"\"\"Shortest distances from source; graph maps "
+             "node -> [(neighbor, weight), ...].\"\"\"\n    dist = {source: 0}\n    queue = [(0, source)]\n    while "
+             "queue:\n        d, node = heapq.heappop(queue)\n        if d > dist.get(node, float('inf')):\n           "
+             " continue  # stale entry\n        for nbr, w in graph.get(node, []):\n            nd = d + w\n           "
+             " if nd < dist.get(nbr, float('inf')):\n                dist[nbr] = nd\n                "
+             "heapq.heappush(queue, (nd, nbr))\n    return dist\n\n\nif __name__ == \"__main__\":\n    g = {\"a\": "
+             "[(\"b\", 4), (\"c\", 1)], \"c\": [(\"b\", 2)]}\n    print(dijkstra(g, \"a\"))  # {'a': 0, 'b': 3, 'c': "
+             "1}\n"),
+    "math": ("\\begin{theorem}[Cauchy--Schwarz] For all vectors $u, v$ in an inner product space $V$,\n\\[ |\\langle "
+             "u, v \\rangle|^2 \\le \\langle u, u \\rangle \\cdot \\langle v, v \\rangle. \\]\n\\end{theorem}\n"
+             "\\begin{proof} If $v = 0$ both sides vanish. Otherwise let $\\lambda = \\frac{\\langle u, "
+             "v\\rangle}{\\langle v, v\\rangle}$ and expand\n\\begin{align*} 0 \\le \\| u - \\lambda v \\|^2 &= "
+             "\\langle u, u\\rangle - 2\\,\\mathrm{Re}(\\bar{\\lambda}\\langle u, v\\rangle) + |\\lambda|^2 \\langle "
+             "v, v\\rangle \\\\ &= \\|u\\|^2 - \\frac{|\\langle u, v\\rangle|^2}{\\|v\\|^2}. \\end{align*}\n"
+             "Multiplying by $\\|v\\|^2 > 0$ gives the claim; equality holds iff $u = \\lambda v$. \\qedhere\n"
+             "\\end{proof}\nAs a corollary, $\\sum_{i=1}^{n} x_i y_i \\le \\sqrt{\\sum_{i=1}^{n} "
+             "x_i^2}\\,\\sqrt{\\sum_{i=1}^{n} y_i^2}$ for real $x_i, y_i$, and $\\int_0^1 f g \\,dx \\le \\|f\\|_2 "
+             "\\|g\\|_2$."),
     "science": ("Photosynthesis converts light energy into chemical energy stored in glucose. In the light-dependent "
-                "reactions, which take place in the thylakoid membranes of the chloroplast, photons excite electrons in "
-                "chlorophyll; water is split to replace them, releasing O2 as a by-product. The energy captured is stored "
-                "as ATP and NADPH, which then drive the Calvin cycle in the stroma, where the enzyme RuBisCO fixes CO2 "
-                "into three-carbon sugars. Under high temperatures RuBisCO also reacts with oxygen, a wasteful process "
-                "called photorespiration that C4 and CAM plants have evolved to reduce."),
+                "reactions, which take place in the thylakoid membranes of the chloroplast, photons excite electrons "
+                "in chlorophyll; water is split to replace them, releasing O2 as a by-product. The energy captured is "
+                "stored as ATP and NADPH, which then drive the Calvin cycle in the stroma, where the enzyme RuBisCO "
+                "fixes CO2 into three-carbon sugars. Under high temperatures RuBisCO also reacts with oxygen, a "
+                "wasteful process called photorespiration that C4 and CAM plants have evolved to reduce."),
 }
 
 
@@ -673,7 +651,7 @@ def cmd_eval(args):
     tokenizers = {"ours": ours}
     for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
         try:
-            tokenizers[label] = Tokenizer.from_pretrained(name)
+            tokenizers[label] = Tokenizer(tiktoken.get_encoding(name))  # their BOS is <|endoftext|>
         except Exception as e:  # tiktoken downloads these on first use; offline it cannot
             print(f"{label} ({name}) not available, compared with ours only: tiktoken could not load it "
                   f"(offline or not cached: {type(e).__name__})")
@@ -696,11 +674,40 @@ def cmd_eval(args):
     common.write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the BPE and save tokenizer/ under the base dir")
+    p.add_argument("--input", nargs="+", default=["train-shards"],
+                   help="parquet ('text' column), jsonl ({'text': ...}) or text files (blank-line separated "
+                   "paragraphs), read in order; the word train-shards stands for the train shards under "
+                   "$NANOCHAT_BASE_DIR/base_data (the default)")
+    p.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
+    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
+    p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
+    p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a tokenizer that checkpoints were trained with (it is backed up)")
+    sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4")
+    p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read from $NANOCHAT_MIRROR")
+    p.add_argument("--doc-cap", type=int, default=10_000)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer; the medians are compared")
+    args = parser.parse_args()
+    {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
 def _tree_pss_mb(pid):
-    """PSS of a process and its children in MB: forked workers share pages, which PSS splits and RSS would count twice."""
+    """PSS of a process and its children in MB: forked workers share pages, which PSS splits and RSS counts twice."""
     try:
         kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
-        return sum(int(open(f"/proc/{p}/smaps_rollup").read().split("\nPss:")[1].split()[0]) for p in [pid, *kids]) / 1024
+        pss_kb = [int(open(f"/proc/{p}/smaps_rollup").read().split("\nPss:")[1].split()[0]) for p in [pid, *kids]]
+        return sum(pss_kb) / 1024
     except (OSError, IndexError):  # a process that just ended: this sample counts nothing
         return 0
 
@@ -729,10 +736,12 @@ def cmd_bench(args):
     import pyarrow.parquet as pq
     paths = [common.resolve_url(common.SHARD_URL.format(i)) for i in range(args.shards)]
     if missing := [p for p in paths if not os.path.isfile(p)]:
-        raise FileNotFoundError(f"benchmark shards missing: {missing[0]} ... (set NANOCHAT_MIRROR to the mirror directory)")
+        raise common.UserError(f"benchmark shards missing: {missing[0]} ... "
+                               "(set NANOCHAT_MIRROR to the mirror directory)")
     docs = [d[:args.doc_cap] for p in paths for d in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
     V = args.vocab_size
-    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; {os.cpu_count()} cores")
+    print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; "
+          f"{os.cpu_count()} cores")
     trainers = {"ours": lambda: train_bpe(docs, V, num_workers=args.workers)}
     try:
         import rustbpe
@@ -750,7 +759,8 @@ def cmd_bench(args):
             runs[name].append((wall, cpu, mb, ranks))
             print(f"round {r + 1} {name:<8} {wall:6.2f} s wall, {cpu:6.2f} s CPU, peak PSS +{mb:4.0f} MB")
     med = {name: [statistics.median(x[i] for x in rs) for i in range(3)] for name, rs in runs.items()}
-    print(f"medians of {args.rounds}: " + ", ".join(f"{n} {t:.2f} s wall, {c:.2f} s CPU, +{m:.0f} MB" for n, (t, c, m) in med.items())
+    print(f"medians of {args.rounds}: "
+          + ", ".join(f"{n} {t:.2f} s wall, {c:.2f} s CPU, +{m:.0f} MB" for n, (t, c, m) in med.items())
           + f"; load average {os.getloadavg()[0]:.1f} (the machine may be shared)")
     if "rustbpe" in runs:
         ratio = [o / r for o, r in zip(med["ours"], med["rustbpe"])]
@@ -758,33 +768,5 @@ def cmd_bench(args):
               f"ranks equal rustbpe's: {all(o[3] == runs['rustbpe'][0][3] for o in runs['ours'])}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train the BPE and save tokenizer/ under the base dir")
-    p.add_argument("--input", nargs="+", default=["train-shards"], help="parquet ('text' column), jsonl ({'text': ...}) or "
-                   "text files (blank-line separated paragraphs), read in order; the word train-shards stands for the train "
-                   "shards under $NANOCHAT_BASE_DIR/base_data (the default)")
-    p.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
-    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
-    p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
-    p.add_argument("--workers", type=int, default=None, help="chunk-counting processes (default: all cores)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a tokenizer that checkpoints were trained with (it is backed up)")
-    sub.add_parser("eval", help="compression table vs GPT-2 / GPT-4 (SPEC 1.9)")
-    p = sub.add_parser("bench", help="trainer time and peak memory vs rustbpe when installed")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--shards", type=int, default=11, help="train shards shard_00000.. to read from $NANOCHAT_MIRROR")
-    p.add_argument("--doc-cap", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer; the medians are compared")
-    args = parser.parse_args()
-    try:
-        {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
-    except (OSError, ValueError, RuntimeError) as e:  # bad input: one clear message, non-zero exit
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
