@@ -316,9 +316,6 @@ def parquet_texts(path, row_group=None):
         texts += column.drop_null().to_pylist()
     return texts
 
-def read_texts(pf, rg, path):  # the old spelling data.py and tokenizer.py still use: goes when they switch
-    return parquet_texts(path, rg)
-
 def iter_row_groups(split, start=0, step=1):
     """Yield (file_index, row_group_index, list_of_texts) for row groups start, start+step, ... of every shard."""
     import pyarrow.parquet as pq

@@ -486,7 +486,7 @@ def read_input_file(path):
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
         for rg in range(pf.num_row_groups):
-            yield from common.read_texts(pf, rg, path)
+            yield from common.parquet_texts(path, rg)
     elif path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -588,7 +588,7 @@ def cmd_train(args):
     print(f"trained in {train_time:.1f}s on {stats['docs']:,} docs / {stats['chars']:,} chars: "
           f"vocab {tok.get_vocab_size():,} ({len(ranks) - 256:,} merges), peak RSS {peak_mb:,.0f} MB "
           f"(with the largest worker); saved to {tokenizer_dir()}")
-    common.write_report_section("Tokenizer training", {
+    common.write_report_section("tokenizer-training", {
         "input": " ".join(args.input), "docs": stats["docs"], "chars": stats["chars"],
         "vocab_size": tok.get_vocab_size(), "requested_vocab_size": args.vocab_size, "merges": len(ranks) - 256,
         "train_time_s": train_time, "peak_rss_mb": peak_mb,
@@ -643,9 +643,8 @@ def cmd_eval(args):
     texts = dict(SAMPLES)
     for name, split in (("fwe-train", "train"), ("fwe-val", "val")):
         try:
-            import pyarrow.parquet as pq
             path = common.list_shards(split)[0]
-            texts[name] = "\n".join(common.read_texts(pq.ParquetFile(path), 0, path))
+            texts[name] = "\n".join(common.parquet_texts(path, 0))
         except FileNotFoundError as e:
             print(f"skipping {name}: {e}")
     tokenizers = {"ours": ours}
@@ -671,7 +670,7 @@ def cmd_eval(args):
             line += f" {100 * (n[label] - n['ours']) / n[label]:>+7.1f}%"
         lines.append(line)
     print(f"vocab {ours.get_vocab_size():,}\n" + "\n".join(lines))
-    common.write_report_section("Tokenizer evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
+    common.write_report_section("tokenizer-evaluation", [report, "```\n" + "\n".join(lines) + "\n```"])
 
 
 def main():
@@ -733,12 +732,11 @@ def _timed_in_child(fn):
 
 
 def cmd_bench(args):
-    import pyarrow.parquet as pq
     paths = [common.resolve_url(common.SHARD_URL.format(i)) for i in range(args.shards)]
     if missing := [p for p in paths if not os.path.isfile(p)]:
         raise common.UserError(f"benchmark shards missing: {missing[0]} ... "
                                "(set NANOCHAT_MIRROR to the mirror directory)")
-    docs = [d[:args.doc_cap] for p in paths for d in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
+    docs = [d[:args.doc_cap] for p in paths for d in common.parquet_texts(p)]
     V = args.vocab_size
     print(f"{len(docs):,} docs, {sum(map(len, docs)):,} chars from {len(paths)} shards; vocab {V:,}; "
           f"{os.cpu_count()} cores")
