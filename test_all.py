@@ -788,7 +788,7 @@ def test_model_chunked_loss_matches_full_logits(monkeypatch):
         assert max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()) <= 1e-5, (masked, reduction)
 
 
-def test_model_estimate_memory_parts():
+def test_model_estimate_memory_parts(tmp_path, monkeypatch):
     """Parts follow the sharding rule and scale as they should: activations with the rows, optimizer state over ranks."""
     import model as model_lib
     with torch.device("meta"):
@@ -798,9 +798,10 @@ def test_model_estimate_memory_parts():
     assert one["params"] == 4 * n["total"] + 2 * (n["blocks"] + n["lm_head"]) and one["grads"] == 4 * n["total"]
     assert one["optimizer"] == 4 * n["blocks"] + 8 * (n["wte"] + n["lm_head"]) and eight["optimizer"] == one["optimizer"] // 8
     assert two["activations"] == 2 * one["activations"] and one["total"] == sum(v for k, v in one.items() if k != "total")
-    import train  # --dry-run: the rows whose (eager bf16) estimate fits 90% of a GPU
+    import train  # --dry-run: the rows whose (eager bf16) estimate fits 90% of a GPU; no tokenizer yet: vocab 65536
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        train.main(["--dry-run", "--depth", "20", "--vocab-size", "65536", "--max-seq-len", "2048"])
+        train.main(["--dry-run", "--depth", "20", "--max-seq-len", "2048"])
     assert out.getvalue().endswith("suggested --device-batch-size: 24 GB: 4, 40 GB: 8, 80 GB: 16\n"), out.getvalue()
     assert "memory estimate per rank at 32 rows x 2048: params 2.98, grads 2.09, optimizer 2.71, activations 76.25" in out.getvalue()
     with torch.device("meta"):  # the options: their parameters count; a CPU window keeps (rows, heads, T, T) probabilities
@@ -2327,7 +2328,7 @@ def test_train_adamw_matches_torch_adamw():
 
 def test_train_param_groups_and_lrs(tiny_model):
     import train
-    adamw, muon = train.build_optimizers(tiny_model, 0.2, 0.004, 0.02)
+    adamw, muon = train.build_optimizers(tiny_model, train.parse_args([]))  # release: 0.2, 0.004, 0.02
     s = (tiny_model.config.n_embd / 768) ** -0.5
     lrs = {id(g["params"][0]): g["lr"] for g in adamw.param_groups}
     assert math.isclose(lrs[id(tiny_model.lm_head.weight)], 0.004 * s) and math.isclose(lrs[id(tiny_model.transformer.wte.weight)], 0.2 * s)
@@ -2341,7 +2342,7 @@ def test_train_overfits_one_batch(tiny_model, tokenizer):
     V = tiny_model.config.vocab_size
     x = torch.randint(0, V, (4, 32))
     y = torch.roll(x, -1, dims=1)
-    opts = train.build_optimizers(tiny_model, 0.2, 0.004, 0.02)
+    opts = train.build_optimizers(tiny_model, train.parse_args([]))
     first = None
     for step in range(80):
         loss = tiny_model(x, y)
@@ -2500,7 +2501,7 @@ out, V = sys.argv[1], int(sys.argv[2])
 ddp, rank, _, world, device = common.init_runtime("cpu", seed=0)
 torch.manual_seed(0)
 m = M.build_model(dict(sequence_len=16, vocab_size=V, n_layer=3, n_head=2, n_kv_head=2, n_embd=32), "cpu")
-opts = train.build_optimizers(m, 0.2, 0.004, 0.02, ns_dtype=torch.float32)
+opts = train.build_optimizers(m, train.parse_args([]))
 gen = torch.Generator().manual_seed(1)
 accum = 2 // world  # the single process accumulates both ranks' micro-batches
 losses = []
@@ -2982,7 +2983,7 @@ def test_train_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
         assert message.startswith("error: --device cuda: CUDA is not available here") and "use --device cpu" in message
 
 
-def test_train_gpu_profile_leaves_rows_to_auto(capsys):
+def test_train_gpu_profile_leaves_rows_to_auto(capsys, tmp_path, monkeypatch):
     """run.sh's GPU profile must not pin the rows of base and mid (pinned, the out-of-memory fallback is off), and the
     README quotes what `train.py --depth 20 --dry-run` estimates."""
     import train
@@ -2990,7 +2991,8 @@ def test_train_gpu_profile_leaves_rows_to_auto(capsys):
     for name in ("BASE", "MID"):
         value = re.search(rf'\b{name}="([^"]*)"', profile).group(1)
         assert "--device-batch-size" not in value, (name, value)
-    train.dry_run(train.parse_args(["--depth", "20", "--vocab-size", "65536", "--dry-run"]))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no tokenizer: --dry-run takes the default vocab, 65536
+    train.dry_run(train.parse_args(["--depth", "20", "--dry-run"]))
     out = capsys.readouterr().out
     total, rows80 = float(re.search(r"total ([\d.]+) GiB", out).group(1)), int(re.search(r"80 GB: (\d+)", out).group(1))
     readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
