@@ -356,10 +356,10 @@ TRAINING_SECTIONS = {"base": "base-model-training", "mid": "midtraining", "sft":
 
 def write_report_section(section, data):
     """report/<slug>.md: '## Title', 'timestamp: ...', then '- key: value' lines; a str item in a list is written
-    verbatim. `section`: a slug of REPORT_SECTIONS, or a title of its own."""
+    verbatim. `section`: a slug of REPORT_SECTIONS."""
     if get_rank() != 0:
         return
-    title = REPORT_SECTIONS.get(section, section)
+    title = REPORT_SECTIONS[section]
     lines = [f"## {title}", f"timestamp: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
     for item in (data if isinstance(data, list) else [data]):
         if isinstance(item, str):

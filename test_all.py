@@ -157,12 +157,10 @@ def test_common_shards_and_report(base_dir):
     rank0 = {d for _, _, texts in common.iter_row_groups("train", 0, 2) for d in texts}
     rank1 = {d for _, _, texts in common.iter_row_groups("train", 1, 2) for d in texts}
     assert rank0 and rank1 and not rank0 & rank1
-    common.write_report_section("Some Stage", [{"loss": 1.234567, "tokens": 123456, "name": "x"}, "free text"])
-    text = open(os.path.join(base_dir, "report", "some-stage.md")).read()
-    assert text.startswith("## Some Stage\ntimestamp: ") and "- loss: 1.2346" in text and "- tokens: 123,456" in text and "free text" in text
-    common.write_report_section("reply-endings", {"x": 1})  # a slug of REPORT_SECTIONS: its title is written
-    path = os.path.join(base_dir, "report", "reply-endings.md")
-    assert open(path).read().startswith("## Reply endings\ntimestamp: ")
+    common.write_report_section("reply-endings", [{"loss": 1.234567, "tokens": 123456, "name": "x"}, "free text"])
+    path = os.path.join(base_dir, "report", "reply-endings.md")  # a slug of REPORT_SECTIONS: its title is written
+    text = open(path).read()
+    assert text.startswith("## Reply endings\ntimestamp: ") and "- loss: 1.2346" in text and "- tokens: 123,456" in text and "free text" in text
     os.remove(path)
     assert common.parquet_texts(train[0], 0) == next(common.iter_row_groups("train"))[2]
     common.append_log("teststage", {"step": 1, "train_loss": 2.0})
@@ -774,10 +772,10 @@ def test_model_chunked_loss_matches_full_logits(monkeypatch):
         class Watch(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                widest.extend(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.dim() and t.size(-1) == V)
+                widest.extend(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.dim() and t.size(-1) == V)  # noqa: B023 (runs in this iteration)
                 return out
         saved = []
-        with Watch(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with Watch(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):  # noqa: B023
             loss = model(x, y, loss_reduction=reduction)
             loss.mul(up).sum().backward()
         with torch.no_grad():
@@ -1701,7 +1699,7 @@ def test_data_tasks_read_mirror_files(base_dir, tokenizer):
     sizes = {k: len(t) for k, t in tasks.items()}
     assert sizes == {"smoltalk": 6541, "smoltalk-test": 50, "mmlu": 1531, "mmlu-aux": 300, "arc-e": 725, "arc-c": 799,
                      "gsm8k": 7473, "humaneval": 164, "identity": 500, "spell": 100, "bee": 100}
-    for name, task in tasks.items():
+    for task in tasks.values():
         for i in (0, 1, len(task) - 1):
             conv = task[i]
             _well_formed(conv, tokenizer)
@@ -2344,7 +2342,7 @@ def test_train_overfits_one_batch(tiny_model, tokenizer):
     y = torch.roll(x, -1, dims=1)
     opts = train.build_optimizers(tiny_model, train.parse_args([]))
     first = None
-    for step in range(80):
+    for _ in range(80):
         loss = tiny_model(x, y)
         first = first if first is not None else loss.item()
         loss.backward()
@@ -3156,7 +3154,7 @@ def test_eval_core_scores_equal_full_logits():
     import eval as ev
     model = small_model(seed=5)
     g = torch.Generator().manual_seed(0)
-    for trial in range(6):
+    for _ in range(6):
         prefix = torch.randint(0, 200, (30,), generator=g).tolist()
         seqs = [prefix + torch.randint(0, 200, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (4,), generator=g)]
         spans = [(30, len(t)) for t in seqs]
@@ -3549,9 +3547,9 @@ def test_eval_report_assembles(tmp_path, monkeypatch):
     assert os.listdir(rdir) == ["header.md"]
     header = open(os.path.join(rdir, "header.md")).read()
     assert "Run started: " in header and "- Commit: " in header and "- Characters: " in header and "- PyTorch: " in header
-    common.write_report_section("Chat evaluation sft", {"ARC-Easy": 0.3, "GSM8K": 0.05, "ChatCORE": 0.1})
-    common.write_report_section("Base model evaluation", [{"CORE": 0.2}, {"arc_easy": 0.5}])
-    common.write_report_section("Some other stage", {"x": 1})
+    common.write_report_section("chat-evaluation-sft", {"ARC-Easy": 0.3, "GSM8K": 0.05, "ChatCORE": 0.1})
+    common.write_report_section("base-model-evaluation", [{"CORE": 0.2}, {"arc_easy": 0.5}])
+    open(os.path.join(rdir, "some-other-stage.md"), "w").write("## Some other stage\ntimestamp: 2026-01-01T00:00:00\n\n- x: 1\n")
     for step in range(5):
         common.append_log("base", {"step": step, "train_loss": 5.0 - step, **({"val_bpb": 2.0 - 0.1 * step} if step % 2 == 0 else {})})
     common.append_log("sft", {"step": 0, "train_loss": 1.5, "val_bpb": 0.9})

@@ -62,7 +62,6 @@ CPU_COMPILE_DEFAULT = 1  # compiled CPU steps run faster after a one-time compil
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),  # dense, per GPU
                    ("B200", 2.25e15), ("A100", 312e12), ("L40S", 362e12), ("4090", 165.2e12), ("3090", 71e12),
                    ("A10", 125e12)]
-REPORT_TITLES = {"base": "Base model training", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
 SOURCE_STAGE = {"mid": "base", "sft": "mid", "rl": "sft"}
 # flags left at None take their stage's default: the release's values, except SFT's recipe (README "SFT recipe")
 STAGE_DEFAULTS = {
@@ -630,7 +629,7 @@ def finish(args, run, model, model_config, stats, step, flops_per_token, wandb_r
     print0(f"done: {stats['tokens']:,} tokens, {stats['flops']:.3e} FLOPs, {stats['total_time'] / 60:.2f} min of "
            f"training, peak memory {mem:.0f} MiB{min_bpb}")
     flags = {k: v for k, v in vars(args).items() if v is not None}
-    common.write_report_section(REPORT_TITLES[args.stage], [flags, summary])
+    common.write_report_section(common.TRAINING_SECTIONS[args.stage], [flags, summary])
     if wandb_run is not None:
         wandb_run.finish()
     if run.ddp:
