@@ -1,7 +1,6 @@
 """
-The small bottom layer every script may import: where artifacts live, the download mirror,
-distributed ranks, atomic file writes, pretraining shard iteration and the report writer.
-Imports nothing else of ours.
+The small bottom layer every script may import: where artifacts live, the download mirror, distributed ranks, locks,
+atomic file writes, pretraining shard iteration and the report writer. Imports nothing else of ours.
 """
 import os
 import re
@@ -34,8 +33,7 @@ def run_main(main):
 
 def get_base_dir():
     """$NANOCHAT_BASE_DIR, else ~/.cache/nanochat; created on demand."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    base = os.path.abspath(base)
+    base = os.path.abspath(os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat"))
     try:
         os.makedirs(base, exist_ok=True)
     except OSError as e:  # a file of that name, a folder we may not create
@@ -44,8 +42,7 @@ def get_base_dir():
     return base
 
 def writable(folder):
-    """`folder` (under the base dir), created; a one-line UserError naming NANOCHAT_BASE_DIR when it cannot be written.
-    Only writers ask: chat and export read a read-only base dir fine."""
+    """`folder`, created, or a UserError naming NANOCHAT_BASE_DIR. Only writers ask: readers cope with read-only."""
     try:
         os.makedirs(folder, exist_ok=True)
         ok = os.access(folder, os.W_OK | os.X_OK)
@@ -56,9 +53,8 @@ def writable(folder):
                         "or point NANOCHAT_BASE_DIR at a folder you can write")
     return folder
 
-# training stage -> checkpoint folder name under the base dir
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-                   "rl": "chatrl_checkpoints"}
+                   "rl": "chatrl_checkpoints"}  # training stage -> checkpoint folder under the base dir
 
 def checkpoint_dir(stage, tag=None):
     root = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage])
@@ -79,7 +75,6 @@ def set_mirror(value):
     else:
         _mirror = os.path.abspath(os.path.expanduser(value))
     os.environ["NANOCHAT_MIRROR"] = _mirror or ""  # child processes (torchrun workers) see the resolved value
-    return _mirror
 
 def get_mirror():
     return _mirror
@@ -119,8 +114,7 @@ def autodetect_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 def init_runtime(device=None, seed=42):
-    """Pick the device, join the process group under torchrun (NCCL on GPU, gloo on CPU), seed.
-    -> (ddp, rank, local_rank, world, device)"""
+    """Device, torchrun's process group (NCCL on GPU, gloo on CPU), seed -> (ddp, rank, local_rank, world, device)"""
     import torch
     import torch.distributed as dist
     ddp, rank, local_rank, world = dist_info()
@@ -130,8 +124,7 @@ def init_runtime(device=None, seed=42):
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     torch.manual_seed(seed)
@@ -162,8 +155,7 @@ def autocast_ctx(device):
     return contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
-# locks: an OS lock (flock) on <path>, which the kernel drops when its process ends however it ends, and one line in
-# the file naming the owner. A lock file whose flock is free was therefore left behind by a crash.
+# locks: an flock on <path> (the kernel drops it however its process ends) and a line in the file naming the owner
 
 _held = {}  # lock path -> file descriptor whose flock this process holds
 
@@ -243,10 +235,10 @@ def remove_stray_temps(folder, prefix=""):
                 pass  # running under another user: not ours to judge
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(f) on a temp file, then atomically rename it to `path`. A crash leaves the old file intact; the
-    temp files a kill -9 left for the same path are removed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    remove_stray_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    """write_fn(f) on a temp file renamed over `path`: a crash leaves the old file (a kill -9's temp goes later)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stray_temps(folder, os.path.basename(path))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -271,8 +263,7 @@ def shard_path(index):
     return os.path.join(get_base_dir(), "base_data", f"shard_{index:05d}.parquet")
 
 def shard_dir():
-    """base_data/, put back whole if `data.py prepare --replace` was killed between its renames
-    base_data -> base_data.old and base_data.new -> base_data."""
+    """base_data/, put back from base_data.old if `data.py prepare --replace` was killed between its two renames."""
     path = os.path.join(get_base_dir(), "base_data")
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         os.replace(path + ".old", path)
@@ -302,8 +293,7 @@ def shard_errors(path):
 _null_files = set()  # files whose null texts were already reported
 
 def parquet_texts(path, row_group=None):
-    """The 'text' column of one row group (None: of every row group) of a parquet file, as a list of str, without null
-    entries (reported once per file)."""
+    """The 'text' column of one row group (None: all) of a parquet file as a list of str, nulls skipped (told once)."""
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
     texts = []
@@ -336,37 +326,28 @@ def report_dir():
     return writable(os.path.join(get_base_dir(), "report"))
 
 def _format_value(v):
-    if isinstance(v, bool):
-        return str(v)
     if isinstance(v, float):
         return f"{v:.4f}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:,}"
-    return str(v)
+    return f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else str(v)  # bools are ints below 10,000
 
 def slug(title):
     return title.lower().replace(" ", "-")
 
 # slug -> title of every section, in the order report.md shows them (header.md is eval.py's, written whole)
-REPORT_SECTIONS = {slug(title): title for title in (
-    "Header", "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL",
-    "Chat evaluation rl", "Reply endings")}
+REPORT_SECTIONS = {slug(title): title for title in ("Header", "Tokenizer training", "Tokenizer evaluation",
+    "Base model training", "Base model loss", "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT",
+    "Chat evaluation sft", "Chat RL", "Chat evaluation rl", "Reply endings")}
 TRAINING_SECTIONS = {"base": "base-model-training", "mid": "midtraining", "sft": "chat-sft", "rl": "chat-rl"}
 
 def write_report_section(section, data):
-    """report/<slug>.md: '## Title', 'timestamp: ...', then '- key: value' lines; a str item in a list is written
-    verbatim. `section`: a slug of REPORT_SECTIONS."""
+    """report/<section>.md: '## Title', 'timestamp: ...', then '- key: value' per dict in `data`, str items as is."""
     if get_rank() != 0:
         return
     title = REPORT_SECTIONS[section]
     lines = [f"## {title}", f"timestamp: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
     for item in (data if isinstance(data, list) else [data]):
-        if isinstance(item, str):
-            lines.append(item)
-        else:
-            lines.extend(f"- {k}: {_format_value(v)}" for k, v in item.items())
-    atomic_write_text(os.path.join(report_dir(), f"{slug(title)}.md"), "\n".join(lines) + "\n")
+        lines += [item] if isinstance(item, str) else [f"- {k}: {_format_value(v)}" for k, v in item.items()]
+    atomic_write_text(os.path.join(report_dir(), f"{section}.md"), "\n".join(lines) + "\n")
 
 def append_log(stage, record):
     """Append one JSON line to report/<stage>_log.jsonl (the source of the loss curves)."""
