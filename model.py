@@ -1,7 +1,6 @@
 """
-The one GPT definition (the nanochat release architecture; GUIDE sections 4 and 7), its KV cache and generation
-Engine with the calculator tool, checkpoint save/load and the transformers export. Imports only torch and common.py
-(and tokenizer.py inside the export).
+The one GPT (the nanochat release architecture; GUIDE sections 4 and 7), its KV cache and generation Engine with the
+calculator tool, checkpoint save/load and the transformers export. Imports torch and common.py (tokenizer.py: export).
 
     python model.py export --source sft --out DIR   # a Hugging Face transformers folder (weights, tokenizer, template)
     python model.py bench      # prefill / decode tok/s and time to first token of random-init models
@@ -61,16 +60,12 @@ class GPTConfig:
 RELEASE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # what a release meta holds
 
 def layer_windows(c):
-    """How far back each layer's queries see (None: everything; w: itself and the w keys before it). S is a quarter of
-    sequence_len rounded up to 128 (a GPU attention tile); the last layer always sees everything."""
+    """How far back each layer's queries see (None: all; w: itself and w keys back); S rounds up to a GPU tile."""
     short, pattern = -(-c.sequence_len // 4 // 128) * 128, c.window_pattern.upper()
     return [short if pattern[i % len(pattern)] == "S" and i < c.n_layer - 1 else None for i in range(c.n_layer)]
 
 def has_value_embed(c, layer):
     return c.value_embeds and layer % 2 == (c.n_layer - 1) % 2
-
-def padded_vocab(c):
-    return -(-c.vocab_size // c.pad_vocab_to) * c.pad_vocab_to
 
 def config_from_depth(depth, vocab_size, sequence_len=2048, **options):
     """The depth dial: d = 64*depth, heads of 128 dims (smaller when needed to divide d), plain multi-head attention."""
@@ -89,8 +84,7 @@ def softcap(logits):
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear. For a few rows on CPU (decode) F.linear reads the weight well below memory speed; the same
-    fp32 product as one bmm over the two halves of w (a view) is faster up to 64 rows (README: decoding speed)."""
+    """Bias-free. On CPU, up to 64 rows (decode) run as one bmm over w's two halves: F.linear is slower (README)."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -178,11 +172,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        V, L = padded_vocab(config), config.n_layer
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(L)]),
-        ))
+        V, L = -(-config.vocab_size // config.pad_vocab_to) * config.pad_vocab_to, config.n_layer  # V: padded rows
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, config.n_embd),
+                                              h=nn.ModuleList([Block(config, i) for i in range(L)])))
         self.lm_head = Linear(config.n_embd, V)  # untied from wte
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
@@ -193,8 +185,7 @@ class GPT(nn.Module):
             self.smear_gate, self.smear_lambda = Linear(SMEAR_CHANNELS, 1), nn.Parameter(torch.zeros(1))
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
-        half = config.n_embd // config.n_head // 2
-        shape = (1, ROPE_SPAN * config.sequence_len, 1, half)  # broadcasts over (B, T, H, hd/2)
+        shape = (1, ROPE_SPAN * config.sequence_len, 1, config.n_embd // config.n_head // 2)  # over (B, T, H, hd/2)
         self.register_buffer("cos", torch.empty(shape), persistent=False)
         self.register_buffer("sin", torch.empty(shape), persistent=False)
 
@@ -206,14 +197,11 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
         angles = torch.outer(torch.arange(self.cos.size(1), dtype=torch.float32, device=device), inv_freq)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 compute on CUDA
-        self.cos = angles.cos()[None, :, None, :].to(dtype)
-        self.sin = angles.sin()[None, :, None, :].to(dtype)
+        self.cos, self.sin = angles.cos()[None, :, None, :].to(dtype), angles.sin()[None, :, None, :].to(dtype)
 
     @torch.no_grad()
     def init_weights(self, recipe="release"):
-        """release: wte ~ N(0,1); Linear ~ N(0, min(1, sqrt(fan_out/fan_in))/sqrt(fan_in)); lm_head and both c_proj zero
-        (first loss = ln V). 2026: wte N(0, 0.8^2), lm_head N(0, 0.001^2), block matrices uniform with std 1/sqrt(d)
-        (no outliers), c_fc at 0.4x, both c_proj zero. The options' parameters start as nanochat 92d63d4 starts them."""
+        """release: nanochat's (lm_head zero: first loss ln V); 2026 and options: 92d63d4's (uniform: no outliers)."""
         s = math.sqrt(3 / self.config.n_embd)  # U(-s, s) has std 1/sqrt(d)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0 if recipe == "release" else 0.8)
         for name, module in self.named_modules():
@@ -255,8 +243,7 @@ class GPT(nn.Module):
                 "value_embeds": count(self.value_embeds), "total": count(self)}
 
     def estimate_flops(self):
-        """FLOPs per token: 6 per weight of every matmul (embedding lookups are free) + 12*H*hd per layer and key a
-        query attends to (T, or the layer's window when shorter)."""
+        """FLOPs per token: 6 per matmul weight (lookups are free) + 12*H*hd per layer and attended key (T, window)."""
         c, T = self.config, self.config.sequence_len
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul + 12 * c.n_head * (c.n_embd // c.n_head) * sum(min(w or T, T) for w in layer_windows(c))
@@ -285,8 +272,7 @@ class GPT(nn.Module):
         return norm(x)
 
     def smear(self, x, kv_cache):
-        """x_t += smear_lambda * sigmoid(gate(x_t)) * x_(t-1): the previous token's embedding, from the cache at a
-        decode step (the first position has none)."""
+        """x_t += smear_lambda * sigmoid(gate(x_t)) * x_(t-1); at a decode step x_(t-1) comes from the cache."""
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         cached = kv_cache is not None and kv_cache.emb is not None
         before = kv_cache.emb[:x.size(0)] if cached else torch.zeros_like(x[:, :1])
@@ -363,17 +349,14 @@ class ChunkedCE(torch.autograd.Function):
         return dx * g, dw * g, None, None
 
 def chunked_cross_entropy(x, w, y, reduction="mean"):
-    """F.cross_entropy(softcap(x w^T), y, ignore_index=-1) for x (N, d), lm_head w (V, d), targets y (N,), in chunks of
-    rows: never all N x V logits at once (nanochat #443: OOM at 80 GB under compile)."""
+    """F.cross_entropy(softcap(x w^T), y, ignore_index=-1) in chunks of rows: never all N x V logits (nanochat #443)."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return ChunkedCE.apply(x, w, y, reduction)
     return _reduce_loss(_chunked_loss(x, w, y)[0], y, reduction)
 
 def estimate_memory(model, rows, world=1, cuda=True, T=None):
-    """Training bytes per rank by part for `rows` x T tokens: fp32 params (+ CUDA autocast's bf16 copies) and grads,
-    optimizer state (Muon momentum, AdamW's two moments for wte and lm_head; sharded as train.py does), activations,
-    the backward's working set, a loss chunk (4 temporaries of its logits, and dw), CPU attention under a window. On
-    CPU it came within 20% of the measured peak RSS above the process's start (README)."""
+    """Training bytes per rank by part for `rows` x T tokens (params count CUDA autocast's bf16 copies; the loss chunk
+    4 temporaries of its logits, and dw). On CPU within 20% of the measured peak RSS over the process start (README)."""
     c, n = model.config, model.param_counts()
     T = T or c.sequence_len
     tokens = rows * T
@@ -389,11 +372,14 @@ def estimate_memory(model, rows, world=1, cuda=True, T=None):
     return dict(parts, total=sum(parts.values()))
 
 def build_model(model_config, device, init="release"):
-    """GPTConfig fields (dict) -> an initialised GPT on device (built on meta, then to_empty + init_weights)."""
+    """GPTConfig fields (dict) -> a GPT on device, built on meta, then init_weights(init) (None: only the rotary)."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**model_config))
     model.to_empty(device=device)
-    model.init_weights(init)
+    if init is None:
+        model.init_rotary()
+    else:
+        model.init_weights(init)
     return model
 
 def set_sequence_len(model, T):
@@ -406,9 +392,8 @@ def set_sequence_len(model, T):
 # inference: KV cache, sampling, Engine with the calculator tool
 
 class KVCache:
-    """Keys/values (L, B, Hkv, capacity, hd), allocated at the first insert; pos advances after the last layer inserts.
-    Ragged (continuous batching): row b holds lengths[b] tokens, a decode step writes its new one there and masks later
-    keys. Per-row positions, not left padding: a row joining or leaving never moves the others' rotary positions."""
+    """Keys/values (L, B, Hkv, capacity, hd), allocated at the first insert. Ragged (continuous batching): row b holds
+    lengths[b] tokens at its own positions, not left padding, so a row joining or leaving never moves the others'."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, ragged=False):
         self.shape = [num_layers, batch_size, num_heads, seq_len, head_dim]
@@ -427,12 +412,10 @@ class KVCache:
         k, v = self.k, self.v
         self.shape[3] = (needed + 1024 + 1023) // 1024 * 1024  # room for 1024 more, in whole blocks of 1024
         self._allocate(k)
-        self.k[:, :, :, :self.pos] = k[:, :, :, :self.pos]
-        self.v[:, :, :, :self.pos] = v[:, :, :, :self.pos]
+        self.k[:, :, :, :self.pos], self.v[:, :, :, :self.pos] = k[:, :, :, :self.pos], v[:, :, :, :self.pos]
 
     def insert(self, layer, k, v):
-        """Store k, v (B, Hkv, T_new, hd) at [pos, pos+T_new) of this layer (ragged: one token per row at its length);
-        return views of all keys/values so far."""
+        """Store k, v (B, Hkv, T_new, hd) at pos (ragged: one token per row, at its length) -> all keys/values yet."""
         if self.k is None:
             self._allocate(k)
         if self.lengths is not None:
@@ -447,8 +430,7 @@ class KVCache:
         t0, t1 = self.pos, self.pos + k.size(2)
         if t1 > self.shape[3]:
             self._grow(t1)
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
         if layer == self.shape[0] - 1:
             self.pos = t1
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
@@ -461,8 +443,8 @@ class KVCache:
         if self.k is None:
             self._allocate(other.k)
         rows = slice(None) if row is None else slice(row, row + 1)
-        self.k[:, rows, :, :other.pos] = other.k[:, :, :, :other.pos]
-        self.v[:, rows, :, :other.pos] = other.v[:, :, :, :other.pos]
+        n = other.pos
+        self.k[:, rows, :, :n], self.v[:, rows, :, :n] = other.k[:, :, :, :n], other.v[:, :, :, :n]
         if row is None:
             self.pos = other.pos
         else:
@@ -492,8 +474,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng))
+        return idx.gather(1, torch.multinomial(F.softmax(vals / temperature, dim=-1), 1, generator=rng))
     return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
 
 _CALC_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
@@ -529,13 +510,10 @@ def use_calculator(expr):
     try:
         with warnings.catch_warnings():  # model-written junk such as "1.2.3" should not print SyntaxWarnings
             warnings.simplefilter("ignore")
-            tree = ast.parse(expr, mode="eval")
-        value = _evaluate(tree.body)
+            value = _evaluate(ast.parse(expr, mode="eval").body)
     except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
         return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 @dataclass
 class RowState:
@@ -592,18 +570,15 @@ class Engine:
         """Yield (token_column, mask_column): python lists of length num_samples (mask 1 sampled, 0 forced)."""
         assert isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens), (
             "tokens must be a non-empty list of ints")
-        c = self.model.config
-        device = self.model.get_device()
+        c, device = self.model.config, self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
-        kv1, logits = self.prefill(tokens)  # 1) the prompt once at batch 1
-        # 2) the decode cache: num_samples rows, room for the whole completion
+        kv1, logits = self.prefill(tokens)  # the prompt once at batch 1, then copied into num_samples decode rows
         room = len(tokens) + max_tokens if max_tokens is not None else max(c.sequence_len, len(tokens))
         kv = self.cache(num_samples, room)
         kv.prefill(kv1)
         del kv1
         logits = logits.expand(num_samples, -1)
         rows = [RowState() for _ in range(num_samples)]
-        column = torch.empty(num_samples, 1, dtype=torch.long, device=device)
         limit = max_tokens if max_tokens is not None else ROPE_SPAN * c.sequence_len - len(tokens)  # rotary table end
         generated = 0
         while generated < limit and not all(r.completed for r in rows):
@@ -612,10 +587,9 @@ class Engine:
             token_column, mask_column = map(list, zip(*steps))
             yield token_column, mask_column
             generated += 1
-            if generated >= limit:
+            if generated >= limit or all(r.completed for r in rows):
                 break  # no forward for a token nobody will read
-            column.copy_(torch.tensor(token_column).view(-1, 1))
-            logits = self.forward_last(column, kv)
+            logits = self.forward_last(torch.tensor(token_column, device=device).view(-1, 1), kv)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """-> (rows of prompt + completion, rows of masks); a row ends before <|assistant_end|> or <|bos|>."""
@@ -629,17 +603,13 @@ class Engine:
                 if not done[i]:
                     results[i].append(t)
                     masks[i].append(m)
-            if all(done):
-                break
         return results, masks
 
 class TextStreamer:
     """Turns a stream of token ids into text, releasing it only at whole UTF-8 characters (emoji, CJK)."""
 
     def __init__(self, tokenizer, max_pending=8):
-        self.tokenizer = tokenizer
-        self.max_pending = max_pending
-        self.pending = []
+        self.tokenizer, self.max_pending, self.pending = tokenizer, max_pending, []
 
     def push(self, token_id):
         """-> the newly completed text ("" while in the middle of a character)."""
@@ -661,7 +631,6 @@ class TextStreamer:
 def save_checkpoint(ckpt_dir, step, model_state, meta, optimizer_state=None, rank=0):
     """Rank 0 writes the model and meta; every rank writes its own optimizer shard when given. A failed write (a full
     disk, a file-size limit) removes this step's files, so loading picks the previous checkpoint, and is one line."""
-    os.makedirs(ckpt_dir, exist_ok=True)
     names = f"model_{step:06d}.pt", f"meta_{step:06d}.json", f"optim_{step:06d}_rank{rank}.pt"
     paths = [os.path.join(ckpt_dir, name) for name in names]
     try:
@@ -747,12 +716,10 @@ def step_problem(ckpt_dir, step, world=0):
 _warned = set()  # problems already reported: last_step runs once per chat worker, and train checks the source first
 
 def last_step(ckpt_dir, world=0):
-    """The newest step that step_problem passes (a kill mid-save or a damaged file leaves an older one), with a one-line
-    warning for each newer step skipped; half-written temp files are ignored. None if there is none."""
+    """The newest step that step_problem passes (a one-line warning for each newer step skipped), else None."""
     if not os.path.isdir(ckpt_dir):
         return None
-    names = (re.fullmatch(r"(?:model|meta)_(\d{6,})\.(?:pt|json)", n) for n in os.listdir(ckpt_dir))
-    steps = {int(m.group(1)) for m in names if m}
+    steps = {int(m[1]) for n in os.listdir(ckpt_dir) if (m := re.fullmatch(r"(?:model|meta)_(\d{6,})\.(?:pt|json)", n))}
     for step in sorted(steps, reverse=True):
         if (problem := step_problem(ckpt_dir, step, world)) is None:
             return step
@@ -787,17 +754,12 @@ def load_model(stage, device, tag=None, step=None, tokenizer=None):
     elif problem := step_problem(ckpt_dir, step):
         raise common.UserError(problem)
     state, _, meta = load_checkpoint(ckpt_dir, step, device, tokenizer=tokenizer)
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
+    model = build_model(meta["model_config"], device, init=None)
     if {k: v.shape for k, v in model.state_dict().items()} != {k: v.shape for k, v in state.items()}:
         raise common.UserError(f"{ckpt_dir}/model_{step:06d}.pt does not hold the model its meta_{step:06d}.json "
-                               f"describes ({config})")
-    model.to_empty(device=device)
-    model.init_rotary()
+                               f"describes ({model.config})")
     model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (bf16 tensors are upcast)
-    model.eval()
-    return model, meta
+    return model.eval(), meta
 
 # -----------------------------------------------------------------------------
 # export: a folder transformers loads as NanoChatForCausalLM + a fast tokenizer (files only; transformers not imported)
@@ -808,8 +770,7 @@ HF_LAYER_NAMES = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj"
 HF_CHAT_TEMPLATE = (
     "{%- set msgs = messages -%}{%- if msgs and msgs[0]['role'] == 'system' -%}"
     "{%- set msgs = [{'role': 'user', 'content': msgs[0]['content'] + '\\n\\n' + msgs[1]['content']}] + msgs[2:] -%}"
-    "{%- endif -%}<|bos|>{%- for m in msgs -%}"
-    "{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+    "{%- endif -%}<|bos|>{%- for m in msgs -%}{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
     "{{ raise_exception('user and assistant messages must alternate') }}{%- endif -%}"
     "{%- if m['role'] == 'user' -%}<|user_start|>{{ m['content'] }}<|user_end|>"
     "{%- elif m['content'] is string -%}<|assistant_start|>{{ m['content'] }}<|assistant_end|>"
@@ -898,9 +859,8 @@ def export_hf(source, out, tag=None, step=None):
                if line.startswith(("- ", "## "))]
     bpb = f", validation bpb {meta['val_bpb']:.4f}." if meta.get("val_bpb") else "."
     card = [f"# nanochat {source} model", "",
-            f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocabulary "
-            f"{c.vocab_size:,}, context {c.sequence_len}) from the `{source}` checkpoint at step "
-            f"{meta.get('step')}{bpb}",
+            f"A {c.n_layer}-layer nanochat GPT ({model.param_counts()['total']:,} parameters, vocab {c.vocab_size:,}, "
+            f"context {c.sequence_len}) from the `{source}` checkpoint at step {meta.get('step')}{bpb}",
             "", f"Stages and tokens seen (training report): {' → '.join(seen) or 'not recorded'}", "",
             "## Metrics (from the training report)", "", *(metrics or ["none recorded"]), "", "## Use", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -925,9 +885,8 @@ def export_hf(source, out, tag=None, step=None):
     return out
 
 def main():
-    parser = argparse.ArgumentParser(description="nanochat model: `bench` measures inference speed of random-init "
-                                     "models; `export --source STAGE --out DIR` writes a Hugging Face transformers "
-                                     "folder")
+    parser = argparse.ArgumentParser(description="nanochat model: `bench` times inference of random-init models; "
+                                     "`export --source STAGE --out DIR` writes a Hugging Face transformers folder")
     parser.add_argument("command", choices=["bench", "export"])
     parser.add_argument("--source", default=None, help="export: base|mid|sft|rl")
     parser.add_argument("--tag", default=None, help="export: checkpoint tag (default: the largest d<N>)")
