@@ -61,8 +61,7 @@ def _count_pieces(texts, pieces, firsts, counts):
 
 
 def _fold(pieces, firsts, counts):
-    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces.
-    A piece of letters only is one chunk, its space included."""
+    """Add the chunks of the pieces of _count_pieces to counts {chunk: count}; a letters-only piece is one chunk."""
     findall, get = regex.compile(SPLIT_PATTERN).findall, counts.get
     for piece, n in firsts.items():
         pieces[piece] -= n
@@ -78,8 +77,7 @@ def _fold(pieces, firsts, counts):
 
 
 def _packed(counts):
-    """{chunk: count} -> (the chunks in UTF-8 joined by 0xff, a byte UTF-8 never uses; their counts): two flat buffers,
-    cheap to send between processes, instead of a dict of many small objects."""
+    """{chunk: count} -> (UTF-8 chunks joined by 0xff, a byte UTF-8 never uses; counts): cheap to pass to processes."""
     return b"\xff".join(chunk.encode("utf-8") for chunk in counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
@@ -156,8 +154,7 @@ def count_chunks(texts, num_workers=None, progress=None):
 
 
 def train_bpe(texts, vocab_size, num_workers=None, progress=None):
-    """Learn vocab_size - 9 - 256 merges on `texts` -> mergeable ranks {token bytes: id} (ids 0..255 = single bytes).
-    Tie-break: highest count, then the smallest pair (a, b) — so the ranks equal rustbpe's for the same input."""
+    """`texts` -> mergeable ranks {token bytes: id}. Ties: the smallest pair (a, b), so ranks equal rustbpe's."""
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
         raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
@@ -198,8 +195,7 @@ NUMPY_MIN_POSITIONS = 128  # a merge listing at least this many positions runs i
 
 
 def _grouped(pos, keys):
-    """Pairs listed by the position of their first token, a pair between two occurrences listed twice -> keys ascending,
-    positions in that order (ascending inside a key), the index where each key starts."""
+    """Pairs by first-token position (duplicates dropped) -> sorted keys, their positions, where each key starts."""
     pos, first = np.unique(pos, return_index=True)
     order = np.argsort(keys[first], kind="stable")
     keys, pos = keys[first][order], pos[order]
@@ -337,12 +333,8 @@ class Tokenizer:
     def encode_special(self, name):
         return self.special[name]
 
-    def decode_single_token_bytes(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id)
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Ordinary text -> ids (special-token strings inside the text stay ordinary text). A list of strings is encoded
-        by tiktoken's threaded batch path. prepend/append: a special token's name or an id."""
+        """Text (or a list of texts) -> ids; special-token strings stay text. prepend/append: a special's name or id."""
         head, tail = ([] if t is None else [self.special[t] if isinstance(t, str) else t] for t in (prepend, append))
         if isinstance(text, str):
             return head + self.enc.encode_ordinary(text) + tail
@@ -476,8 +468,7 @@ def get_token_bytes(device="cpu", tokenizer=None):
 # command line: train / eval / bench
 
 def read_input_file(path):
-    """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...} per line) or plain text
-    (paragraphs separated by blank lines)."""
+    """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...}) or text (blank-line paragraphs)."""
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise FileNotFoundError(f"input file not found or unreadable: {path}")
     if path.endswith(".parquet"):
@@ -498,13 +489,9 @@ def read_input_file(path):
                     yield text
     else:
         with open(path, encoding="utf-8") as f:
-            para = []
-            for line in itertools.chain(f, [""]):
-                if line.strip():
-                    para.append(line)
-                elif para:
-                    yield "".join(para).rstrip("\n")
-                    para = []
+            for nonblank, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+                if nonblank:
+                    yield "".join(lines).rstrip("\n")
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
@@ -712,8 +699,7 @@ def _tree_pss_mb(pid):
 
 
 def _timed_in_child(fn):
-    """fn() in a forked child, so that every run starts from the same heap -> (wall s, CPU s of it and its workers,
-    peak PSS of its process tree over the start in MB, sampled every 50 ms, result)."""
+    """fn() in a forked child (same heap every run) -> (wall s, CPU s, peak PSS of its tree above the start MB, out)."""
     def child():
         t0, c0 = time.time(), sum(os.times()[:4])
         out = fn()
