@@ -268,8 +268,7 @@ class WorkerPool:
         return sum(max(0, load - self.cap) for load in self.load)
 
     def start(self, prompt, params, reply):
-        """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every
-        batch and the queue are full or the wait is too long (the caller answers 503)."""
+        """Queue on the least loaded worker, wait for its batch to admit it -> the Job, or None (full or too long)."""
         with self.lock:
             worker = min(self.workers, key=lambda w: self.load[w.id])
             if self.load[worker.id] >= self.cap and self.waiting() >= self.max_queue:
@@ -297,8 +296,7 @@ def job_pieces(job):
         yield piece
 
 def until_stop(pieces, stops, reply):
-    """The text pieces up to the first of the stop strings (left out; finish 'stop'). A tail that could begin one is
-    held back until the next piece tells."""
+    """The pieces up to the first stop string (finish 'stop'); a tail that may begin one waits for the next piece."""
     text, sent = "", 0
     for piece in pieces:
         text += piece

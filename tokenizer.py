@@ -115,9 +115,8 @@ def _batches(texts):
 
 
 def count_chunks(texts, num_workers=None, progress=None):
-    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process
-    reads the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch
-    itself whenever they are all busy. Each counts on its own: memory grows with the distinct pieces, not the corpus."""
+    """Texts -> their distinct chunks, packed. Batches go to num_workers - 1 processes (we count one when all are busy);
+    memory grows with the distinct pieces, not the corpus."""
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
     num_workers = (num_workers or os.cpu_count() or 1) if len(head) == 2 else 1  # a small input: no processes to start
@@ -349,9 +348,8 @@ class Tokenizer:
     # chat rendering: the one chat format of training, evaluation, the chat server and the export's template
 
     def render_conversation(self, conversation, max_tokens=2048, any_order=False):
-        """Conversation -> (ids, mask); mask 1 = a supervised target (assistant content and <|assistant_end|>). A system
-        message joins the first user message. Training data alternates user and assistant (checked); any_order=True
-        renders a chat client's messages in the order they come."""
+        """Conversation -> (ids, mask 1 on the assistant's text and <|assistant_end|>). A system message joins the first
+        user message; roles must alternate unless any_order (a chat client's messages as they come)."""
         messages = conversation["messages"]
         if messages and messages[0]["role"] == "system":
             assert len(messages) > 1 and messages[1]["role"] == "user", "a system message must precede a user message"
@@ -412,8 +410,7 @@ def tokenizer_dir():
 
 
 def checkpoints_using(directory):
-    """Checkpoint folders under the base dir trained with the tokenizer in `directory` (the hash their metas record; a
-    meta without one, by vocab size), relative to the base dir. [] when there is no readable tokenizer there."""
+    """Checkpoint folders (relative to the base dir) whose meta matches `directory`'s tokenizer (vocab; hash if any)."""
     try:
         tok = Tokenizer.load(directory)
     except Exception:
@@ -495,8 +492,7 @@ def read_input_file(path):
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
-    """The training text: the --input files in order (the word train-shards: the train split, never the val shard),
-    each document cut to doc_cap characters; stops right after the running character count passes max_chars."""
+    """The --input files' documents in order, each cut to doc_cap characters, until the total passes max_chars."""
     docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x)
                                          for x in inputs)
     for doc in docs:
@@ -514,8 +510,7 @@ def peak_rss_mb():
 
 
 class Progress:
-    """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log
-    (stderr not a terminal) gets a plain line per tenth of the stage or per 30 s, not hundreds of redraws in one."""
+    """One status line, redrawn in a terminal; a log gets a line per tenth of a stage or per 30 s, not every redraw."""
     def __init__(self, max_chars):
         self.t0, self.max_chars = time.time(), max_chars
         self.stage, self.logged = None, None  # the stage and (tenths done, time) of the last plain line
@@ -664,10 +659,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the BPE and save tokenizer/ under the base dir")
-    p.add_argument("--input", nargs="+", default=["train-shards"],
-                   help="parquet ('text' column), jsonl ({'text': ...}) or text files (blank-line separated "
-                   "paragraphs), read in order; the word train-shards stands for the train shards under "
-                   "$NANOCHAT_BASE_DIR/base_data (the default)")
+    p.add_argument("--input", nargs="+", default=["train-shards"], help="parquet ('text' column), jsonl ({'text': "
+                   "...}) or text files (blank-line separated paragraphs), read in order; the word train-shards stands "
+                   "for the train shards under $NANOCHAT_BASE_DIR/base_data (the default)")
     p.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
