@@ -22,6 +22,7 @@ import traceback
 import contextlib
 import http.client
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
@@ -79,10 +80,8 @@ class Reply:
                 yield piece
 
 def fit_context(prompts, left_out, context, max_tokens):
-    """The longest of the candidate prompts (the latest user turn alone first, then each one more turn back; made only
-    when asked for) that leaves min(max_tokens, context // REPLY_SHARE) tokens for the reply, else the first ->
-    (prompt, the reply's room: below 1 when even the first does not fit, what the fit cost said to the user or '').
-    left_out: how many messages each candidate leaves out."""
+    """The longest candidate prompt (shortest first, built lazily; left_out: the messages each drops) that leaves
+    min(max_tokens, context // REPLY_SHARE) for the reply, else the first -> (prompt, room (< 1: no fit), note)."""
     need = min(max_tokens, context // REPLY_SHARE)
     prompt, dropped = None, 0
     for ids, n in zip(prompts, left_out):
@@ -269,8 +268,7 @@ class WorkerPool:
         return sum(max(0, load - self.cap) for load in self.load)
 
     def start(self, prompt, params, reply):
-        """Queue a request on the least loaded worker and wait until its batch admits it -> the Job, or None when every
-        batch and the queue are full or the wait is too long (the caller answers 503)."""
+        """Queue on the least loaded worker, wait for its batch to admit it -> the Job, or None (full or too long)."""
         with self.lock:
             worker = min(self.workers, key=lambda w: self.load[w.id])
             if self.load[worker.id] >= self.cap and self.waiting() >= self.max_queue:
@@ -298,8 +296,7 @@ def job_pieces(job):
         yield piece
 
 def until_stop(pieces, stops, reply):
-    """The text pieces up to the first of the stop strings (left out; finish 'stop'). A tail that could begin one is
-    held back until the next piece tells."""
+    """The pieces up to the first stop string (finish 'stop'); a tail that may begin one waits for the next piece."""
     text, sent = "", 0
     for piece in pieces:
         text += piece
@@ -325,10 +322,9 @@ def row_failure(e):
 
 @torch.inference_mode()
 def decode_loop(pool, worker):
-    """Continuous batching: each step samples a token for every active request (its own settings, seed and tool state)
-    and runs them all through one batched forward; waiting requests are prefilled and join between steps, finished or
-    cancelled ones leave at once (the last row takes over their cache row). It shares Engine's prefill, row_step and
-    forward_last, but not Engine.generate, whose batch is fixed from the first step to the last."""
+    """Continuous batching: a step samples every active request (own settings, seed, tool state) and runs one batched
+    forward; new requests join between steps, finished ones leave at once (the last row takes their cache row).
+    Engine.generate is not used: its batch is fixed from the first step to the last."""
     engine, special = worker.engine, worker.engine.specials()
     kv, rows, logits = engine.cache(pool.cap, pool.context, ragged=True), [], None
     while True:
@@ -679,8 +675,8 @@ class BenchChatTokenizer(BenchTokenizer):
     """model.py's bench tokenizer (no trained one needed) with the chat format, whose renderer needs only encode*."""
     render_conversation, render_prompt = Tokenizer.render_conversation, Tokenizer.render_prompt
 
-def bench_stream(port, max_tokens, out):
-    """One streamed /v1 request; appends (time to first token, completion tokens, decode time after the first token)."""
+def bench_stream(port, max_tokens):
+    """One streamed /v1 request -> (time to first token, completion tokens, decode time after the first token)."""
     body = {"messages": [{"role": "user", "content": "Tell me a long story about the sea."}], "stream": True,
             "max_tokens": max_tokens, "temperature": 1.0, "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -691,7 +687,7 @@ def bench_stream(port, max_tokens, out):
         if first is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
             first = time.time() - t0
         tokens = event["usage"]["completion_tokens"] if event.get("usage") else tokens
-    out.append((first or 0.0, tokens, time.time() - t0 - (first or 0.0)))
+    return first or 0.0, tokens, time.time() - t0 - (first or 0.0)
 
 def bench(args, max_tokens=128):
     """The real server on a free port, timed through HTTP like a client: 1 stream, then 8 and 32 concurrent ones."""
@@ -705,17 +701,14 @@ def bench(args, max_tokens=128):
     server = make_server(app, "127.0.0.1", 0, log=lambda line: None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    bench_stream(port, 8, [])  # warm-up
+    bench_stream(port, 8)  # warm-up
     print(f"{app.model_id} on {app.pool.workers[0].device}, {len(app.pool.workers)} worker(s) of up to "
           f"{app.pool.cap} rows, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f} "
           "before (a shared machine: figures move with the load)")
     for n in (1, 8, 32):
-        results, t0 = [], time.time()
-        threads = [threading.Thread(target=bench_stream, args=(port, max_tokens, results)) for _ in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        t0 = time.time()
+        with ThreadPoolExecutor(n) as streams:
+            results = list(streams.map(lambda _: bench_stream(port, max_tokens), range(n)))
         wall, ttft, tokens = time.time() - t0, sorted(r[0] for r in results), sum(r[1] for r in results)
         per_stream = sum(r[1] / max(r[2], 1e-9) for r in results) / n
         print(f"{n:2d} stream(s): time to first token p50 {ttft[n // 2] * 1000:.0f} ms, "

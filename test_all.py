@@ -468,7 +468,7 @@ def test_tokenizer_save_load(tokenizer, base_dir, tmp_path, monkeypatch):
     tb = T.get_token_bytes()
     assert tb.dtype == torch.int32 and tb.shape == (TEST_VOCAB,)
     assert tb[:256].tolist() == [1] * 256 and tb[-9:].tolist() == [0] * 9
-    assert all(tb[i] == len(tokenizer.decode_single_token_bytes(i)) for i in range(256, TEST_VOCAB - 9))
+    assert all(tb[i] == len(tokenizer.enc.decode_single_token_bytes(i)) for i in range(256, TEST_VOCAB - 9))
     assert torch.equal(torch.load(os.path.join(str(tmp_path), "token_bytes.pt")), tb)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="python tokenizer.py train"):
@@ -1158,8 +1158,8 @@ def test_model_checkpoint_falls_back_past_damaged_steps(tmp_path, monkeypatch, c
 def test_model_checkpoint_checks_the_tokenizer(tokenizer, tmp_path, monkeypatch):
     from tokenizer import Tokenizer
     V = tokenizer.get_vocab_size()
-    ranks = {tokenizer.decode_single_token_bytes(i): i for i in range(V - 9)}
-    a, b = tokenizer.decode_single_token_bytes(300), tokenizer.decode_single_token_bytes(301)
+    ranks = {tokenizer.enc.decode_single_token_bytes(i): i for i in range(V - 9)}
+    a, b = tokenizer.enc.decode_single_token_bytes(300), tokenizer.enc.decode_single_token_bytes(301)
     ranks[a], ranks[b] = 301, 300  # the same vocab size, other merges
     Tokenizer.from_ranks(ranks).save(str(tmp_path / "other"))
     other = Tokenizer.load(str(tmp_path / "other"))

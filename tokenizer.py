@@ -61,8 +61,7 @@ def _count_pieces(texts, pieces, firsts, counts):
 
 
 def _fold(pieces, firsts, counts):
-    """Add the chunks of the pieces counted by _count_pieces to counts {chunk: count}, then forget the pieces.
-    A piece of letters only is one chunk, its space included."""
+    """Add the chunks of the pieces of _count_pieces to counts {chunk: count}; a letters-only piece is one chunk."""
     findall, get = regex.compile(SPLIT_PATTERN).findall, counts.get
     for piece, n in firsts.items():
         pieces[piece] -= n
@@ -78,8 +77,7 @@ def _fold(pieces, firsts, counts):
 
 
 def _packed(counts):
-    """{chunk: count} -> (the chunks in UTF-8 joined by 0xff, a byte UTF-8 never uses; their counts): two flat buffers,
-    cheap to send between processes, instead of a dict of many small objects."""
+    """{chunk: count} -> (UTF-8 chunks joined by 0xff, a byte UTF-8 never uses; counts): cheap to pass to processes."""
     return b"\xff".join(chunk.encode("utf-8") for chunk in counts), np.fromiter(counts.values(), np.int64, len(counts))
 
 
@@ -117,9 +115,8 @@ def _batches(texts):
 
 
 def count_chunks(texts, num_workers=None, progress=None):
-    """The distinct chunks of an iterable of texts, packed: (their UTF-8 joined by 0xff, their counts). This process
-    reads the texts and hands batches to num_workers - 1 worker processes (default: one per core), counting a batch
-    itself whenever they are all busy. Each counts on its own: memory grows with the distinct pieces, not the corpus."""
+    """Texts -> their distinct chunks, packed. Batches go to num_workers - 1 processes (we count one when all are busy);
+    memory grows with the distinct pieces, not the corpus."""
     batches = _batches(texts)
     head = list(itertools.islice(batches, 2))
     num_workers = (num_workers or os.cpu_count() or 1) if len(head) == 2 else 1  # a small input: no processes to start
@@ -156,8 +153,7 @@ def count_chunks(texts, num_workers=None, progress=None):
 
 
 def train_bpe(texts, vocab_size, num_workers=None, progress=None):
-    """Learn vocab_size - 9 - 256 merges on `texts` -> mergeable ranks {token bytes: id} (ids 0..255 = single bytes).
-    Tie-break: highest count, then the smallest pair (a, b) — so the ranks equal rustbpe's for the same input."""
+    """`texts` -> mergeable ranks {token bytes: id}. Ties: the smallest pair (a, b), so ranks equal rustbpe's."""
     num_merges = vocab_size - len(SPECIAL_TOKENS) - 256
     if num_merges < 1:
         raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
@@ -198,8 +194,7 @@ NUMPY_MIN_POSITIONS = 128  # a merge listing at least this many positions runs i
 
 
 def _grouped(pos, keys):
-    """Pairs listed by the position of their first token, a pair between two occurrences listed twice -> keys ascending,
-    positions in that order (ascending inside a key), the index where each key starts."""
+    """Pairs by first-token position (duplicates dropped) -> sorted keys, their positions, where each key starts."""
     pos, first = np.unique(pos, return_index=True)
     order = np.argsort(keys[first], kind="stable")
     keys, pos = keys[first][order], pos[order]
@@ -337,12 +332,8 @@ class Tokenizer:
     def encode_special(self, name):
         return self.special[name]
 
-    def decode_single_token_bytes(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id)
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Ordinary text -> ids (special-token strings inside the text stay ordinary text). A list of strings is encoded
-        by tiktoken's threaded batch path. prepend/append: a special token's name or an id."""
+        """Text (or a list of texts) -> ids; special-token strings stay text. prepend/append: a special's name or id."""
         head, tail = ([] if t is None else [self.special[t] if isinstance(t, str) else t] for t in (prepend, append))
         if isinstance(text, str):
             return head + self.enc.encode_ordinary(text) + tail
@@ -357,9 +348,8 @@ class Tokenizer:
     # chat rendering: the one chat format of training, evaluation, the chat server and the export's template
 
     def render_conversation(self, conversation, max_tokens=2048, any_order=False):
-        """Conversation -> (ids, mask); mask 1 = a supervised target (assistant content and <|assistant_end|>). A system
-        message joins the first user message. Training data alternates user and assistant (checked); any_order=True
-        renders a chat client's messages in the order they come."""
+        """Conversation -> (ids, mask 1 on the assistant's text and <|assistant_end|>). A system message joins the first
+        user message; roles must alternate unless any_order (a chat client's messages as they come)."""
         messages = conversation["messages"]
         if messages and messages[0]["role"] == "system":
             assert len(messages) > 1 and messages[1]["role"] == "user", "a system message must precede a user message"
@@ -420,8 +410,7 @@ def tokenizer_dir():
 
 
 def checkpoints_using(directory):
-    """Checkpoint folders under the base dir trained with the tokenizer in `directory` (the hash their metas record; a
-    meta without one, by vocab size), relative to the base dir. [] when there is no readable tokenizer there."""
+    """Checkpoint folders (relative to the base dir) whose meta matches `directory`'s tokenizer (vocab; hash if any)."""
     try:
         tok = Tokenizer.load(directory)
     except Exception:
@@ -476,8 +465,7 @@ def get_token_bytes(device="cpu", tokenizer=None):
 # command line: train / eval / bench
 
 def read_input_file(path):
-    """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...} per line) or plain text
-    (paragraphs separated by blank lines)."""
+    """Documents of one --input file: parquet ('text' column), jsonl ({"text": ...}) or text (blank-line paragraphs)."""
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise FileNotFoundError(f"input file not found or unreadable: {path}")
     if path.endswith(".parquet"):
@@ -498,18 +486,13 @@ def read_input_file(path):
                     yield text
     else:
         with open(path, encoding="utf-8") as f:
-            para = []
-            for line in itertools.chain(f, [""]):
-                if line.strip():
-                    para.append(line)
-                elif para:
-                    yield "".join(para).rstrip("\n")
-                    para = []
+            for nonblank, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+                if nonblank:
+                    yield "".join(lines).rstrip("\n")
 
 
 def training_documents(inputs, max_chars, doc_cap, stats):
-    """The training text: the --input files in order (the word train-shards: the train split, never the val shard),
-    each document cut to doc_cap characters; stops right after the running character count passes max_chars."""
+    """The --input files' documents in order, each cut to doc_cap characters, until the total passes max_chars."""
     docs = itertools.chain.from_iterable(common.iter_documents("train") if x == "train-shards" else read_input_file(x)
                                          for x in inputs)
     for doc in docs:
@@ -527,8 +510,7 @@ def peak_rss_mb():
 
 
 class Progress:
-    """One status line: characters counted, then merges done, rate and ETA. A terminal redraws it in place; a log
-    (stderr not a terminal) gets a plain line per tenth of the stage or per 30 s, not hundreds of redraws in one."""
+    """One status line, redrawn in a terminal; a log gets a line per tenth of a stage or per 30 s, not every redraw."""
     def __init__(self, max_chars):
         self.t0, self.max_chars = time.time(), max_chars
         self.stage, self.logged = None, None  # the stage and (tenths done, time) of the last plain line
@@ -677,10 +659,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the BPE and save tokenizer/ under the base dir")
-    p.add_argument("--input", nargs="+", default=["train-shards"],
-                   help="parquet ('text' column), jsonl ({'text': ...}) or text files (blank-line separated "
-                   "paragraphs), read in order; the word train-shards stands for the train shards under "
-                   "$NANOCHAT_BASE_DIR/base_data (the default)")
+    p.add_argument("--input", nargs="+", default=["train-shards"], help="parquet ('text' column), jsonl ({'text': "
+                   "...}) or text files (blank-line separated paragraphs), read in order; the word train-shards stands "
+                   "for the train shards under $NANOCHAT_BASE_DIR/base_data (the default)")
     p.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
@@ -712,8 +693,7 @@ def _tree_pss_mb(pid):
 
 
 def _timed_in_child(fn):
-    """fn() in a forked child, so that every run starts from the same heap -> (wall s, CPU s of it and its workers,
-    peak PSS of its process tree over the start in MB, sampled every 50 ms, result)."""
+    """fn() in a forked child (same heap every run) -> (wall s, CPU s, peak PSS of its tree above the start MB, out)."""
     def child():
         t0, c0 = time.time(), sum(os.times()[:4])
         out = fn()
