@@ -46,8 +46,7 @@ def _is_html(path):
         return f.read(1024).lstrip().lower().startswith((b"<!doctype html", b"<html"))
 
 def _is_valid(path, kind):
-    """parquet: the footer/metadata reads; zip: the archive opens and every CRC matches; text: non-empty and not a web
-    page; kind None: anything."""
+    """parquet: the footer reads; zip: every CRC matches; text: non-empty and not a web page; kind None: anything."""
     try:
         if kind == "text":
             return os.path.getsize(path) > 0 and not _is_html(path)
@@ -71,8 +70,7 @@ def _mirror_sums(mirror):
     return {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64}) [ *](.+)$", text, re.M)}
 
 def _problem(url, path, kind):
-    """Why `path` is not a good copy of `url`, or None: the size of a mirror directory's file, then the sha256 where the
-    mirror's SHA256SUMS lists one, else a full read (parquet: every row group; zip: every CRC)."""
+    """Why `path` is not a good copy of `url`, or None: the mirror file's size, its SHA256SUMS sum, else a full read."""
     src, size = common.resolve_url(url), os.path.getsize(path)
     if os.path.isfile(src) and os.path.getsize(src) != size:
         return f"{size:,} bytes where the mirror has {os.path.getsize(src):,}"
@@ -92,8 +90,7 @@ def _problem(url, path, kind):
         return f"unreadable ({type(e).__name__}: {e})"
 
 def _fetch_http(src, url, tmp, progress, stop=None):
-    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over);
-    `stop` set (a threading.Event) ends it with KeyboardInterrupt."""
+    """One GET of src into tmp, resuming a partial tmp with Range (206 appends, 200 restarts, 416 starts over)."""
     have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(src, headers=headers, stream=True, timeout=TIMEOUT) as r:
@@ -123,16 +120,12 @@ def _fetch_http(src, url, tmp, progress, stop=None):
         if expected is not None and got < expected:
             raise _Retryable(f"connection closed after {got} of {expected} bytes")
 
-def download_file(url, dest_path, validate="auto", progress=None, recheck=False, stop=None):
-    """Fetch `url` (through the mirror, see common.resolve_url) to dest_path: temp file, resume, retries with backoff,
-    validation by _problem (validate: "auto" = by extension, "parquet", "zip", "text", or None), atomic rename. Safe
-    when several processes ask for the same file at once. A dest_path already there is kept if its footer reads
-    (recheck: if _problem passes).
-    A web page where the file belongs is a UserError naming the URL, and nothing is kept. Ctrl-C (or `stop` set, a
-    threading.Event) ends it at once with KeyboardInterrupt, leaving no partial file and no lock."""
+def download_file(url, dest_path, progress=None, recheck=False, stop=None):
+    """Fetch `url` (through the mirror) to dest_path: temp file, resume, retries with backoff, validation by _problem
+    (the kind by extension), atomic rename; safe for concurrent callers. A dest_path already there is kept if its
+    footer reads (recheck: if _problem passes). Ctrl-C (or `stop` set) raises at once, leaving no partial file/lock."""
     dest_path = os.path.abspath(dest_path)
-    kinds = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}
-    kind = kinds.get(os.path.splitext(dest_path)[1]) if validate == "auto" else validate
+    kind = {".parquet": "parquet", ".zip": "zip", ".txt": "text"}.get(os.path.splitext(dest_path)[1])
     if not recheck and os.path.exists(dest_path) and _is_valid(dest_path, kind):
         return dest_path
     os.makedirs(os.path.dirname(dest_path), exist_ok=True)
@@ -191,26 +184,22 @@ def download_shards(n, workers=4):
         raise common.UserError(f"{common.shard_dir()} holds a corpus of your own (data.py prepare): download into "
                                f"another NANOCHAT_BASE_DIR, or remove that folder first")
     indices = list(range(common.VAL_SHARD_INDEX if n == -1 else n)) + [common.VAL_SHARD_INDEX]
-    done, nbytes = [0], [0]  # files and bytes so far, counted by the download threads under `lock`
-    lock = threading.Lock()
+    nbytes, lock = [0], threading.Lock()  # bytes so far, added by the download threads
     t0 = time.time()
     stop = threading.Event()  # set by Ctrl-C: the running downloads end at their next chunk
 
-    def count(k, file_done=False):
+    def count(k):
         with lock:
             nbytes[0] += k
-            done[0] += file_done
-
-    def one(i):
-        download_file(SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True, stop=stop)
-        count(0, file_done=True)
 
     def line(end=""):
+        done = sum(f.done() and f.exception() is None for f in futures)
         mb, dt = nbytes[0] / 1e6, max(time.time() - t0, 1e-9)
-        print(f"\rshards {done[0]}/{len(indices)} | {mb:.1f} MB | {mb / dt:.1f} MB/s", end=end, flush=True)
+        print(f"\rshards {done}/{len(indices)} | {mb:.1f} MB | {mb / dt:.1f} MB/s", end=end, flush=True)
 
     with cf.ThreadPoolExecutor(max(1, workers)) as ex:
-        futures = [ex.submit(one, i) for i in indices]
+        futures = [ex.submit(download_file, SHARD_URL.format(i), common.shard_path(i), progress=count, recheck=True,
+                             stop=stop) for i in indices]
         try:
             while cf.wait(futures, timeout=0.5).not_done:
                 line()
@@ -219,12 +208,11 @@ def download_shards(n, workers=4):
             ex.shutdown(cancel_futures=True)  # the queued ones never start; the running ones clean up and end
             raise
     line("\n")
-    errors = [f.exception() for f in futures if f.exception()]
-    if errors:
+    if errors := [f.exception() for f in futures if f.exception()]:
         if isinstance(errors[0], common.UserError):
             raise errors[0]
         raise common.UserError(f"{len(errors)} of {len(indices)} shards failed; first: {errors[0]}")
-    print(f"{len(indices) - len(errors)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
+    print(f"{len(indices)}/{len(indices)} shards in {os.path.dirname(common.shard_path(0))}")
     return [common.shard_path(i) for i in indices]
 
 def download_eval_bundle():
@@ -275,13 +263,17 @@ def _task_rows(repo, subset, split):
 
 Piece = namedtuple("Piece", "tokens start epoch group doc")  # BOS + tokens[start:] of document `doc` of `group`
 
+def _on_device(x, y, device):
+    """numpy (x, y) -> int64 tensors on `device`; on CUDA through pinned memory: an asynchronous host->GPU copy."""
+    x, y = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (x, y))
+    if device.startswith("cuda"):
+        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+    return x, y
+
 class PretrainLoader:
-    """Yields (x, y) int64 (B, T) on `device`. Rows of T+1 tokens are filled with the longest buffered piece that fits;
-    when none fits, the shortest is cropped to fill the row and its rest stays buffered as a piece that starts with
-    BOS. Every row starts with BOS, no padding.
-    A piece is BOS + doc[start:], named by (epoch, group, doc, start), group indexing this rank's self.row_groups: that
-    is all state_dict() stores, so resume is exact (same batches as an uninterrupted run) and cheap (re-tokenizes only
-    the buffered documents)."""
+    """Yields (x, y) int64 (B, T) on `device`: rows of T+1 tokens, no padding, filled with the longest buffered piece
+    that fits, else the shortest cropped (its rest stays buffered). state_dict() stores only the pieces' names, so
+    resume is exact (the same batches as an uninterrupted run) and cheap (re-tokenizes only the buffered documents)."""
 
     def __init__(self, tokenizer, B, T, split="train", device="cpu", rank=0, world_size=1, threads=2,
                  buffer_docs=1000, prefetch=4):
@@ -388,13 +380,7 @@ class PretrainLoader:
 
     def __next__(self):
         rows = self._rows()
-        cuda = self.device.startswith("cuda")
-        buf = torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=cuda)  # pinned: async host->GPU copy
-        buf[0].copy_(torch.from_numpy(rows[:, :-1]))
-        buf[1].copy_(torch.from_numpy(rows[:, 1:]))
-        if cuda:
-            buf = buf.to(self.device, non_blocking=True)
-        return buf[0], buf[1]
+        return _on_device(rows[:, :-1], rows[:, 1:], self.device)
 
     def state_dict(self):
         """Small and JSON-serializable: position in the row-group sequence, buffer as piece names, counters."""
@@ -421,13 +407,11 @@ class PretrainLoader:
 Rendered = namedtuple("Rendered", "index ids mask")  # conversation `index` of the task: np.int64 ids, np.int8 mask
 
 class ChatLoader:
-    """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole rendered conversations (longest that fits
-    first), the rest padded with BOS whose targets are -1. completion_only=True (SFT) also sets -1 wherever the render
-    mask is 0; False (mid) trains every real token. Rank r takes conversations r, r+W, ...; `progress` reaches 1.0 once
-    its share of one epoch is placed (the loader keeps cycling if asked for more).
-    A batch may hold no supervised target at all (e.g. conversations without assistant tokens): callers must not take
-    a plain mean then; compute loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed over ranks
-    under DDP), which is 0 with zero gradient instead of NaN."""
+    """Yields (x, y) int64 (B, T): rows of T+1 tokens filled with whole conversations (longest that fits first), then
+    BOS padding with target -1; completion_only=True (SFT) also masks (-1) wherever the render mask is 0. Rank r takes
+    conversations r, r+W, ...; `progress` reaches 1.0 once its share of one epoch is placed (then it keeps cycling).
+    A batch may hold no target at all: take loss = model(x, y, loss_reduction="sum") / max(1, (y >= 0).sum()) (summed
+    over ranks under DDP), 0 with zero gradient where a plain mean gives NaN."""
 
     def __init__(self, task, tokenizer, B, T, device="cpu", rank=0, world_size=1, completion_only=False, buffer=100,
                  pack=True):
@@ -454,9 +438,7 @@ class ChatLoader:
     def _refill(self):
         while len(self.buffer) < self.buffer_size:
             self.buffer.append(self._render(self.cursor))
-            self.cursor += self.world_size
-            if self.cursor >= len(self.task):
-                self.cursor -= len(self.task)
+            self.cursor = (self.cursor + self.world_size) % len(self.task)
 
     def __iter__(self):
         return self
@@ -479,11 +461,7 @@ class ChatLoader:
                 train[b, pos:pos + len(cids)] = cmask if self.completion_only else 1
                 pos += len(cids)
                 self.placed += 1
-        x = torch.from_numpy(ids[:, :-1].copy())
-        y = torch.from_numpy(np.where(train[:, 1:] == 1, ids[:, 1:], -1))
-        if self.device.startswith("cuda"):
-            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
-        return x, y
+        return _on_device(ids[:, :-1], np.where(train[:, 1:] == 1, ids[:, 1:], -1), self.device)
 
     def state_dict(self):
         return {"rank": self.rank, "world_size": self.world_size, "cursor": self.cursor, "placed": self.placed,
@@ -500,8 +478,7 @@ class ChatLoader:
 # tasks: len(task), task[i] -> {"messages": [...], ...}, task.eval_type, task.evaluate(conversation, completion) -> bool
 
 def render_mc(question, letters, choices):
-    """The multiple-choice prompt: each choice, then '=' and its letter with no space, the same token the reply is
-    (the letter after its choice binds better in a small model than a letter before it)."""
+    """Each choice, then '=' and its letter, the reply's token: after its choice it binds better in a small model."""
     lines = "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
 
@@ -524,6 +501,9 @@ class Task:
     def __getitem__(self, i):
         return self.conversation(self.rows[i])
 
+    def conversation(self, row):  # a row in the chat shape already: each message's role and content
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+
     def evaluate(self, conversation, completion):
         """The completion is the reference reply, but for surrounding white space."""
         return completion.strip() == conversation["messages"][-1]["content"]
@@ -540,9 +520,6 @@ class _FinalAnswer(Task):
 class SmolTalk(Task):
     def __init__(self, split, size=None):
         super().__init__(_task_rows("HuggingFaceTB/smol-smoltalk", "default", split), size)
-
-    def conversation(self, row):
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
 
 class MMLU(_Categorical):
     def __init__(self, subset, split, size=None):
@@ -597,8 +574,7 @@ class HumanEval(Task):
         return bool(result["success"] if isinstance(result, dict) else result)
 
 def build_program(conversation, completion):
-    """The program run for one HumanEval completion: the prompt's leading imports, the first fenced code block (else
-    the whole completion), the tests and check(entry_point)."""
+    """One HumanEval completion's program: the prompt's imports, its first fenced block (else all of it), the tests."""
     imports = []
     for line in conversation["messages"][0]["content"].split("\n"):
         s = line.strip()
@@ -750,8 +726,7 @@ class Identity(Task):
 CHAT_ROLES = ("user", "assistant")
 
 def _chat_problem(row):
-    """What is wrong with one line's conversation, or None: {"messages": [{"role", "content"}, ...]}, an optional system
-    message first, then user and assistant alternating from the user, each with non-empty text."""
+    """What is wrong with one conversation, or None: an optional system message, then user and assistant alternating."""
     messages = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(messages, list) or not messages:
         return 'no "messages" list (want {"messages": [{"role": "user", "content": ...}, ...]})'
@@ -767,8 +742,7 @@ def _chat_problem(row):
         return "the conversation must end with an assistant reply"
 
 class ChatFile(Task):
-    """Conversations from a jsonl file, one {"messages": [...]} per line (the OpenAI shape). Every line is checked here,
-    so a bad one stops training before its first step."""
+    """Conversations from a jsonl file, {"messages": [...]} per line, all checked before training's first step."""
 
     def __init__(self, path):
         self.rows = []
@@ -782,15 +756,11 @@ class ChatFile(Task):
                             raise common.UserError(f"{path}:{n}: not JSON ({e}): one conversation per line") from None
                         if problem := _chat_problem(row):
                             raise common.UserError(f"{path}:{n}: {problem}")
-                        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-                        self.rows.append({"messages": messages})
+                        self.rows.append(row)
         except (OSError, UnicodeDecodeError) as e:
             raise common.UserError(f"--chat-data {path}: unreadable ({type(e).__name__}: {e})") from None
         if not self.rows:
             raise common.UserError(f"--chat-data {path}: no conversations in it")
-
-    def conversation(self, row):
-        return row
 
 # --- mixtures
 
@@ -832,8 +802,7 @@ def _format(path):
     return FORMATS.get(os.path.splitext(name)[1])
 
 def _input_files(paths, stdin_copy):
-    """The files to read, in a fixed order: named files as given (stdin `-` copied to a file, to be read twice),
-    directories walked in sorted order, keeping the files of a known format."""
+    """The files to read, in a fixed order (directories walked sorted); stdin `-` copied to a file, to be read twice."""
     files = []
     for p in paths:
         if p == "-":
@@ -862,8 +831,7 @@ def _decode(raw, where, errors):
                                f"or pass --errors replace to read bad bytes as U+FFFD") from None
 
 def _documents(path, args):
-    """Every non-blank document of one input file, as text. jsonl: one per line; parquet: one per row; text: the whole
-    file, or (--split-on-blank-lines) each block of lines between blank lines."""
+    """Every non-blank document of a file: a jsonl line, a parquet row, a whole text file (or blank-separated block)."""
     fmt, field = _format(path) or "text", args.text_field
     if fmt == "parquet":
         try:
@@ -911,8 +879,7 @@ def _documents(path, args):
             yield "".join(block).rstrip("\n")
 
 class ShardWriter:
-    """Documents -> shard_NNNNN.parquet files from `index` on, in the downloaded layout (a `text` column, zstd,
-    rows_per_group rows per row group), a new shard once one holds shard_chars characters (None: a single shard)."""
+    """Documents -> shard_NNNNN.parquet from `index` on, laid out as downloaded; a new one per shard_chars (None: 1)."""
 
     def __init__(self, folder, index, rows_per_group, shard_chars=None):
         self.folder, self.index, self.rows, self.shard_chars = folder, index, rows_per_group, shard_chars
@@ -1000,9 +967,8 @@ def prepare(args):
             summary = {"input": args.input, "documents": n, "val_documents": k}
             common.atomic_write_text(os.path.join(new, PREPARED), json.dumps(summary))
             for p in train_w.paths + val_w.paths:  # on disk before the swap
-                fd = os.open(p, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
             # the swap: a crash between these renames leaves base_data.old, which common.shard_dir puts back
             if os.path.isdir(data_dir):
                 os.replace(data_dir, old)
@@ -1021,8 +987,7 @@ def prepare(args):
 # CLI
 
 def write_chat_text(path, size=None):
-    """SmolTalk train conversations as tokenizer-training documents (jsonl, one {"text": ...} per conversation,
-    messages joined by blank lines), so a small vocab also learns the chat data's code and markup."""
+    """SmolTalk train chats as tokenizer-training jsonl, so a small vocab also learns the chats' code and markup."""
     task = SmolTalk("train", size)
     lines = [json.dumps({"text": "\n\n".join(m["content"] for m in task[i]["messages"])}) for i in range(len(task))]
     common.atomic_write_text(path, "\n".join(lines) + "\n")
@@ -1030,36 +995,27 @@ def write_chat_text(path, size=None):
 
 def main():
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--mirror", help="directory or http(s) base URL holding upstream files at HOST/PATH "
-                        "(env NANOCHAT_MIRROR)")
-    ap = argparse.ArgumentParser(description="nanochat data: shard downloads, chat text for the tokenizer, loader "
-                                 "benchmark")
+    shared.add_argument("--mirror", help="directory or http(s) URL with upstream files at HOST/PATH (NANOCHAT_MIRROR)")
+    ap = argparse.ArgumentParser(description="nanochat data: shards (downloaded or your own), chat text, loader bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 plus validation shard 1822 into "
-                       "base_data/")
+    d = sub.add_parser("download", parents=[shared], help="train shards 0..N-1 + validation shard 1822 into base_data/")
     d.add_argument("-n", "--num-shards", type=int, default=8, help="number of train shards (-1: all)")
     d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train conversations as a jsonl file for "
-                       "tokenizer.py train --input")
+    c = sub.add_parser("chat-text", parents=[shared], help="SmolTalk train chats as jsonl: tokenizer.py train --input")
     c.add_argument("-o", "--output", default=None, help="default: $NANOCHAT_BASE_DIR/chat_text.jsonl")
-    c.add_argument("-n", "--size", type=int, default=None,
-                   help="first N conversations in the task order (default: all)")
+    c.add_argument("-n", "--size", type=int, default=None, help="first N conversations in task order (default: all)")
     r = sub.add_parser("prepare", parents=[shared], help="your own text -> base_data/ train shards + validation shard")
     r.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.md (a document per file), .jsonl, "
                    ".parquet, each also .gz/.zst; directories (recursively); - for stdin")
     r.add_argument("--text-field", default="text", help="the jsonl field / parquet column holding the text")
-    r.add_argument("--split-on-blank-lines", action="store_true",
-                   help="text files: a document per blank-line-separated block")
+    r.add_argument("--split-on-blank-lines", action="store_true", help="text files: a document per blank-line block")
     r.add_argument("--val-docs", type=int, default=None,
                    help="documents in the validation shard (default 10%%, at most 10,240)")
-    r.add_argument("--val-fraction", type=float, default=None,
-                   help="the validation shard's share of the documents instead")
-    r.add_argument("--errors", choices=["strict", "replace"], default="strict",
-                   help="invalid UTF-8: stop, or read as U+FFFD")
+    r.add_argument("--val-fraction", type=float, default=None, help="the validation shard's share of the documents")
+    r.add_argument("--errors", choices=["strict", "replace"], default="strict", help="invalid UTF-8: stop, or U+FFFD")
     r.add_argument("--shard-chars", type=int, default=SHARD_CHARS, help="characters per train shard")
     r.add_argument("--replace", action="store_true", help="swap the shards already in base_data/ for these, atomically")
-    b = sub.add_parser("bench", parents=[shared],
-                       help="loader tokens/s with 1 and 2 tokenizer threads, and resume time")
+    b = sub.add_parser("bench", parents=[shared], help="loader tokens/s with 1 and 2 tokenizer threads, resume time")
     b.add_argument("--shards", type=int, default=11, help="train shards to use")
     b.add_argument("-B", type=int, default=8)
     b.add_argument("-T", type=int, default=512)

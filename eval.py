@@ -11,23 +11,8 @@ evaluations (ChatCORE), the report card (report/report.md), then the command lin
 
 Multi-GPU: torchrun --nproc_per_node=K eval.py ...  (ranks stride over examples; results are all-reduced).
 """
-import os
-import re
-import sys
-import csv
-import json
-import math
-import ctypes
-import time
-import random
-import signal
-import select
-import argparse
-import platform
-import datetime
-import resource
-import tempfile
-import subprocess
+import os, re, sys, csv, json, math, time, ctypes, random, signal, select, argparse, platform, datetime, resource
+import tempfile, itertools, contextlib, subprocess
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +38,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    it = iter(batches)
-    for _ in range(steps):
-        x, y = next(it)
+    for x, y in itertools.islice(batches, steps):
         loss = model(x, y, loss_reduction="none").reshape(-1).double()  # nats per position
         y = y.reshape(-1).to(device)
         nb = torch.where(y < 0, torch.zeros_like(y), token_bytes[y.clamp(min=0)].to(y.dtype))
@@ -78,9 +61,7 @@ def greedy_samples(model, tokenizer):
 # CORE: few-shot accuracy of a base model on the DCLM bundle's tasks, each centered on its random baseline
 
 def load_core_tasks(bundle_dir):
-    """[dict(label, uri, shots, type, delim, baseline)] from core.yaml + eval_meta_data.csv. core.yaml is one list of
-    tasks, each a "-" line and then "key: value" lines; a value is a plain word, a list [N] or a double-quoted string
-    (JSON's escapes)."""
+    """[dict(label, uri, shots, type, delim, baseline)] from core.yaml ("key: value" lists) + eval_meta_data.csv."""
     items = []
     with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
         for line in f:
@@ -136,25 +117,18 @@ def scored_spans(token_lists, task_type):
 
 def _crop(seqs, spans, max_len):
     """Keep the last max_len tokens of each sequence and shift its span (models with a maximum length)."""
-    out_s, out_sp = [], []
-    for t, (s, e) in zip(seqs, spans):
-        cut = max(0, len(t) - max_len)
-        out_s.append(t[cut:])
-        out_sp.append((max(1, s - cut), e - cut))
-    return out_s, out_sp
+    cuts = [max(0, len(t) - max_len) for t in seqs]
+    return [t[c:] for t, c in zip(seqs, cuts)], [(max(1, s - c), e - c) for (s, e), c in zip(spans, cuts)]
 
 def right_pad(seqs, pad_id):
     """Token lists -> (B, T) int64 tensor, right-padded (causal attention: padding never affects real positions)."""
-    ids = torch.full((len(seqs), max(len(t) for t in seqs)), pad_id, dtype=torch.long)
-    for i, t in enumerate(seqs):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    return ids
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(t, dtype=torch.long) for t in seqs], batch_first=True,
+                                           padding_value=pad_id)
 
 @torch.no_grad()
 def score_example(model, seqs, spans, task_type, pad_id, device):
     """Forward the right-padded batch once; -> index of the chosen option (MC/schema) or whether the LM span is exact.
-    The head runs only on the scored positions: a few-shot prompt is ~1,000 tokens and its span a few, so this skips
-    nearly all of the (B, T, V) logits (the same numbers: the head works position by position)."""
+    The head runs on the scored positions only: a ~1,000-token prompt scores a few, so nearly no (B, T, V) logits."""
     ids = right_pad(seqs, pad_id).to(device)
     with common.autocast_ctx(device):
         hidden = model.trunk(ids)  # (B, T, d)
@@ -208,8 +182,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None):
         print0(f"{task['label']:<35} {task['shots']:>2}-shot {task['type']:<18} n={len(rows):<5} "
                f"acc {acc:.4f} centered {centered[task['label']]:+.4f} ({time.time() - t0:.1f}s)")
     model.train(was_training)
-    core = sum(centered.values()) / max(1, len(centered))
-    return dict(core=core, results=results, centered=centered)
+    return dict(core=sum(centered.values()) / max(1, len(centered)), results=results, centered=centered)
 
 def core_csv(out):
     """The per-task table: fixed-width columns, header 'Task, Accuracy, Centered', last row CORE."""
@@ -221,10 +194,9 @@ def core_csv(out):
 # -----------------------------------------------------------------------------
 # sandboxed execution: the programs a model writes for HumanEval run here. On Linux a boundary from the standard
 # library alone: the program is pid 1 of a new pid namespace (its whole tree dies with it), in new network (a down
-# loopback), mount (all read-only but its temp dir, a small tmpfs of its own; a /proc of its own) and ipc namespaces,
-# with no new privileges, as nobody when started as root (else in a user namespace of its own). Its output comes back
-# through pipes the parent opened before it ran, never through a file it could replace. What the kernel refuses is
-# printed once. The guard only stops honest mistakes.
+# loopback), mount (all read-only but its temp dir, a small tmpfs; its own /proc) and ipc namespaces, with no new
+# privileges, as nobody when root (else in a user namespace of its own). Its output comes back through pipes opened
+# before it ran, never a file it could replace. What the kernel refuses is printed once; the guard only stops slips.
 
 _GUARD = r'''
 import builtins, faulthandler, os, shutil, subprocess, sys
@@ -317,17 +289,13 @@ def _sandbox(tmp, limits, report_fd, prefix, hidden):
     mem, cpu_s, fsize = limits
     for name, value in (("RLIMIT_AS", mem), ("RLIMIT_DATA", mem), ("RLIMIT_STACK", mem), ("RLIMIT_CPU", cpu_s),
                         ("RLIMIT_FSIZE", fsize), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # over the hard limit the parent was given: go on without it
             resource.setrlimit(getattr(resource, name), (value, value))
-        except (ValueError, OSError):
-            pass  # over the hard limit the parent was given: go on without it
     os.write(report_fd, ", ".join(missing + ["uid nobody"] * (uid == 0 and os.getuid() == 0)).encode())
     os.close(report_fd)
 
 def _read_output(proc, deadline, cap):
-    """The program's stdout and stderr from the pipes -> (out, err, None | "timeout" | "output"). Every read waits at
-    most until the deadline; reading stops past `cap` bytes in all, and once the program has exited and the pipes are
-    empty."""
+    """The program's stdout and stderr -> (out, err, None | "timeout" | "output"), read until the deadline or `cap`."""
     got = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     fds, stop = list(got), None
     while fds:
@@ -380,11 +348,9 @@ def execute_code(code, timeout=5.0, memory_mb=256, fsize_mb=16):
         finally:
             if stop:
                 proc.terminate()  # the relay kills the program, pid 1 of its namespace, and so all it started
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
                 proc.wait(timeout=5)
                 os.killpg(proc.pid, signal.SIGKILL)  # its process group too, where there is no pid namespace
-            except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
-                pass
             proc.wait()
             proc.stdout.close()
             proc.stderr.close()
@@ -428,11 +394,8 @@ def letter_ids(tokenizer, letters):
 def predict_letters(model, tokenizer, prompts, letter_lists, device):
     """Right-pad the prompts with BOS, forward once, argmax over the allowed letters at each last real position."""
     logits = model(right_pad(prompts, tokenizer.get_bos_token_id()).to(device))
-    out = []
-    for i, (p, letters) in enumerate(zip(prompts, letter_lists)):
-        allowed = logits[i, len(p) - 1, letter_ids(tokenizer, letters)]
-        out.append(letters[int(allowed.argmax().item())])
-    return out
+    return [letters[int(logits[i, len(p) - 1, letter_ids(tokenizer, letters)].argmax())]
+            for i, (p, letters) in enumerate(zip(prompts, letter_lists))]
 
 def _task_evaluator(task):
     """HumanEval's programs run in this file's sandbox; the other tasks check the text themselves."""
@@ -495,7 +458,7 @@ def run_chat_eval(task_name, model, tokenizer, device, max_problems=None, batch_
 # -----------------------------------------------------------------------------
 # the report card: each stage writes its section (common.write_report_section); `report` assembles them
 
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", *CHAT_BASELINES, "ChatCORE"]
 SUMMARY_COLUMNS = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft",
                    "RL": "chat-evaluation-rl"}
 GPU_PRICES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}  # $/GPU/hour, for the header's hourly rate
@@ -512,12 +475,10 @@ def bloat():
     listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"]).splitlines()
     if not listed:  # not a git checkout: top-level files only
         listed = [n for n in os.listdir(REPO) if os.path.isfile(os.path.join(REPO, n))]
-    chars = lines = files = 0
-    for rel in sorted(set(listed)):
-        if rel.endswith((".py", ".md", ".sh", ".html")) and os.path.isfile(os.path.join(REPO, rel)):
-            text = open(os.path.join(REPO, rel), encoding="utf-8", errors="replace").read()
-            chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
-    return dict(chars=chars, lines=lines, files=files, tokens=chars // 4)
+    texts = [open(os.path.join(REPO, rel), encoding="utf-8", errors="replace").read() for rel in sorted(set(listed))
+             if rel.endswith((".py", ".md", ".sh", ".html")) and os.path.isfile(os.path.join(REPO, rel))]
+    chars = sum(map(len, texts))
+    return dict(chars=chars, lines=sum(t.count("\n") for t in texts), files=len(texts), tokens=chars // 4)
 
 def report_header():
     now = datetime.datetime.now()
@@ -528,8 +489,7 @@ def report_header():
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3 if hasattr(os, "sysconf") else 0.0
     gpus, vram, rate = "none", 0.0, 0.0
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        name = torch.cuda.get_device_name(0)
+        n, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
         gpus = f"{n}x {name}"
         vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 1024 ** 3
         rate = n * next((p for k, p in GPU_PRICES.items() if k in name), 2.00)
@@ -588,10 +548,8 @@ def loss_svg(logs, width=720, panel_h=220):
     pad_l, pad_r, pad_t, gap = 60, 20, 30, 50
     height = pad_t + 2 * panel_h + gap + 40
     stages = [s for s in logs if logs[s]]
-    offsets, total = {}, 0
-    for s in stages:  # each stage gets an x range proportional to its number of logged records
-        offsets[s] = total
-        total += max(1, len(logs[s]))
+    starts = list(itertools.accumulate((len(logs[s]) for s in stages), initial=0))  # x range by record count
+    offsets, total = dict(zip(stages, starts)), starts[-1]
     X = lambda i: pad_l + (width - pad_l - pad_r) * i / max(1, total - 1)  # x of record i
     y_scale = lambda y0, lo, hi: lambda v: y0 + panel_h - panel_h * (v - lo) / (hi - lo)  # panel at y0 shows lo..hi
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -610,15 +568,13 @@ def loss_svg(logs, width=720, panel_h=220):
         for v in (lo, (lo + hi) / 2, hi):
             out.append(f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
         for s in stages:
-            if len(pts[s]) == 1:
-                (i, v), = pts[s]
-                out.append(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="3" fill="{STAGE_COLORS[s]}"/>')
-            elif pts[s]:
+            if len(pts[s]) > 1:
                 line = " ".join(f"{X(i):.1f},{Y(v):.1f}" for i, v in pts[s])
                 out.append(f'<polyline fill="none" stroke="{STAGE_COLORS[s]}" stroke-width="1.5" points="{line}"/>')
-                if len(pts[s]) <= 40:  # sparse series (val bpb): mark the measured points
-                    out.extend(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.5" fill="{STAGE_COLORS[s]}"/>'
-                               for i, v in pts[s])
+            if len(pts[s]) <= 40:  # sparse series (val bpb), or a lone point: mark the measured points
+                r = 3 if len(pts[s]) == 1 else 2.5
+                out.extend(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="{r}" fill="{STAGE_COLORS[s]}"/>'
+                           for i, v in pts[s])
             out.append(f'<text x="{X(offsets[s]) + 4:.1f}" y="{y0 + 14}" fill="{STAGE_COLORS[s]}">{s}</text>')
         if not vals:
             out.append(f'<text x="{width / 2}" y="{y0 + panel_h / 2}" text-anchor="middle" fill="#888">no data</text>')
@@ -705,8 +661,7 @@ def cmd_bpb(args, model, meta, tokenizer, device):
 
 def cmd_chat(args, model, meta, tokenizer, device):
     names = args.task_name.split("|") if args.task_name else list(CHAT_BASELINES)
-    unknown = [n for n in names if n not in CHAT_BASELINES]
-    if unknown:
+    if unknown := [n for n in names if n not in CHAT_BASELINES]:
         raise common.UserError(f"-a/--task-name: unknown chat task(s) {unknown}; choose from "
                                f"{'|'.join(CHAT_BASELINES)}")
     results = {}
@@ -725,8 +680,7 @@ def cmd_chat(args, model, meta, tokenizer, device):
     common.write_report_section(f"chat-evaluation-{args.stage}", [settings, section])
 
 def cmd_endings(args, model, meta, tokenizer, device):
-    """How many SmolTalk-test prompts get a reply that ends with <|assistant_end|> within --max-new-tokens (sampled like
-    chat.py)."""
+    """How many SmolTalk-test prompts get a reply (sampled as chat.py does) that ends within --max-new-tokens."""
     engine = Engine(model, tokenizer)
     end = tokenizer.encode_special("<|assistant_end|>")
     task = data.SmolTalk("test", size=args.num_prompts)
