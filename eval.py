@@ -11,8 +11,25 @@ evaluations (ChatCORE), the report card (report/report.md), then the command lin
 
 Multi-GPU: torchrun --nproc_per_node=K eval.py ...  (ranks stride over examples; results are all-reduced).
 """
-import os, re, sys, csv, json, math, time, ctypes, random, signal, select, argparse, platform, datetime, resource
-import tempfile, itertools, contextlib, subprocess
+import os
+import re
+import sys
+import csv
+import json
+import math
+import ctypes
+import time
+import random
+import signal
+import select
+import argparse
+import platform
+import datetime
+import resource
+import tempfile
+import itertools
+import contextlib
+import subprocess
 
 import torch
 import torch.nn.functional as F
