@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
 # The whole nanochat pipeline in one command: tokenizer -> base -> mid -> SFT -> RL -> eval -> report.
-#   bash run.sh            the profile follows the hardware (8 GPUs: d20 speedrun; fewer GPUs: same with gradient
-#                          accumulation; no GPU: CPU profile)
+#   bash run.sh            profile from the hardware (8 GPUs: d20 speedrun; fewer: gradient accumulation; none: CPU)
 #   bash run.sh --smoke    the smallest settings that still run every stage end to end (CI)
 #   bash run.sh --tests    set up .venv and run the test suite, printing the time each section took
-#   bash run.sh --gpu-check  a few minutes on one GPU that run every CUDA path once, then one summary table
-#                          (no GPU: exit 2)
+#   bash run.sh --gpu-check  a few minutes on one GPU running every CUDA path once, one summary table (no GPU: exit 2)
 #   bash run.sh --data PATH [--chat-data FILE]   the same on your own text (see `python data.py prepare --help`)
-#                          instead of FineWeb, with your own conversations added to midtraining and SFT (combines
-#                          with --smoke)
+#                          instead of FineWeb, your conversations added to midtraining and SFT (with --smoke too)
 # Offline machines: export NANOCHAT_MIRROR=/path/to/mirror (a directory or an http(s) base URL).
 set -euo pipefail
 
@@ -44,10 +41,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 if [ "$MODE" = tests ]; then
   ruff check .  # pyflakes, bugbear and 120-character lines (pyproject.toml); a finding stops here, before the tests
   JUNIT=$(mktemp --suffix=.xml)
-  set +e
-  python -m pytest test_all.py -q -rs --junitxml="$JUNIT"
-  rc=$?
-  set -e
+  rc=0
+  python -m pytest test_all.py -q -rs --junitxml="$JUNIT" || rc=$?
   python - "$JUNIT" <<'PY'
 import sys, collections, xml.etree.ElementTree as ET
 times = collections.Counter(); counts = collections.Counter()
@@ -107,13 +102,9 @@ STATE="$NANOCHAT_BASE_DIR/run_state"   # one marker file per finished stage, so 
 mkdir -p "$STATE"
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 
-if [ "$MODE" = smoke ]; then
-  PROFILE=smoke
-elif [ "$NGPU" -gt 0 ]; then
-  PROFILE=gpu
-else
-  PROFILE=cpu
-fi
+PROFILE=cpu
+if [ "$NGPU" -gt 0 ]; then PROFILE=gpu; fi
+if [ "$MODE" = smoke ]; then PROFILE=smoke; fi
 echo "profile: $PROFILE (GPUs: $NGPU), artifacts in $NANOCHAT_BASE_DIR"
 
 case $PROFILE in
@@ -123,11 +114,9 @@ case $PROFILE in
     # 2^19 tokens per step = rows x 2048 x GPUs x accumulation; train.py rounds every stage's batch for 3-7 GPUs
     # rows per GPU: auto (32, halved on out of memory); at d20 32 rows need over 80 GB (README "Profiles", --dry-run)
     BASE="--depth 20"
-    MID=""
-    SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"
+    MID=""; SFT=""; RL=""; BPB="--device-batch-size 32"; CORE=""; CHAT=""; EVALRL=""; ENDINGS="--num-prompts 50"
     ;;
-  cpu)   # about 30-40 minutes on 2 cores: vocab 8192 (at depth 4 the lm_head dominates), depth 4, seq 512,
-         # small mixtures
+  cpu)   # 30-40 minutes on 2 cores: vocab 8192 (at depth 4 the lm_head dominates), depth 4, seq 512, small mixtures
     LAUNCH="python"
     FIRST_SHARDS=11; SHARDS=11; CHATTEXT=""; TOK="--vocab-size 8192 --max-chars 20000000"
     BASE="--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 --num-iterations 300
@@ -181,9 +170,8 @@ if [ "$PROFILE" = gpu ] && [ -z "$DATA" ] && [ ! -f "$STATE/download_all.done" ]
   python data.py download -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &   # overlaps tokenizer training
   DOWNLOAD_PID=$!
 fi
-# off GPU the tokenizer also reads the SmolTalk train chats: the mirror's stand-in is 2/3 code, which a FineWeb-only
-# 8k vocab splits into ~1.6 bytes/token, so replies ran past 256 tokens; with the chats, code is ~2.4 bytes/token
-# (the GPU run keeps FineWeb only)
+# off GPU the tokenizer also reads the SmolTalk train chats (the GPU run keeps FineWeb only): the mirror's stand-in is
+# 2/3 code, which a FineWeb-only 8k vocab splits into ~1.6 bytes/token (replies ran past 256 tokens); with them ~2.4
 if [ "$PROFILE" != gpu ]; then
   stage chat_text python data.py chat-text -o "$NANOCHAT_BASE_DIR/chat_text.jsonl" $CHATTEXT
   TOK="$TOK --input $NANOCHAT_BASE_DIR/chat_text.jsonl train-shards"

@@ -56,12 +56,9 @@ RECIPES = {
                  warmup_steps=40, final_lr_frac=0.05, target_param_data_ratio=12, warmdown_ratio=0.65),
 }
 MUON_FLAGS = ("polar_express", "normuon", "muon_eq", "muon_plus")  # every stage takes these from --recipe
-ARCH_FLAGS = ("window_pattern", "rope_base", "qk_scale", "pad_vocab_to", "resid_lambdas", "value_embeds", "smear",
-              "backout")
-CPU_COMPILE_DEFAULT = 1  # compiled CPU steps run faster after a one-time compile of a minute or more; tests pass 0
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),  # dense, per GPU
-                   ("B200", 2.25e15), ("A100", 312e12), ("L40S", 362e12), ("4090", 165.2e12), ("3090", 71e12),
-                   ("A10", 125e12)]
+ARCH_FLAGS = [k for k in RECIPES["release"] if k in model_lib.GPTConfig.__dataclass_fields__]  # the model's flags
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2.25e15,
+                   "A100": 312e12, "L40S": 362e12, "4090": 165.2e12, "3090": 71e12, "A10": 125e12}  # dense, per GPU
 SOURCE_STAGE = {"mid": "base", "sft": "mid", "rl": "sft"}
 # flags left at None take their stage's default: the release's values, except SFT's recipe (README "SFT recipe")
 STAGE_DEFAULTS = {
@@ -81,8 +78,7 @@ STAGE_DEFAULTS = {
 # optimizers
 
 def newton_schulz(G, steps=5, dtype=None, polar=False):
-    """Approximately orthogonalise G (-> U S' V^T with S' in about [0.5, 1.5]) by the quintic Newton-Schulz iteration,
-    or (polar) by Polar Express, whose coefficients change per iteration to converge faster."""
+    """G -> about U S' V^T (S' about [0.5, 1.5]) by quintic Newton-Schulz, or Polar Express (coefficients per step)."""
     # bf16 on CUDA, as in the release; fp32 on CPU, where bf16 matmuls without native support are many times slower
     X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = X.size(-2) > X.size(-1)
@@ -95,9 +91,8 @@ def newton_schulz(G, steps=5, dtype=None, polar=False):
     return X.mT if tall else X
 
 def muon_update(G, group):
-    """Nesterov direction(s) G (..., m, n) -> orthogonalised update(s), with the options: MuonEq (rows rescaled to the
-    mean row norm first: a better-conditioned input) and Muon+ (Frobenius norm snapped to sqrt(min(m, n)), the norm of
-    an exactly semi-orthogonal matrix: corrects an iteration that fell short)."""
+    """Nesterov direction(s) G (..., m, n) -> orthogonalised update(s). MuonEq: rows first rescaled to the mean row norm
+    (a better-conditioned input); Muon+: norm snapped to sqrt(min(m, n)), a semi-orthogonal matrix's (NS fell short)."""
     if group["muon_eq"]:
         G = G * (G.norm(dim=(-2, -1), keepdim=True) / G.size(-2) ** 0.5 / G.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     X = newton_schulz(G, group["ns_steps"], polar=group["polar_express"]).float()
@@ -106,8 +101,7 @@ def muon_update(G, group):
     return X
 
 def normuon(X, state, beta2=0.9):
-    """NorMuon: each neuron's update (a row; a column of a wide matrix) divided by the root of its running mean square,
-    then the matrix scaled back to its Frobenius norm (an orthogonalised update's neurons differ in size)."""
+    """NorMuon: each neuron's update (row; column if wide) over its running RMS (they differ); X's norm restored."""
     ms = X.square().mean(dim=-1 if X.size(-2) >= X.size(-1) else -2, keepdim=True)
     if "second_moment" not in state:
         state["second_moment"] = torch.zeros_like(ms)
@@ -119,8 +113,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 def _reduce_scatter_sum(out, inp):
-    """out <- this rank's dim-0 chunk of the sum of inp over ranks. -> the async work to wait for, or None when done
-    already: gloo has no reduce-scatter, so there it is an all-reduce, then a slice."""
+    """out <- this rank's dim-0 chunk of the sum over ranks. -> async work, or None (gloo: all-reduce, then slice)."""
     inp = inp.view(-1, *out.shape[1:])  # (W * rows, ...): the layout every backend checks
     if dist.get_backend() != "gloo":
         return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, async_op=True)
@@ -233,34 +226,29 @@ class AdamW(torch.optim.Optimizer):
                 elif p.size(0) % world == 0:
                     out = torch.empty((p.size(0) // world, *p.shape[1:]), dtype=grad.dtype, device=grad.device)
                     pending.append((group, p, out, _reduce_scatter_sum(out, grad.contiguous().clone())))
-                else:
-                    buf = grad.clone()
-                    pending.append((group, p, None, dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True), buf))
+                else:  # replicated: the whole gradient all-reduced, every rank updates all of p
+                    out = grad.clone()
+                    pending.append((group, p, out, dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)))
         gathers = []
-        for item in pending:
-            group, p, out, work = item[:4]
+        for group, p, out, work in pending:
             if work is not None:
                 work.wait()
-            if out is None:  # replicated fallback
-                self._update(p, item[4].div_(world), self.state[p], group)
-                continue
-            rows = out.size(0)
-            mine = p[rank * rows:(rank + 1) * rows]
+            mine = p if out.shape == p.shape else p.chunk(world)[rank]
             self._update(mine, out.div_(world), self.state[p], group)
-            gathers.append(_all_gather(p, mine.clone(), async_op=True))
+            if mine is not p:
+                gathers.append(_all_gather(p, mine.clone(), async_op=True))
         for work in gathers:
             work.wait()
 
 def build_optimizers(model, args, lr_scale=1.0):
-    """AdamW for lm_head (--unembedding-lr * s) and wte (--embedding-lr * s), s = (d/768)^-0.5, and for the options'
-    embeddings and scalars (--scalar-lr); Muon (--matrix-lr, not d-scaled) for transformer.h. Every lr times lr_scale
-    (--scale-hparams) and --init-lr-frac. 2026: nanochat 92d63d4's AdamW betas and decay."""
+    """AdamW for lm_head, wte (lrs x (d/768)^-0.5) and the options' embeddings and scalars; Muon for transformer.h.
+    Every lr x lr_scale (--scale-hparams) x --init-lr-frac. 2026: nanochat 92d63d4's AdamW betas and decay."""
     embedding_lr = args.embedding_lr * lr_scale
     unembedding_lr = args.unembedding_lr * lr_scale
     scalar_lr = args.scalar_lr * lr_scale
     s = (model.config.n_embd / 768) ** -0.5
     new = args.recipe == "2026"
-    matrices = [p for p in model.transformer.h.parameters()]
+    matrices = list(model.transformer.h.parameters())
     named = dict(model.named_parameters())
     groups = [dict(params=["lm_head.weight"], lr=unembedding_lr * s, betas=(0.8, 0.96 if new else 0.95),
                    weight_decay=0.01 * new),
@@ -313,8 +301,7 @@ def set_schedule(optimizers, lrm, momentum=None, weight_decay=0.0):
 # schedules and batch arithmetic
 
 def lr_multiplier(progress, warmdown=0.2, final=0.0):
-    """1 until the last `warmdown` fraction of the run, then linear to `final` (progress in [0, 1]; warmdown 1 = linear
-    decay). base and mid use 0.2 (mid: not the release's ramp-up bug, nanochat #68), sft 0.5, rl decays from step 0."""
+    """1, then linear to `final` over the last `warmdown` of progress in [0, 1] (mid: not release's ramp-up, #68)."""
     f = 1.0 if progress <= 1.0 - warmdown else max(0.0, (1.0 - progress) / warmdown)
     return f + (1 - f) * final
 
@@ -358,7 +345,7 @@ def start(args):
         signal.signal(sig, on_signal)
     cuda = device.startswith("cuda")
     name = torch.cuda.get_device_name(device) if cuda else ""
-    peak = next((f for key, f in PEAK_BF16_FLOPS if key in name), None)  # for MFU
+    peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)  # for MFU
     return Runtime(ddp, rank, world, device, cuda, peak, tok_lib.get_tokenizer(), tok_lib.get_token_bytes(device))
 
 STOP = dict(signal=0)  # the first SIGINT/SIGTERM received; the training loops stop at the next step boundary
@@ -367,8 +354,7 @@ def on_signal(signum, frame):
     STOP["signal"] = STOP["signal"] or signum
 
 def save_or_stop(args, run, ckpt_dir, step, last, resumed_at, model, model_config, optimizers, loader, stats):
-    """Save every --save-every steps and at the last one, never the step resumed from (it is saved already). After a
-    SIGINT/SIGTERM on any rank: every rank saves this step and the run exits with one line."""
+    """Save at --save-every steps and the last (not one resumed from); on SIGINT/SIGTERM on any rank: save, exit."""
     signum = STOP["signal"]
     if run.ddp:  # the signal if any rank had one: all ranks agree, so none waits alone in a collective
         signum = int(common.all_reduce([signum], run.device, op=dist.ReduceOp.MAX)[0])
@@ -382,10 +368,9 @@ def save_or_stop(args, run, ckpt_dir, step, last, resumed_at, model, model_confi
         sys.exit(128 + signum)
 
 def load_start(args, run, fresh_config=None):
-    """What a stage starts from: its own newest complete checkpoint with --resume, else a fresh model of fresh_config
-    (base), else the source stage's checkpoint (mid: base, sft: mid, rl: sft), whose tag this stage saves under.
-    -> (checkpoint folder, model, model_config, trainer state or None, first step). Rank 0 holds <folder>.lock for the
-    whole run, so one run trains per folder (main's cleanup frees it)."""
+    """With --resume the stage's newest complete checkpoint, else a fresh_config model (base), else the source stage's
+    checkpoint, whose tag it saves under. -> (folder, model, model_config, trainer state or None, first step). Rank 0
+    holds <folder>.lock for the whole run, so one run trains per folder (main's cleanup frees it)."""
     src_tag = None
     if fresh_config is None:  # the source's steps are checked once, by load_model, only when the stage starts from it
         src_tag = args.source_tag or model_lib.default_tag(common.checkpoint_dir(args.source))
@@ -436,8 +421,7 @@ def load_start(args, run, fresh_config=None):
     return ckpt_dir, model, meta["model_config"], trainer, 0
 
 def past_end(args, run, ckpt_dir, step, num_steps, stats):
-    """True, with a one-line note, when the checkpoint a run resumes from is at or past its last step: nothing to train.
-    Else the run continues from `step`, and the log drops what it will write again (no step is logged twice)."""
+    """Resumed at or past the last step: a note and True. Else False; the log drops the records it will write again."""
     if step < num_steps if num_steps else stats["progress"] < 1.0:
         if run.rank == 0:
             trim_log(args.stage, step)
@@ -459,8 +443,7 @@ def trim_log(stage, step):
     common.atomic_write_text(path, "".join(keep))
 
 def seq_len(args, model_config, resumed, default):
-    """T: --max-seq-len, else the checkpoint's when resuming, else `default`. A resumed run keeps the T it was trained
-    at, and no run goes past the positions the model's rotary tables cover."""
+    """T: --max-seq-len, else the checkpoint's when resuming (it must keep it), else `default`; in the rotary span."""
     S = model_config["sequence_len"]
     T = args.max_seq_len or (S if resumed else default)
     if resumed and T != S:
@@ -490,9 +473,9 @@ def restore(trainer, optimizers, loader):
         torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
     return stats
 
-def compiled(model, args, run):
-    on = (1 if run.cuda else CPU_COMPILE_DEFAULT) if args.compile is None else args.compile
-    return torch.compile(model, dynamic=False) if on else model
+def compiled(model, args):
+    """torch.compile unless --compile 0, on CPU too: faster steps after a one-time compile of a minute or more."""
+    return model if args.compile == 0 else torch.compile(model, dynamic=False)
 
 def optimizer_step(model, optimizers, lrm, momentum, check_sync=False, weight_decay=0.0):
     """Set the schedule, step both optimizers (they average gradients across ranks), clear the gradients."""
@@ -665,7 +648,7 @@ def train_base(args):
         weight_decay *= lr_scale * ratio_parameters(d12, args.recipe) / ratio_params
     optimizers = build_optimizers(model, args, lr_scale)
     stats = restore(trainer, optimizers, loader)
-    train_model = compiled(model, args, run)
+    train_model = compiled(model, args)
     wandb_run = start_wandb(args, run)
     print0(f"base: {params:,} parameters, T={T}, device={run.device}, world={run.world}, steps={num_steps}, "
            f"tokens/step={total:,} ({accum} micro-steps of {B} rows per rank)")
@@ -784,7 +767,7 @@ def train_chat(args):
     if trainer is not None and step == 0:  # --source-optimizer 1: the source run's moments, this run's learning rates
         for opt, sd in zip(optimizers, trainer["optimizers"]):
             load_optimizer_state(opt, sd, groups=False)
-    train_model = compiled(model, args, run)
+    train_model = compiled(model, args)
     wandb_run = start_wandb(args, run)
     flops_per_token = model.estimate_flops()
     print0(f"{args.stage}: T={T}, device={run.device}, world={run.world}, steps={num_steps or 'one epoch'}, "
@@ -848,10 +831,9 @@ def rl_pass_loss(model, ids, mask, advantages, normaliser):
     return -(logp * advantages[:, None]).sum() / (n_valid * normaliser)
 
 def sample(engine, prompt, n, seed, args):
-    engine.model.eval()
-    with torch.no_grad():
-        rows, masks = engine.generate_batch(prompt, num_samples=n, max_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_k=args.top_k, seed=seed)
+    engine.model.eval()  # Engine.generate runs under inference_mode
+    rows, masks = engine.generate_batch(prompt, num_samples=n, max_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k, seed=seed)
     engine.model.train()
     return rows, masks
 
@@ -943,8 +925,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda|cpu (default: autodetect)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder tag (default d<depth>, or the source's tag)")
     p.add_argument("--resume", action="store_true", help="continue from this stage's latest checkpoint, if any")
-    p.add_argument("--compile", type=int, choices=[0, 1],
-                   help=f"torch.compile the model (default: 1 on CUDA, {CPU_COMPILE_DEFAULT} on CPU; rl: never)")
+    p.add_argument("--compile", type=int, choices=[0, 1], help="torch.compile the model (default: 1; rl: never)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--check-sync", type=int, choices=[0, 1], default=0, help="DDP: check ranks' weights agree per step")
     # model and batch
@@ -1031,12 +1012,10 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     lows = [("depth", 1), ("max_seq_len", 1), ("device_batch_size", 1), ("examples_per_step", 1), ("num_samples", 1),
-            ("max_new_tokens", 1), ("eval_tokens", 0)] + ([("total_batch_size", 1)] if args.stage != "rl" else [])
-    for flag, low in lows:
+            ("max_new_tokens", 1), ("chat_data_epochs", 1), ("eval_tokens", 0)]
+    for flag, low in lows + ([("total_batch_size", 1)] if args.stage != "rl" else []):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise common.UserError(f"--{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
-    if args.chat_data_epochs < 1:
-        raise common.UserError(f"--chat-data-epochs must be at least 1 (got {args.chat_data_epochs})")
     if args.no_identity:
         args.identity_size = 0
     if not 0 < args.warmdown_ratio <= 1 or args.init_lr_frac <= 0:
@@ -1048,9 +1027,8 @@ def parse_args(argv=None):
     return args
 
 def dry_run(args):
-    """--dry-run: the base model of --depth on the meta device, its CUDA memory estimate, and for 24/40/80 GB GPUs the
-    largest power-of-two rows whose estimate fits in 90% of the memory. The vocabulary is the tokenizer's, or before
-    one is trained the default 65536."""
+    """--dry-run: the --depth base model on the meta device, its CUDA memory estimate, and the largest power-of-two rows
+    fitting 90% of a 24/40/80 GB GPU. Vocabulary: the tokenizer's, or 65536 before one is trained."""
     has_tokenizer = os.path.exists(os.path.join(tok_lib.tokenizer_dir(), "tokenizer.pkl"))
     V = tok_lib.get_tokenizer().get_vocab_size() if has_tokenizer else model_lib.GPTConfig.vocab_size
     T = args.max_seq_len or 2048
