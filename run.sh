@@ -39,7 +39,7 @@ source .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 if [ "$MODE" = tests ]; then
-  python -m ruff check .  # pyflakes, bugbear and 120-character lines (pyproject.toml); a finding stops here, before the tests
+  python -m ruff check .  # pyflakes, bugbear, 120-character lines (pyproject.toml); a finding stops the tests
   JUNIT=$(mktemp --suffix=.xml)
   rc=0
   python -m pytest test_all.py -q -rs --junitxml="$JUNIT" || rc=$?
